@@ -37,6 +37,7 @@ class Draft:
     probs: np.ndarray  # [n] float64, conditional confidence of each node
     source: str = ""
     match_len: int = 0  # length of the context suffix the draft was conditioned on (suffix speculators)
+    dist: object | None = None  # [n, vocab] torch probabilities the tokens were sampled from (chain drafts of a draft model), else None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
@@ -92,10 +93,18 @@ class Draft:
     def prefix(self, n: int) -> "Draft":
         """The first ``n`` nodes (nodes are topologically ordered, so any prefix is a tree)."""
         n = max(0, min(n, len(self)))
-        return Draft(self.tokens[:n], self.parents[:n], self.probs[:n], self.source, self.match_len)
+        dist = None if self.dist is None else self.dist[:n]
+        return Draft(self.tokens[:n], self.parents[:n], self.probs[:n], self.source, self.match_len, dist)
 
     def with_probs(self, probs: np.ndarray) -> "Draft":
-        return Draft(self.tokens, self.parents, np.asarray(probs, dtype=np.float64), self.source, self.match_len)
+        return Draft(self.tokens, self.parents, np.asarray(probs, dtype=np.float64), self.source, self.match_len, self.dist)
+
+    def children(self) -> dict[int, list[int]]:
+        """Node index -> its children's indices in draft order; key -1 is the pending token."""
+        kids: dict[int, list[int]] = {-1: []}
+        for i, p in enumerate(self.parents):
+            kids.setdefault(int(p), []).append(i)
+        return kids
 
     def path_to(self, i: int) -> list[int]:
         """Node indices from the root down to node ``i`` inclusive."""

@@ -1,0 +1,34 @@
+# One command for the demo, one for the tests; both set up the virtual environment first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow bench serve clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/adaspec demo
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+test-slow: setup
+	$(VENV)/bin/pytest -q -m slow
+
+bench: setup
+	$(VENV)/bin/adaspec bench
+
+serve: setup
+	$(VENV)/bin/adaspec serve --host 127.0.0.1 --port 8000
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,484 @@
+"""The confidence-aware controller: which speculators to ask, how far ahead, and which draft to verify.
+
+Objective. A step that verifies a draft of ``n`` nodes costs ``S + c(1 + n)``
+seconds (``S`` the proposal time already spent, ``c`` the target forward over
+the pending token and the draft) and emits ``1 + E`` tokens on average, where
+``E`` is the sum over nodes of their calibrated path probabilities (REFERENCES,
+"Choosing the lookahead"). Each step the controller verifies the candidate
+with the highest expected tokens per second
+
+    rate = (1 + E) / (S + c(1 + n)).
+
+Candidates: "no speculation" (``Draft.empty()``: rate ``1 / (S + c(1))``), every
+best-first prefix of each calibrated proposal (for a chain, its prefixes; for a
+tree, the ``k`` nodes of highest path probability, which always form a subtree
+because a child's path probability never exceeds its parent's), and the same
+for the merged tree of all proposals (union of nodes sharing a path; a node
+proposed by several speculators keeps the highest calibrated probability).
+Probabilities of siblings are mutually exclusive events (one token follows a
+given prefix), so siblings whose calibrated probabilities sum above 1 are
+scaled down.
+
+Planning. Before proposals exist, ``plan`` estimates per speculator the
+expected gain of asking it (an average of ``E`` and ``n`` of its best candidate
+over recent steps, and its measured proposal cost at the planned budget) and
+asks the single speculator with the best projected rate, or none when plain
+decoding projects faster. Every other speculator accrues exploration credit of
+``explore_fraction`` x c(1) per step and is probed when the credit covers its
+proposal cost: a speculator that costs nothing (a suffix tree) is always asked,
+one that costs half a forward is probed every ~50 steps, which bounds the
+overhead of exploring at ``explore_fraction`` of plain decoding time per
+speculator. The budget of a speculator grows by half when its whole proposal
+was worth verifying and the budget cut it, and otherwise relaxes toward the
+length worth verifying plus a margin.
+
+What the controller learns from (``observe``): the verify time of the size it
+chose (``CostModel``), each speculator's proposal time, and for every proposal
+of the step, chosen or not, which nodes the emitted tokens confirm or refute
+(``Calibrator``). Exploration never affects losslessness: any draft verifies
+exactly; only speed is at stake.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..spec.base import DecodeContext, Draft
+from .base import StepFeedback
+from .calibration import CalibrationConfig, Calibrator
+from .costs import CostConfig, CostModel
+
+__all__ = ["AdaptiveConfig", "AdaptiveController", "best_prefix", "merge_drafts", "normalise_siblings"]
+
+STATE_VERSION = 1
+
+
+@dataclass
+class AdaptiveConfig:
+    """Controller settings. Every field has a default that needs no tuning."""
+
+    initial_budget: int = 8
+    """Nodes asked of a speculator before anything is known about it."""
+    min_budget: int = 2
+    """Smallest budget a queried speculator is given."""
+    max_budget: int = 32
+    """Largest budget (draft nodes); on a GPU, where c(n) is flat, budgets grow up to it."""
+    smoothing: float = 0.1
+    """Weight of the newest step in each speculator's running gain estimate (~10-step memory)."""
+    warmup: int = 4
+    """A speculator is always asked during its first ``warmup`` queries, to measure it."""
+    explore_fraction: float = 0.01
+    """Per skipped speculator, the share of plain-decoding time spent probing it."""
+    merge: bool = True
+    """Consider the merged tree of all proposals as a candidate."""
+    trees: bool = True
+    """Whether the target may verify trees; if not, tree proposals are cut to their most likely chain."""
+    max_requests: int = 1024
+    """Per-request summaries kept (oldest dropped first)."""
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    """How raw confidences become acceptance probabilities."""
+    costs: CostConfig = field(default_factory=CostConfig)
+    """How timings become cost estimates."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_budget <= self.initial_budget <= self.max_budget:
+            raise ValueError("budgets must satisfy 1 <= min_budget <= initial_budget <= max_budget")
+        if not 0 < self.smoothing <= 1:
+            raise ValueError("smoothing must be in (0, 1]")
+        if self.explore_fraction < 0:
+            raise ValueError("explore_fraction must be >= 0")
+
+
+# -- pure helpers ------------------------------------------------------------------------------------
+
+
+def normalise_siblings(draft: Draft) -> Draft:
+    """Scale each sibling group whose conditional probabilities sum above 1 down to sum 1."""
+    if not len(draft) or (draft.is_chain and bool(np.all(draft.probs <= 1.0))):
+        return draft
+    sums = np.zeros(len(draft) + 1)
+    np.add.at(sums, draft.parents + 1, draft.probs)
+    scale = np.where(sums > 1.0, 1.0 / np.maximum(sums, 1e-12), 1.0)
+    if np.all(scale == 1.0):
+        return draft
+    return draft.with_probs(draft.probs * scale[draft.parents + 1])
+
+
+def _path_probs(parents: list[int], probs: list[float]) -> np.ndarray:
+    out = [0.0] * len(parents)
+    for i, p in enumerate(parents):
+        out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
+    return np.asarray(out)
+
+
+def best_prefix(draft: Draft, chain_cost: np.ndarray, tree_cost: np.ndarray,
+                sunk: float) -> tuple[np.ndarray, int, float, float]:
+    """The best-first prefix of ``draft`` with the highest expected rate.
+
+    ``chain_cost[n]`` / ``tree_cost[n]``: verify seconds for ``n`` tokens (indexable up to
+    ``len(draft) + 1``). Returns ``(order, k, E, rate)``: node indices best first, how many
+    to keep (0 = none), their expected accepted tokens, and ``(1 + E) / (sunk + c(1 + k))``.
+    """
+    empty_rate = 1.0 / max(sunk + chain_cost[1], 1e-12)
+    n = len(draft)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), 0, 0.0, empty_rate
+    if draft.is_chain:  # prefixes are the only subtrees
+        order = np.arange(n)
+        cum = np.cumsum(np.cumprod(draft.probs))  # [n] E for keeping 1..n nodes
+        cost = chain_cost[2 : n + 2] + sunk
+    else:
+        pp = _path_probs(draft.parents.tolist(), draft.probs.tolist())  # [n]
+        order = np.lexsort((np.arange(n), -pp))  # by path probability, ancestors first on ties
+        cum = np.cumsum(pp[order])
+        ks = np.arange(1, n + 1)
+        is_chain = np.maximum.accumulate(draft.depths[order]) == ks
+        cost = np.where(is_chain, chain_cost[ks + 1], tree_cost[ks + 1]) + sunk
+    rate = (1.0 + cum) / np.maximum(cost, 1e-12)
+    j = int(np.argmax(rate))
+    if rate[j] <= empty_rate:
+        return order, 0, 0.0, empty_rate
+    return order, j + 1, float(cum[j]), float(rate[j])
+
+
+def _subset(draft: Draft, keep: np.ndarray, source: str | None = None) -> Draft:
+    """The sub-draft of nodes ``keep`` (ancestor-closed), in the original topological order."""
+    sel = np.sort(keep)
+    if len(sel) == len(draft) or np.array_equal(sel, np.arange(len(sel))):
+        d = draft.prefix(len(sel))  # a prefix keeps the draft distribution of chain drafts
+        return d if source is None else Draft(d.tokens, d.parents, d.probs, source, d.match_len, d.dist)
+    remap = np.full(len(draft), -1, dtype=np.int64)
+    remap[sel] = np.arange(len(sel))
+    old_par = draft.parents[sel]
+    parents = np.where(old_par < 0, -1, remap[np.maximum(old_par, 0)])
+    return Draft(draft.tokens[sel], parents, draft.probs[sel], draft.source if source is None else source,
+                 draft.match_len)
+
+
+def main_chain(draft: Draft) -> Draft:
+    """The chain that follows, from the root, the child with the highest probability."""
+    if draft.is_chain:
+        return draft
+    kids = draft.children()
+    keep, node = [], -1
+    while kids.get(node):
+        node = max(kids[node], key=lambda i: draft.probs[i])
+        keep.append(node)
+    return _subset(draft, np.asarray(keep, dtype=np.int64))
+
+
+def merge_drafts(drafts: Sequence[Draft]) -> tuple[Draft, list[int]]:
+    """Union of draft trees: nodes with the same path are one node with the highest probability.
+
+    Returns the merged draft and, per node, a bit mask of the drafts that proposed it.
+    Example: chains ``[5, 6]`` (0.9, 0.8) and ``[5, 7]`` (0.5, 0.6) merge into
+    ``5 (0.9) -> {6 (0.8), 7 (0.6)}``.
+    """
+    index: dict[tuple[int, int], int] = {}
+    tokens: list[int] = []
+    parents: list[int] = []
+    probs: list[float] = []
+    owners: list[int] = []
+    for b, d in enumerate(drafts):
+        local: list[int] = []
+        for t, p, q in zip(d.tokens.tolist(), d.parents.tolist(), d.probs.tolist()):
+            key = (-1 if p < 0 else local[p], t)
+            j = index.get(key)
+            if j is None:
+                j = index[key] = len(tokens)
+                tokens.append(t)
+                parents.append(key[0])
+                probs.append(q)
+                owners.append(0)
+            elif q > probs[j]:
+                probs[j] = q
+            owners[j] |= 1 << b
+            local.append(j)
+    merged = Draft(np.asarray(tokens, dtype=np.int64), np.asarray(parents, dtype=np.int64),
+                   np.asarray(probs, dtype=np.float64), "+".join(d.source for d in drafts),
+                   max((d.match_len for d in drafts), default=0))
+    return normalise_siblings(merged), owners
+
+
+# -- state ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SpecState:
+    budget: float
+    gain: float = 0.0  # running E of its best standalone candidate
+    size: float = 0.0  # running node count of that candidate
+    queries: int = 0
+    probes: int = 0  # queries made on exploration credit
+    credit: float = 0.0  # seconds of exploration earned while skipped
+
+
+@dataclass
+class _Pending:
+    """What plan/choose decided for the step in flight of one request."""
+
+    budgets: dict[str, int] = field(default_factory=dict)
+    standalone: dict[str, tuple[float, int]] = field(default_factory=dict)  # name -> (E, nodes) of its best prefix
+    probes: int = 0
+
+
+@dataclass
+class _RequestSummary:
+    steps: int = 0
+    speculated_steps: int = 0
+    chosen: Counter = field(default_factory=Counter)
+    verified_tokens: int = 0  # pending + draft tokens over all verify forwards
+    emitted: int = 0
+    predicted_accepted: float = 0.0
+    realised_accepted: int = 0
+    verify_s: float = 0.0
+    propose_s: float = 0.0
+    controller_s: float = 0.0
+    probes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps, "speculated_steps": self.speculated_steps,
+                "empty_steps": self.steps - self.speculated_steps, "chosen": dict(self.chosen),
+                "verified_tokens": self.verified_tokens, "emitted": self.emitted,
+                "mean_accepted": self.emitted / self.steps if self.steps else 0.0,
+                "predicted_accepted": self.predicted_accepted, "realised_accepted": self.realised_accepted,
+                "verify_s": self.verify_s, "propose_s": self.propose_s, "controller_s": self.controller_s,
+                "probes": self.probes}
+
+
+# -- the controller ------------------------------------------------------------------------------------
+
+
+class AdaptiveController:
+    """Chooses speculators, budgets and drafts by expected tokens per second, learning costs and
+    calibration online. ``AdaptiveController()`` is the production default; no argument is required."""
+
+    def __init__(self, config: AdaptiveConfig | None = None, costs: CostModel | None = None,
+                 calibrator: Calibrator | None = None, timer: Callable[[], float] = time.perf_counter):
+        """``timer`` measures the controller's own work, which is charged to the proposals it weighs
+        (a simulation passes its virtual clock so projections stay deterministic)."""
+        self.config = config or AdaptiveConfig()
+        self.timer = timer
+        self.costs = costs or CostModel(self.config.costs)
+        self.calibrator = calibrator or Calibrator(self.config.calibration)
+        self._specs: dict[str, _SpecState] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._requests: OrderedDict[str, _RequestSummary] = OrderedDict()
+        self._lock = threading.RLock()
+        self._overhead = 0.0  # running seconds of controller work per proposal considered
+        self._choose_s = 0.0  # choose() time of the step in flight
+        self.steps = 0
+
+    # -- protocol ------------------------------------------------------------------------------
+
+    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
+        t0 = self.timer()
+        with self._lock:
+            cfg = self.config
+            chain, _ = self.costs.verify_costs(cfg.max_budget + 1)
+            c1 = float(chain[1])
+            states = [(name, self._state(name)) for name in names]
+            budgets = {name: self._budget(st) for name, st in states}
+            # a proposal costs its own time plus the controller's time to calibrate, weigh and learn from it
+            pcost = {name: self.costs.propose_cost(name, budgets[name]) + self._overhead for name, _ in states}
+            # the single speculator with the best projected rate, if it beats plain decoding
+            best, best_rate = None, 1.0 / max(c1, 1e-12)
+            for name, st in states:
+                size = min(int(round(st.size)), len(chain) - 2)
+                rate = (1.0 + st.gain) / max(pcost[name] + chain[1 + size], 1e-12)
+                if rate > best_rate:
+                    best, best_rate = name, rate
+            pend = _Pending()
+            out: dict[str, int] = {}
+            for name, st in states:
+                ask = name == best or st.queries < cfg.warmup
+                if not ask:
+                    st.credit += cfg.explore_fraction * c1
+                    if st.credit >= pcost[name]:
+                        ask = True
+                        st.probes += 1
+                        pend.probes += 1
+                if ask:
+                    st.credit = 0.0
+                    out[name] = budgets[name]
+                    pend.budgets[name] = budgets[name]
+                else:
+                    out[name] = 0
+            self._pending[ctx.request_id] = pend
+            self._summary(ctx.request_id).controller_s += self.timer() - t0
+            return out
+
+    def choose(self, ctx: DecodeContext, proposals: Mapping[str, Draft]) -> Draft:
+        t0 = self.timer()
+        with self._lock:
+            pend = self._pending.setdefault(ctx.request_id, _Pending())
+            sunk = sum(self.costs.propose_cost(n, pend.budgets.get(n, len(d))) for n, d in proposals.items())
+            cal: dict[str, Draft] = {}
+            for name, d in proposals.items():
+                if len(d):
+                    c = self.calibrator.calibrate(name, d)
+                    c = normalise_siblings(c) if self.config.trees else main_chain(c)
+                    cal[name] = c
+            merged, owners = None, None
+            if self.config.merge and len(cal) > 1:
+                merged, owners = merge_drafts(list(cal.values()))
+                if not self.config.trees:
+                    merged, owners = main_chain(merged), None
+            upto = max([len(d) for d in cal.values()] + [len(merged) if merged is not None else 0]) + 1
+            chain_c, tree_c = self.costs.verify_costs(upto)
+            _, _, _, best_rate = best_prefix(Draft.empty(), chain_c, tree_c, sunk)
+            best = Draft.empty()
+            for name, d in cal.items():
+                order, k, e, rate = best_prefix(d, chain_c, tree_c, sunk)
+                pend.standalone[name] = (e, k)
+                if rate > best_rate:
+                    best, best_rate = _subset(d, order[:k]), rate
+            if merged is not None:
+                order, k, e, rate = best_prefix(merged, chain_c, tree_c, sunk)
+                if rate > best_rate * (1 + 1e-9):
+                    names = list(cal)
+                    mask = 0
+                    for i in order[:k]:
+                        mask |= owners[i] if owners is not None else (1 << len(names)) - 1
+                    source = "+".join(n for b, n in enumerate(names) if mask >> b & 1)
+                    best = _subset(merged, order[:k], source)
+            self._choose_s = self.timer() - t0
+            self._summary(ctx.request_id).controller_s += self._choose_s
+            return best
+
+    def observe(self, feedback: StepFeedback) -> None:
+        t0 = self.timer()
+        with self._lock:
+            cfg = self.config
+            ctx, chosen, outcome = feedback.ctx, feedback.chosen, feedback.outcome
+            pend = self._pending.pop(ctx.request_id, None) or _Pending()
+            self.steps += 1
+            self.costs.observe_verify(feedback.n_verified, feedback.verify_seconds, tree=not chosen.is_chain)
+            for name, secs in feedback.propose_seconds.items():
+                d = feedback.proposals.get(name)
+                self.costs.observe_propose(name, pend.budgets.get(name, len(d) if d is not None else 1), secs)
+            t_cal = self.timer()
+            for name, d in feedback.proposals.items():
+                if len(d):
+                    self.calibrator.observe(name, d, outcome.emitted)
+            if feedback.proposals:
+                per = (self._choose_s + self.timer() - t_cal) / len(feedback.proposals)
+                self._overhead += (0.05 if self._overhead else 1.0) * (per - self._overhead)
+            self._choose_s = 0.0
+            for name, d in feedback.proposals.items():
+                st = self._state(name)
+                st.queries += 1
+                a = max(cfg.smoothing, 1.0 / st.queries)  # a running mean until the average has enough steps
+                e, k = pend.standalone.get(name, (0.0, 0))
+                st.gain += a * (e - st.gain)
+                st.size += a * (k - st.size)
+                b = pend.budgets.get(name, self._budget(st))
+                if len(d) >= b and k >= len(d):  # the budget cut a draft that was worth verifying in full
+                    st.budget = min(cfg.max_budget, 1.5 * st.budget + 1)
+                else:
+                    st.budget += 0.2 * (k + max(2, k // 2) - st.budget)
+                st.budget = min(max(st.budget, cfg.min_budget), cfg.max_budget)
+            s = self._summary(ctx.request_id)
+            s.steps += 1
+            s.speculated_steps += bool(len(chosen))
+            s.chosen[(chosen.source or "unnamed") if len(chosen) else "none"] += 1
+            s.verified_tokens += feedback.n_verified
+            s.emitted += len(outcome.emitted)
+            s.predicted_accepted += chosen.score if len(chosen) else 0.0
+            s.realised_accepted += outcome.num_accepted
+            s.verify_s += feedback.verify_seconds
+            s.propose_s += sum(feedback.propose_seconds.values())
+            s.probes += pend.probes
+            s.controller_s += self.timer() - t0
+
+    # -- reporting -----------------------------------------------------------------------------
+
+    def summary(self, request_id: str) -> dict:
+        """Per-request decisions: steps, chosen sources, predicted vs realised accepted tokens, times."""
+        with self._lock:
+            s = self._requests.get(request_id)
+            return s.to_dict() if s is not None else {}
+
+    def stats(self) -> dict:
+        """Global state: per speculator budget/gain/queries and reliability, and the measured cost curve."""
+        with self._lock:
+            return {
+                "steps": self.steps,
+                "speculators": {
+                    name: {"budget": st.budget, "gain": st.gain, "size": st.size, "queries": st.queries,
+                           "probes": st.probes,
+                           "calibration_error": self.calibrator.expected_calibration_error(name),
+                           "reliability": self.calibrator.reliability(name)}
+                    for name, st in self._specs.items()},
+                "costs": self.costs.summary(),
+            }
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Learned state worth keeping across restarts: calibration and budgets (costs are re-measured)."""
+        with self._lock:
+            return {"version": STATE_VERSION, "calibration": self.calibrator.state_dict(),
+                    "budgets": {n: st.budget for n, st in self._specs.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"controller state has version {state.get('version') if isinstance(state, dict) else None},"
+                             f" expected {STATE_VERSION}")
+        with self._lock:
+            self.calibrator.load_state_dict(state.get("calibration", {}))
+            for name, b in state.get("budgets", {}).items():
+                self._state(name).budget = min(max(float(b), self.config.min_budget), self.config.max_budget)
+
+    def save(self, path: str | Path) -> None:
+        """Write the learned state atomically (temp file, fsync, rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load(self, path: str | Path) -> None:
+        try:
+            state = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read controller state {path}: {e}") from e
+        self.load_state_dict(state)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _state(self, name: str) -> _SpecState:
+        st = self._specs.get(name)
+        if st is None:
+            st = self._specs[name] = _SpecState(budget=float(self.config.initial_budget))
+        return st
+
+    def _budget(self, st: _SpecState) -> int:
+        return int(min(max(round(st.budget), self.config.min_budget), self.config.max_budget))
+
+    def _summary(self, request_id: str) -> _RequestSummary:
+        s = self._requests.get(request_id)
+        if s is None:
+            s = self._requests[request_id] = _RequestSummary()
+            while len(self._requests) > self.config.max_requests:
+                self._requests.popitem(last=False)
+        else:
+            self._requests.move_to_end(request_id)
+        return s

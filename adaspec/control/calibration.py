@@ -1,0 +1,315 @@
+"""Online calibration of speculator confidence.
+
+A speculator's ``Draft.probs[i]`` is its own guess that node ``i`` is accepted
+given its parent was. Guesses are biased in ways that differ per speculator and
+drift with the traffic (a suffix tree is overconfident on a new domain, a
+neural head after the target changed), so the controller routes on *calibrated*
+probabilities learned from what verification revealed.
+
+Model. For each speculator the map (raw confidence, depth) -> acceptance
+probability is a table of cells, one per (depth bucket, confidence bin). A
+cell holds exponentially decayed counts of accepted ``a`` and tried ``t`` nodes
+and the estimate is the Beta-posterior mean
+
+    p = (a + k * m) / (t + k)
+
+with prior strength ``k`` and prior mean ``m``: the bin's mean raw confidence at
+depth 1 (trust the speculator until evidence says otherwise) and, at deeper
+buckets, the fitted map of the bucket above (deep cells see little data, so
+they borrow from shallower ones). Within a depth bucket the estimates are then
+made non-decreasing in raw confidence by isotonic regression weighted by the
+data ``t`` (the pool-adjacent-violators solution; cells without data conform
+to the cells with data instead of pulling them), since a more confident guess should never be calibrated
+lower than a less confident one. Decay by ``0.5 ** (1 / half_life)`` per
+observed step makes recent outcomes weigh more, so the map follows drift.
+
+Labels. After a step the emitted tokens ``e[0..m-1]`` are what the target
+produced (the accepted draft tokens, then the bonus/recovered token). For *any*
+draft of that step, chosen or not, a node at depth ``d`` whose parent path
+equals ``e[:d-1]`` was (or would have been) tried: accepted iff its token is
+``e[d-1]``. Nodes deeper than ``m``, or under a rejected node, are unknown and
+not counted. Under greedy decoding this is exact for counterfactual drafts as
+well; under sampling it scores the event "the target sampled this token", whose
+probability is the one-hot acceptance probability.
+
+Worked example: emitted ``[5, 6, 9]`` and a chain draft ``[5, 6, 7, 8]`` give
+labels accepted, accepted, rejected, unknown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..spec.base import Draft
+
+__all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes", "node_depths",
+           "pool_adjacent_violators"]
+
+
+@dataclass
+class CalibrationConfig:
+    """How confidence is mapped to acceptance probability (defaults need no tuning)."""
+
+    half_life: float = 256.0
+    """Observed steps after which an outcome weighs half; shorter follows drift faster but is noisier."""
+    prior_strength: float = 2.0
+    """Pseudo-observations of the prior in every cell: small, so a few dozen outcomes dominate it."""
+    depth_edges: tuple[int, ...] = (1, 2, 3, 4, 5, 7, 10, 15)
+    """Lower edges of the depth buckets (depth 1 = child of the pending token); the last bucket is open."""
+    conf_edges: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+    """Edges of the raw-confidence bins; finer near 1 where count-based speculators put most nodes."""
+    floor: float = 0.005
+    """Calibrated probabilities are clipped to [floor, 1 - floor]: never certain either way."""
+    max_refit_interval: int = 16
+    """Most observed steps between refits of the map (refitting costs ~0.1 ms; one step barely moves it)."""
+
+
+def label_nodes(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which nodes of ``draft`` the step's emitted tokens decide, and whether each was accepted.
+
+    Returns ``(index, accepted)``: node indices in draft order and a bool array of
+    the same length. See the module docstring for the rule.
+    """
+    idx, hit, _ = _label(draft, emitted)
+    return idx, hit
+
+
+def node_depths(draft: Draft) -> np.ndarray:
+    """``draft.depths``, without the Python loop for chains."""
+    return np.arange(1, len(draft) + 1) if draft.is_chain else draft.depths
+
+
+def _label(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    m = len(emitted)
+    tokens = draft.tokens.tolist()
+    parents = draft.parents.tolist()
+    on_path = [False] * len(tokens)  # node's full path equals the emitted prefix
+    depth = [0] * len(tokens)
+    emitted = [int(t) for t in emitted]
+    idx: list[int] = []
+    hit: list[bool] = []
+    dep: list[int] = []
+    for i, p in enumerate(parents):
+        depth[i] = 1 if p < 0 else depth[p] + 1
+        if depth[i] > m or (p >= 0 and not on_path[p]):
+            continue
+        on_path[i] = tokens[i] == emitted[depth[i] - 1]
+        idx.append(i)
+        hit.append(on_path[i])
+        dep.append(depth[i])
+    return np.asarray(idx, dtype=np.int64), np.asarray(hit, dtype=bool), np.asarray(dep, dtype=np.int64)
+
+
+def _clean(conf: np.ndarray) -> np.ndarray:
+    """Confidences clipped to [0, 1], NaN read as 0."""
+    c = np.clip(conf, 0.0, 1.0)
+    if np.isnan(c).any():
+        c = np.where(np.isnan(c), 0.0, c)
+    return c
+
+
+def pool_adjacent_violators(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted isotonic (non-decreasing) least-squares fit of ``y``; ``w`` > 0.
+
+    Example: ``y = [0.2, 0.6, 0.4, 0.9]`` with unit weights -> ``[0.2, 0.5, 0.5, 0.9]``.
+    """
+    if len(y) < 2 or bool(np.all(y[1:] >= y[:-1])):
+        return np.array(y, dtype=np.float64)
+    vals: list[float] = []
+    wts: list[float] = []
+    sizes: list[int] = []
+    for yi, wi in zip(y.tolist(), w.tolist()):
+        vals.append(yi)
+        wts.append(wi)
+        sizes.append(1)
+        while len(vals) > 1 and vals[-2] > vals[-1]:
+            wsum = wts[-2] + wts[-1]
+            vals[-2] = (vals[-2] * wts[-2] + vals[-1] * wts[-1]) / wsum
+            wts[-2] = wsum
+            sizes[-2] += sizes[-1]
+            del vals[-1], wts[-1], sizes[-1]
+    return np.repeat(np.asarray(vals), sizes)
+
+
+def isotonic_rows(y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Row-wise weighted isotonic fit of ``y`` [rows, bins] (same result as pool-adjacent-violators),
+    vectorised with the min-max formula ``f_i = max_{j<=i} min_{k>=i} mean_w(y[j..k])``."""
+    rows, b = y.shape
+    zeros = np.zeros((rows, 1))
+    cy = np.concatenate([zeros, np.cumsum(w * y, axis=1)], axis=1)  # [rows, b + 1]
+    cw = np.concatenate([zeros, np.cumsum(w, axis=1)], axis=1)
+    j = np.arange(b)[:, None]
+    k = np.arange(b)[None, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        avg = (cy[:, None, 1:] - cy[:, :-1, None]) / (cw[:, None, 1:] - cw[:, :-1, None])  # [rows, j, k]
+    avg = np.where(k >= j, avg, np.inf)
+    upper = np.minimum.accumulate(avg[:, :, ::-1], axis=2)[:, :, ::-1]  # min over k' >= k
+    upper = np.where(j <= k, upper, -np.inf)  # [rows, j, i], only j <= i counts
+    return upper.max(axis=1)
+
+
+@dataclass
+class _Table:
+    """Decayed counts of one speculator: [depth buckets, confidence bins]."""
+
+    hit: np.ndarray
+    tried: np.ndarray
+    conf: np.ndarray  # decayed sum of raw confidences, for the prior mean and the reliability summary
+    calibrated: np.ndarray | None = None  # cached estimates, None when never fitted
+    steps: int = 0
+    fitted_at: int = -1  # ``steps`` when ``calibrated`` was computed
+    # prequential reliability: the calibrated prediction made *before* each outcome was learned, by predicted bin
+    pred_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pred_hit: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pred_n: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+class Calibrator:
+    """Per-speculator map from (raw confidence, depth) to acceptance probability, learned online."""
+
+    def __init__(self, config: CalibrationConfig | None = None):
+        self.config = config or CalibrationConfig()
+        c = self.config
+        if sorted(c.conf_edges) != list(c.conf_edges) or c.conf_edges[0] != 0.0 or c.conf_edges[-1] != 1.0:
+            raise ValueError("conf_edges must increase from 0.0 to 1.0")
+        if list(c.depth_edges) != sorted(set(c.depth_edges)) or c.depth_edges[0] != 1:
+            raise ValueError("depth_edges must strictly increase from 1")
+        self._depth_edges = np.asarray(c.depth_edges)
+        self._inner_conf = np.asarray(c.conf_edges[1:-1])
+        edges = np.asarray(c.conf_edges)
+        self._centers = (edges[:-1] + edges[1:]) / 2
+        self._decay = 0.5 ** (1.0 / c.half_life)
+        self._tables: dict[str, _Table] = {}
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return len(self.config.depth_edges), len(self.config.conf_edges) - 1
+
+    def _table(self, name: str) -> _Table:
+        t = self._tables.get(name)
+        if t is None:
+            d, b = self.shape
+            t = _Table(np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)),
+                       pred_sum=np.zeros(b), pred_hit=np.zeros(b), pred_n=np.zeros(b))
+            self._tables[name] = t
+        return t
+
+    def _cells(self, conf: np.ndarray, depth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        conf = _clean(conf)
+        return (np.searchsorted(self._depth_edges, depth, side="right") - 1,
+                np.searchsorted(self._inner_conf, conf, side="right"))
+
+    def _fit(self, t: _Table) -> np.ndarray:
+        """Posterior means with the hierarchical prior, made monotone in confidence per depth bucket."""
+        k, eps = self.config.prior_strength, self.config.floor
+        raw_mean = np.where(t.tried[0] > 1e-9, t.conf[0] / np.maximum(t.tried[0], 1e-9), self._centers)
+        out = np.empty_like(t.hit)
+        prior = np.clip(raw_mean, eps, 1 - eps)
+        for d in range(out.shape[0]):  # each depth's prior is the fit of the depth above
+            post = (t.hit[d] + k * prior) / (t.tried[d] + k)
+            # cells with data dominate the monotone fit; cells without only conform to them
+            prior = out[d] = np.clip(isotonic_rows(post[None], t.tried[d][None] + 1e-3)[0], eps, 1 - eps)
+        return out
+
+    def _fitted(self, t: _Table) -> np.ndarray:
+        """The cached fit, refreshed after every step early on and every ~``steps / 8`` steps (at most
+        ``max_refit_interval``) later, when one more step barely moves it."""
+        interval = min(self.config.max_refit_interval, max(1, t.steps // 8))
+        if t.calibrated is None or t.steps - t.fitted_at >= interval:
+            t.calibrated = self._fit(t)
+            t.fitted_at = t.steps
+        return t.calibrated
+
+    def probability(self, name: str, conf: np.ndarray, depth: np.ndarray) -> np.ndarray:
+        """Calibrated conditional acceptance probability for raw confidences at depths (same shapes)."""
+        t = self._table(name)
+        calibrated = self._fitted(t)
+        di, bi = self._cells(np.asarray(conf, dtype=np.float64), np.asarray(depth))
+        return calibrated[di, bi]
+
+    def calibrate(self, name: str, draft: Draft) -> Draft:
+        """``draft`` with its probs replaced by calibrated ones (tokens, tree, source unchanged)."""
+        if not len(draft):
+            return draft
+        return draft.with_probs(self.probability(name, draft.probs, node_depths(draft)))
+
+    def observe(self, name: str, draft: Draft, emitted: list[int] | np.ndarray) -> int:
+        """Learn from one step's outcome for ``name``'s proposal; returns how many nodes were labelled."""
+        idx, hit, depth = _label(draft, emitted)
+        if not len(idx):
+            return 0
+        t = self._table(name)
+        conf = draft.probs[idx]
+        # score the prediction first (prequential), then learn
+        pred = self.probability(name, conf, depth)
+        pb = np.searchsorted(self._inner_conf, pred, side="right")
+        nb = len(t.pred_n)
+        t.pred_sum += np.bincount(pb, pred, nb)
+        t.pred_hit += np.bincount(pb, hit.astype(np.float64), nb)
+        t.pred_n += np.bincount(pb, None, nb)
+        for arr in (t.hit, t.tried, t.conf):
+            arr *= self._decay
+        di, bi = self._cells(conf, depth)
+        flat = di * t.hit.shape[1] + bi
+        size = t.hit.size
+        t.hit += np.bincount(flat, hit.astype(np.float64), size).reshape(t.hit.shape)
+        t.tried += np.bincount(flat, None, size).reshape(t.hit.shape)
+        t.conf += np.bincount(flat, _clean(conf), size).reshape(t.hit.shape)
+        t.steps += 1
+        return len(idx)
+
+    def names(self) -> list[str]:
+        return sorted(self._tables)
+
+    def reliability(self, name: str) -> list[dict]:
+        """Predicted vs realised acceptance per bin of the calibrated prediction (prequential, undecayed).
+
+        Each row: ``bin`` [lo, hi), ``n`` nodes, ``predicted`` mean calibrated probability at the time
+        of the prediction, ``realised`` accepted fraction. A calibrated map has predicted ~ realised.
+        """
+        t = self._table(name)
+        edges = self.config.conf_edges
+        rows = []
+        for b in range(len(edges) - 1):
+            n = float(t.pred_n[b])
+            if n > 0:
+                rows.append({"bin": [edges[b], edges[b + 1]], "n": int(n), "predicted": float(t.pred_sum[b] / n),
+                             "realised": float(t.pred_hit[b] / n)})
+        return rows
+
+    def raw_reliability(self, name: str) -> list[dict]:
+        """Per raw-confidence bin (all depths pooled, decayed counts): the speculator's stated
+        confidence, the realised rate and the current calibrated estimate at depth 1."""
+        t = self._table(name)
+        calibrated = self._fit(t)
+        edges = self.config.conf_edges
+        tried, hit, conf = t.tried.sum(0), t.hit.sum(0), t.conf.sum(0)
+        return [{"bin": [edges[b], edges[b + 1]], "weight": float(tried[b]), "stated": float(conf[b] / tried[b]),
+                 "realised": float(hit[b] / tried[b]), "calibrated_depth1": float(calibrated[0, b])}
+                for b in range(len(edges) - 1) if tried[b] > 1e-6]
+
+    def expected_calibration_error(self, name: str) -> float:
+        """Count-weighted mean |predicted - realised| over the prequential reliability bins."""
+        rows = self.reliability(name)
+        n = sum(r["n"] for r in rows)
+        return sum(r["n"] * abs(r["predicted"] - r["realised"]) for r in rows) / n if n else 0.0
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {name: {"hit": t.hit.tolist(), "tried": t.tried.tolist(), "conf": t.conf.tolist(), "steps": t.steps}
+                for name, t in self._tables.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore learned counts; a table whose shape does not match the config is rejected."""
+        shape = self.shape
+        for name, s in state.items():
+            arrs = [np.asarray(s[k], dtype=np.float64) for k in ("hit", "tried", "conf")]
+            if any(a.shape != shape for a in arrs):
+                raise ValueError(f"calibration state for {name!r} has shape {arrs[0].shape}, expected {shape}")
+            t = self._table(name)
+            t.hit, t.tried, t.conf = arrs
+            t.steps = int(s.get("steps", 0))
+            t.calibrated, t.fitted_at = None, -1

@@ -1,0 +1,281 @@
+"""The decode loop: propose -> verify -> commit/rollback -> observe -> control.
+
+One ``Engine`` serves many requests; each ``Request`` owns its KV cache, its
+random generator and its statistics, so a scheduler may interleave ``step``
+calls of different requests freely. Plain decoding is the same loop with
+empty drafts (no speculators, or a controller that proposes nothing).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+
+from .control.base import Controller, FixedController, StepFeedback
+from .model.base import ForwardOutput, TargetModel
+from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
+from .verify import SamplingParams, verify
+
+_ids = itertools.count()
+
+
+@dataclass
+class RequestStats:
+    """Per-request counters; mean_accepted follows Spec-Bench (plain decoding = 1.00)."""
+
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    forwards: int = 0  # target forwards that emitted tokens, the prefill included
+    drafted: int = 0  # draft nodes verified
+    accepted: int = 0  # draft nodes accepted
+    draft_steps: int = 0  # steps that verified a non-empty draft
+    accepted_per_pos: list[int] = field(default_factory=list)  # accepted[i] = steps whose draft was accepted past depth i
+    drafted_per_pos: list[int] = field(default_factory=list)
+    chosen: Counter = field(default_factory=Counter)  # draft source -> steps ("none" = no speculation)
+    predicted_accepted: float = 0.0  # sum over steps of the chosen draft's score
+    prefill_s: float = 0.0
+    propose_s: float = 0.0
+    verify_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Tokens emitted per target forward."""
+        return self.output_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def tok_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens per second after the first token (excludes prefill)."""
+        t = self.wall_s - self.prefill_s
+        return (self.output_tokens - 1) / t if t > 0 and self.output_tokens > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["chosen"] = dict(self.chosen)
+        d.update(mean_accepted=self.mean_accepted, acceptance_rate=self.acceptance_rate, tok_s=self.tok_s,
+                 decode_tok_s=self.decode_tok_s)
+        return d
+
+
+@dataclass
+class Request:
+    """A request in flight. ``output`` excludes the prompt and any stop token."""
+
+    id: str
+    namespace: str
+    params: SamplingParams
+    ctx: DecodeContext
+    cache: object
+    generator: torch.Generator
+    stats: RequestStats
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    text: str = ""  # decoded output, cut before a stop string once one is seen
+    started: float = 0.0
+    ended: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    finish_reason: str
+    stats: RequestStats
+
+
+class Engine:
+    def __init__(self, model: TargetModel, tokenizer=None, speculators: Sequence[Speculator] = (),
+                 controller: Controller | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.speculators = list(speculators)
+        self.controller = controller if controller is not None else FixedController()
+        self.clock = clock
+        self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.on_close: list[Callable[[], None]] = []  # e.g. save learned state
+
+    def close(self) -> None:
+        """Run the close hooks (idempotent)."""
+        hooks, self.on_close = self.on_close, []
+        for hook in hooks:
+            hook()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+              namespace: str = "default") -> Request:
+        """Prefill the prompt and emit the first token."""
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) >= self.model.max_context:
+            raise ValueError(f"prompt of {len(prompt)} tokens does not fit the context of {self.model.max_context}")
+        bad = [t for t in prompt if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.model.vocab_size}")
+        gen = torch.Generator()
+        gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+        rid = request_id or f"req-{next(_ids)}"
+        t0 = self.clock()
+        cache = self.model.new_cache()
+        out = self.model.prefill(cache, prompt)
+        first = verify(out.logits, Draft.empty(), params, gen).emitted
+        ctx = DecodeContext(rid, namespace, prompt + first, len(prompt), _row(out, 0))
+        req = Request(rid, namespace, params, ctx, cache, gen, RequestStats(prompt_tokens=len(prompt), forwards=1),
+                      started=t0)
+        req.stats.prefill_s = self.clock() - t0
+        self._emit(req, first)
+        for s in self.speculators:
+            s.begin(ctx)
+        return req
+
+    def step(self, req: Request) -> list[int]:
+        """One speculative step; returns the tokens it added to ``req.output``."""
+        if req.finished:
+            return []
+        ctx, st = req.ctx, req.stats
+        room = min(self.model.max_context - req.cache.length - 1, req.params.max_tokens - len(req.output) - 1)
+        # 1. propose
+        budgets = self.controller.plan(ctx, [s.name for s in self.speculators])
+        proposals: dict[str, Draft] = {}
+        spent: dict[str, float] = {}
+        for s in self.speculators:
+            b = min(int(budgets.get(s.name, 0)), room)
+            if b > 0:
+                t = self.clock()
+                proposals[s.name] = s.propose(ctx, b)
+                spent[s.name] = self.clock() - t
+        draft = self.controller.choose(ctx, proposals) if proposals else Draft.empty()
+        draft = draft.prefix(room)
+        # 2. verify
+        t = self.clock()
+        out = self.model.forward(req.cache, [ctx.tokens[-1]] + draft.tokens.tolist(),
+                                 [-1] + (draft.parents + 1).tolist() if not draft.is_chain else None)
+        verdict = verify(out.logits, draft, req.params, req.generator)
+        # 3. commit the pending token and the accepted path; the rest is rolled back
+        req.cache.commit([0] + [a + 1 for a in verdict.accepted])
+        verify_s = self.clock() - t
+        outcome = StepOutcome(draft, verdict.accepted, verdict.emitted,
+                              None if out.hidden is None else out.hidden[[0] + [a + 1 for a in verdict.accepted]])
+        ctx.tokens.extend(verdict.emitted)
+        ctx.hidden = _row(out, verdict.last_row)
+        self._account(st, draft, verdict.accepted, spent, verify_s)
+        added = self._emit(req, verdict.emitted)
+        # 4. observe, 5. control
+        for s in self.speculators:
+            s.observe(ctx, outcome)
+        self.controller.observe(StepFeedback(ctx, proposals, spent, draft, outcome, verify_s))
+        if req.cache.length + 1 >= self.model.max_context and not req.finished:
+            req.finish_reason = "length"
+        return added
+
+    def finish(self, req: Request, cancelled: bool = False) -> None:
+        """End the request (idempotent): speculators learn from it, stats are closed."""
+        if req.ended:
+            return
+        req.ended = True
+        if cancelled and not req.finished:
+            req.finish_reason = "cancelled"
+        req.stats.wall_s = self.clock() - req.started
+        for s in self.speculators:
+            s.end(req.ctx, not cancelled)
+
+    def generate(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+                 namespace: str = "default") -> Generation:
+        req = self.start(prompt_ids, params, request_id, namespace)
+        while not req.finished:
+            self.step(req)
+        self.finish(req)
+        return Generation(list(req.output), req.text, req.finish_reason or "stop", req.stats)
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+               namespace: str = "default") -> Iterator[tuple[Request, list[int]]]:
+        """Yields (request, new tokens) after the first token and after every step."""
+        req = self.start(prompt_ids, params, request_id, namespace)
+        try:
+            yield req, list(req.output)
+            while not req.finished:
+                yield req, self.step(req)
+        finally:
+            self.finish(req, cancelled=not req.finished)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _emit(self, req: Request, tokens: list[int]) -> list[int]:
+        """Append tokens to the output, applying EOS, max_tokens and stop strings."""
+        added = []
+        for t in tokens:
+            if t in self.eos_ids and not req.params.ignore_eos:
+                req.finish_reason = "stop"
+                break
+            req.output.append(t)
+            added.append(t)
+            if len(req.output) >= req.params.max_tokens:
+                req.finish_reason = "length"
+                break
+        req.stats.output_tokens = len(req.output)
+        if self.tokenizer is not None:
+            req.text = self.tokenizer.decode(req.output)
+            for s in req.params.stop:
+                cut = req.text.find(s)
+                if cut >= 0:
+                    req.text = req.text[:cut]
+                    req.finish_reason = "stop"
+        return added
+
+    @staticmethod
+    def _account(st: RequestStats, draft: Draft, accepted: list[int], spent: Mapping[str, float],
+                 verify_s: float) -> None:
+        st.forwards += 1
+        st.propose_s += sum(spent.values())
+        st.verify_s += verify_s
+        st.chosen[(draft.source or "unnamed") if len(draft) else "none"] += 1
+        if not len(draft):
+            return
+        st.draft_steps += 1
+        st.drafted += len(draft)
+        st.accepted += len(accepted)
+        st.predicted_accepted += draft.score
+        depth = int(draft.depths.max())
+        for pos_list, upto in ((st.drafted_per_pos, depth), (st.accepted_per_pos, len(accepted))):
+            while len(pos_list) < depth:
+                pos_list.append(0)
+            for i in range(upto):
+                pos_list[i] += 1
+
+
+def stable_text(req: Request) -> str:
+    """Text safe to stream: holds back a tail that could still become a stop string or an unfinished character."""
+    text = req.text
+    if req.finished:
+        return text
+    hold = 0
+    for s in req.params.stop:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    if text.endswith("\ufffd"):
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return text[: len(text) - hold]
+
+
+def _row(out: ForwardOutput, i: int) -> torch.Tensor | None:
+    return None if out.hidden is None else out.hidden[i]

@@ -1,0 +1,347 @@
+"""One engine worker thread that interleaves requests step by step.
+
+The model runs on one thread only: torch already spreads one forward over the
+cores, and two forwards in parallel threads would only fight for them. The
+worker repeats a *round*:
+
+1. run queued worker tasks (learned-state snapshots), in order;
+2. admit at most one waiting request (``Engine.start``: its prefill and first token),
+   so a burst of arrivals cannot stall the requests already running;
+3. give every running request one ``Engine.step`` (one speculative step), round robin,
+   finishing those that are done or cancelled.
+
+Each request therefore advances by one target forward per round whatever its
+neighbours do; a request's share of the model is 1 / (running requests).
+Steps of different requests are not batched into one forward: the target
+models verify one sequence per forward, so batching verification across
+requests would need a batched (ragged, per-sequence KV) forward first.
+
+Admission is bounded: at most ``max_active`` requests run and ``max_queue`` wait;
+``submit`` raises ``QueueFull`` beyond that (the server answers 429). A consumer
+that goes away calls ``cancel``: a waiting request is dropped at once, a
+running one is finished as cancelled at its next turn (its speculators then
+learn from it as an unfinished request). Everything the engine touches,
+speculator state included, is touched from this thread only; learned-state
+snapshots are worker tasks for that reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+from ..engine import Engine, Request, stable_text
+from ..verify import SamplingParams
+from .metrics import ServerMetrics, StatsCursor
+
+log = logging.getLogger("adaspec.serve")
+
+
+@dataclass
+class SchedulerConfig:
+    max_active: int = 8
+    """Requests generated concurrently (interleaved step by step); each holds its own KV cache."""
+    max_queue: int = 64
+    """Requests allowed to wait for a slot; one more is refused with 429."""
+
+    def __post_init__(self) -> None:
+        if self.max_active < 1:
+            raise ValueError("max_active must be >= 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+
+
+class QueueFull(Exception):
+    """The waiting queue is at ``max_queue``."""
+
+
+class NotAccepting(Exception):
+    """The scheduler is draining or stopped."""
+
+
+@dataclass
+class Update:
+    """What the worker tells a request's consumer after the first token, after steps, and at the end."""
+
+    text: str  # text safe to show so far (``stable_text``); the whole text once finished
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    stats: dict | None = None  # speculation statistics, on the final update of a request that asked for them
+    error: str | None = None  # "bad_request: ..." from Engine.start, "shutdown", or "internal"
+
+
+@dataclass
+class Job:
+    """A request as the scheduler sees it. ``deliver`` is called on the worker thread; it must not block."""
+
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    namespace: str
+    deliver: Callable[[Update], None]
+    stream: bool = False
+    want_stats: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    cancel_reason: str | None = None  # set by ``Scheduler.cancel``
+    done: bool = False  # the final update was delivered
+    req: Request | None = None
+    cursor: StatsCursor = field(default_factory=StatsCursor)
+    last_emit: float = 0.0
+    sent_text_len: int = 0
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, metrics: ServerMetrics, config: SchedulerConfig | None = None,
+                 state_sizes: Callable[[], Mapping[tuple[str, str], float]] | None = None,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.engine = engine
+        self.metrics = metrics
+        self.config = config or SchedulerConfig()
+        self.state_sizes = state_sizes
+        self.clock = clock
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._active: list[Job] = []
+        self._tasks: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        self._accepting = True
+        self._stopping = False
+        self._final: Callable[[], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="adaspec-engine", daemon=True)
+        self._thread.start()
+
+    # -- consumer side ------------------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if not self._accepting:
+                raise NotAccepting()
+            free_slots = self.config.max_active - len(self._active)
+            if len(self._waiting) >= self.config.max_queue + max(0, free_slots):
+                raise QueueFull()
+            self._waiting.append(job)
+            self.metrics.waiting.set(len(self._waiting))
+            self._cond.notify_all()
+
+    def cancel(self, job: Job, reason: str = "client disconnected") -> None:
+        """Stop a request: dropped now if waiting, finished as cancelled at its next turn if running."""
+        with self._cond:
+            if job.done or job.cancel_reason is not None:
+                return
+            job.cancel_reason = reason
+            if job in self._waiting:
+                self._waiting.remove(job)
+                self.metrics.waiting.set(len(self._waiting))
+                self._deliver_final(job, "cancelled")
+            self._cond.notify_all()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run ``fn`` on the engine thread between steps; the future holds its result or exception."""
+        fut: Future = Future()
+        with self._cond:
+            if self._stopping:
+                fut.set_exception(NotAccepting())
+                return fut
+            self._tasks.append((fn, fut))
+            self._cond.notify_all()
+        return fut
+
+    def stop_admissions(self) -> None:
+        with self._cond:
+            self._accepting = False
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
+    def idle(self) -> bool:
+        with self._cond:
+            return not self._waiting and not self._active
+
+    def counts(self) -> tuple[int, int]:
+        """(running, waiting)."""
+        with self._cond:
+            return len(self._active), len(self._waiting)
+
+    def cancel_all(self, reason: str = "shutdown") -> None:
+        with self._cond:
+            jobs = list(self._waiting) + list(self._active)
+        for job in jobs:
+            self.cancel(job, reason)
+
+    def shutdown(self, final: Callable[[], None] | None = None, timeout: float = 60.0) -> None:
+        """Refuse new work, cancel what is left, run ``final`` on the engine thread, and join it."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = True
+            self._final = final
+            self._cond.notify_all()
+        self.cancel_all("shutdown")
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the engine thread did not stop within %.0f s", timeout)
+
+    # -- worker side -------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._waiting or self._active or self._tasks or self._stopping):
+                    self._cond.wait()
+                tasks = list(self._tasks)
+                self._tasks.clear()
+                admit = None
+                if self._waiting and len(self._active) < self.config.max_active and not self._stopping:
+                    admit = self._waiting.popleft()
+                    self.metrics.waiting.set(len(self._waiting))
+                stop = self._stopping and not self._active and not self._waiting
+            for fn, fut in tasks:
+                self._run_task(fn, fut)
+            if stop:
+                break
+            if admit is not None:
+                self._admit(admit)
+            for job in list(self._active):
+                self._turn(job)
+        if self._final is not None:
+            try:
+                self._final()
+            except Exception:
+                log.exception("final learned-state save failed")
+
+    @staticmethod
+    def _run_task(fn: Callable[[], object], fut: Future) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn())
+        except BaseException as e:  # handed to the caller through the future
+            fut.set_exception(e)
+
+    def _admit(self, job: Job) -> None:
+        if job.cancel_reason is not None:
+            self._deliver_final(job, "cancelled")
+            return
+        now = self.clock()
+        self.metrics.queue_time.observe(now - job.arrival)
+        try:
+            job.req = self.engine.start(job.prompt_ids, job.params, job.id, job.namespace)
+        except ValueError as e:  # a prompt the engine refuses (checked before submission, so rare)
+            self.metrics.request_success.labels("error").inc()
+            self._deliver_final(job, "error", error=f"bad_request: {e}")
+            return
+        except Exception:
+            log.exception("request %s failed at prefill", job.id)
+            self.metrics.request_success.labels("error").inc()
+            self._deliver_final(job, "error", error="internal")
+            return
+        t = self.clock()
+        job.last_emit = t
+        self.metrics.ttft.observe(t - job.arrival)
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.observe_stats(job.req.stats, job.cursor)
+        with self._cond:
+            self._active.append(job)
+            self.metrics.running.set(len(self._active))
+        if job.req.finished:
+            self._end(job)
+        else:
+            self._progress(job)
+
+    def _turn(self, job: Job) -> None:
+        req = job.req
+        assert req is not None
+        if job.cancel_reason is not None:
+            log.info("request %s cancelled (%s) after %d tokens", job.id, job.cancel_reason, len(req.output))
+            self._end(job, cancelled=True)
+            return
+        try:
+            added = self.engine.step(req)
+        except Exception:
+            log.exception("request %s failed during a step", job.id)
+            self._end(job, error="internal")
+            return
+        self.metrics.observe_stats(req.stats, job.cursor)
+        if added:
+            t = self.clock()
+            self.metrics.itl.observe(t - job.last_emit)
+            job.last_emit = t
+        if req.finished:
+            self._end(job)
+        else:
+            self._progress(job)
+
+    def _progress(self, job: Job) -> None:
+        if not job.stream:
+            return
+        text = stable_text(job.req)
+        if len(text) > job.sent_text_len:
+            job.sent_text_len = len(text)
+            self._safe_deliver(job, Update(text, False, None, len(job.prompt_ids), len(job.req.output)))
+
+    def _end(self, job: Job, cancelled: bool = False, error: str | None = None) -> None:
+        req = job.req
+        assert req is not None
+        try:
+            self.engine.finish(req, cancelled=cancelled or error is not None)
+        except Exception:
+            log.exception("request %s: finishing failed", job.id)
+            error = error or "internal"
+        self.metrics.observe_stats(req.stats, job.cursor)
+        reason = "error" if error else ("cancelled" if cancelled else (req.finish_reason or "stop"))
+        self.metrics.request_success.labels(reason).inc()
+        self.metrics.e2e.observe(self.clock() - job.arrival)
+        with self._cond:
+            if job in self._active:
+                self._active.remove(job)
+            self.metrics.running.set(len(self._active))
+        stats = self._stats(job) if job.want_stats and not error else None
+        self._deliver_final(job, reason, error=error, stats=stats)
+        self._publish_state_sizes()
+
+    def _stats(self, job: Job) -> dict:
+        out = job.req.stats.to_dict()
+        summary = getattr(self.engine.controller, "summary", None)
+        if callable(summary):
+            try:
+                ctl = summary(job.id)
+                if ctl:
+                    out["controller"] = ctl
+            except Exception:
+                log.exception("controller summary failed")
+        return out
+
+    def _deliver_final(self, job: Job, reason: str, error: str | None = None, stats: dict | None = None) -> None:
+        if job.done:
+            return
+        job.done = True
+        req = job.req
+        text = req.text if req is not None else ""
+        completion = len(req.output) if req is not None else 0
+        if req is None and reason == "cancelled":
+            self.metrics.request_success.labels("cancelled").inc()
+        if reason == "cancelled" and error is None and job.cancel_reason == "shutdown":
+            error = "shutdown"
+        self._safe_deliver(job, Update(text, True, reason, len(job.prompt_ids), completion, stats, error))
+
+    @staticmethod
+    def _safe_deliver(job: Job, update: Update) -> None:
+        try:
+            job.deliver(update)
+        except Exception:  # the consumer's loop is gone; nothing is waiting for this update
+            log.debug("request %s: update not delivered", job.id)
+
+    def _publish_state_sizes(self) -> None:
+        if self.state_sizes is None:
+            return
+        try:
+            self.metrics.learned_state.publish(self.state_sizes())
+        except Exception:
+            log.exception("reading learned-state sizes failed")
