@@ -1,0 +1,122 @@
+"""The engine loop is lossless: scripted drafts of every kind give plain greedy output (tiny random target)."""
+
+import pytest
+import torch
+
+from adaspec.control.base import FixedController
+from adaspec.engine import Engine, stable_text
+from adaspec.model.llama import LlamaConfig, LlamaModel
+from adaspec.spec.oracle import OracleSpeculator
+from adaspec.verify import SamplingParams
+
+from lossless import ScriptedSpeculator, assert_greedy_equivalent
+
+CFG = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                  max_context=512)
+PROMPTS = [[(7 * i + 3 * j) % 97 for j in range(5 + i)] for i in range(6)]
+MODES = ["all", "none", ("mismatch", 1), ("mismatch", 2), ("mismatch", 3), "tree"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = LlamaModel.random(CFG, seed=1)
+    with torch.no_grad():
+        m.embed.mul_(0.2)  # tied head: smaller embeddings give flatter next-token distributions to sample from
+    return m
+
+
+@pytest.fixture(scope="module")
+def plain(model):
+    eng = Engine(model)
+    return {tuple(p): eng.generate(p, SamplingParams(max_tokens=24)).tokens for p in PROMPTS}
+
+
+@pytest.mark.parametrize("mode", MODES, ids=str)
+def test_scripted_drafts_give_plain_greedy_output(model, plain, mode):
+    eng = Engine(model, speculators=[ScriptedSpeculator(plain, mode, CFG.vocab_size)], controller=FixedController(4))
+    for p in PROMPTS:
+        g = eng.generate(p, SamplingParams(max_tokens=24))
+        assert_greedy_equivalent(model, p, plain[tuple(p)], g.tokens)
+        st = g.stats
+        assert st.output_tokens == 24 and st.forwards == pytest.approx(24 / st.mean_accepted)
+        if mode == "all":
+            assert st.accepted == st.drafted > 0 and st.mean_accepted > 3
+        if mode == "none":
+            assert st.accepted == 0 and st.forwards == 24
+        if isinstance(mode, tuple):
+            # every draft that had m + 1 tokens left accepts exactly m of them
+            assert st.accepted_per_pos[mode[1]] == 0 and st.accepted_per_pos[mode[1] - 1] > 0
+
+
+def test_oracle_reaches_the_lookahead_ceiling(model, plain):
+    oracle = OracleSpeculator()
+    for p in PROMPTS:
+        oracle.add(p, plain[tuple(p)])
+    eng = Engine(model, speculators=[oracle], controller=FixedController(5))
+    g = eng.generate(PROMPTS[0], SamplingParams(max_tokens=24))
+    assert g.tokens == plain[tuple(PROMPTS[0])]
+    assert g.stats.acceptance_rate == 1.0 and g.stats.forwards == 5  # prefill + 4 steps of 6 tokens (5 + bonus)
+
+
+def test_plain_engine_counts_one_token_per_forward(model):
+    g = Engine(model).generate(PROMPTS[1], SamplingParams(max_tokens=10))
+    assert g.stats.mean_accepted == 1.0 and g.stats.drafted == 0 and g.finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model, plain):
+    eng = Engine(model, speculators=[ScriptedSpeculator(plain, "all", CFG.vocab_size)], controller=FixedController(4))
+    params = dict(max_tokens=20, temperature=1.0, top_p=0.95)
+    a = eng.generate(PROMPTS[2], SamplingParams(seed=11, **params)).tokens
+    b = eng.generate(PROMPTS[2], SamplingParams(seed=11, **params)).tokens
+    c = eng.generate(PROMPTS[2], SamplingParams(seed=12, **params)).tokens
+    assert a == b and a != c
+
+
+class _CharTokenizer:
+    """ids are characters 'a' + i; id 0 is EOS."""
+
+    eos_token_ids = {0}
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def test_stop_strings_and_eos(model, plain):
+    eng = Engine(model, _CharTokenizer())
+    p = PROMPTS[3]
+    full = eng.generate(p, SamplingParams(max_tokens=24, ignore_eos=True))
+    stop = full.text[5:7]
+    g = eng.generate(p, SamplingParams(max_tokens=24, stop=(stop,), ignore_eos=True))
+    assert g.finish_reason == "stop" and g.text == full.text[: full.text.find(stop)]
+
+    class Eos(_CharTokenizer):
+        eos_token_ids = {full.tokens[4]}
+
+    g = Engine(model, Eos()).generate(p, SamplingParams(max_tokens=24))
+    assert g.finish_reason == "stop" and g.tokens == full.tokens[: full.tokens.index(full.tokens[4])]
+
+
+def test_stable_text_holds_back_partial_stop_strings(model):
+    eng = Engine(model, _CharTokenizer())
+    req = eng.start(PROMPTS[0], SamplingParams(max_tokens=24, stop=("zzzq",), ignore_eos=True))
+    req.text = "hello zz"
+    assert stable_text(req) == "hello "
+    req.text = "hello y\ufffd"  # an unfinished multi-byte character is held back too
+    assert stable_text(req) == "hello y"
+    eng.finish(req, cancelled=True)
+    assert req.finish_reason == "cancelled"
+
+
+def test_bad_prompts_are_rejected(model):
+    eng = Engine(model)
+    with pytest.raises(ValueError, match="empty"):
+        eng.start([], SamplingParams())
+    with pytest.raises(ValueError, match="vocabulary"):
+        eng.start([1, 2, 500], SamplingParams())
+    with pytest.raises(ValueError, match="context"):
+        eng.start([1] * CFG.max_context, SamplingParams())
+
+
+def test_generation_stops_at_the_context_limit(model):
+    g = Engine(model).generate([1] * (CFG.max_context - 5), SamplingParams(max_tokens=100))
+    assert g.finish_reason == "length" and len(g.tokens) <= 5
