@@ -38,6 +38,8 @@ class RequestStats:
     drafted_per_pos: list[int] = field(default_factory=list)
     chosen: Counter = field(default_factory=Counter)  # draft source -> steps ("none" = no speculation)
     predicted_accepted: float = 0.0  # sum over steps of the chosen draft's score
+    step_emitted: list[int] = field(default_factory=list)  # per step: tokens emitted (accepted + 1)
+    step_drafted: list[int] = field(default_factory=list)  # per step: draft nodes verified
     prefill_s: float = 0.0
     propose_s: float = 0.0
     verify_s: float = 0.0
@@ -65,6 +67,7 @@ class RequestStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["chosen"] = dict(self.chosen)
+        del d["step_emitted"], d["step_drafted"]
         d.update(mean_accepted=self.mean_accepted, acceptance_rate=self.acceptance_rate, tok_s=self.tok_s,
                  decode_tok_s=self.decode_tok_s)
         return d
@@ -247,6 +250,8 @@ class Engine:
         st.propose_s += sum(spent.values())
         st.verify_s += verify_s
         st.chosen[(draft.source or "unnamed") if len(draft) else "none"] += 1
+        st.step_emitted.append(len(accepted) + 1)
+        st.step_drafted.append(len(draft))
         if not len(draft):
             return
         st.draft_steps += 1

@@ -1,0 +1,187 @@
+"""``adaspec bench``: speed over a real, shifting request stream, every configuration side by side.
+
+Each request of the stream goes through every configuration before the next
+request starts, so machine noise hits all of them alike; each adaspec
+configuration keeps its own engine (and learned state) for the whole stream, so
+adaptation shows along the stream. Configurations:
+
+- ``adaspec-plain``: the same engine with no speculation (the baseline of every ratio);
+- ``ngram``, ``suffix``, ``head``: one speculator alone at a fixed lookahead;
+- ``adaspec``: the full system (every speculator under the confidence-aware controller);
+- ``oracle``: drafts the plain output itself (the ceiling of this hardware);
+- peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
+
+Writes summary.md, run.json, PNG plots, and traces.jsonl (greedy plain traces for ``adaspec simulate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from tqdm import tqdm
+
+from ..spec.oracle import OracleSpeculator
+from ..system import build_engine, available_modes
+from ..verify import SamplingParams
+from . import workloads
+from .report import ReportConfig, RequestRecord, write_report
+
+ADASPEC_CONFIGS = ("adaspec-plain", "ngram", "suffix", "head", "adaspec", "oracle")
+PEER_CONFIGS = ("llama.cpp", "llama.cpp-pld", "hf", "hf-pld")
+
+
+@dataclass
+class BenchPlan:
+    scenario: str
+    items: list[workloads.WorkItem]
+    configs: list[str]
+    peers: list[str]
+    hf_every: int  # run the (slow) transformers peers on every n-th request only
+
+
+def default_plan(scenario: str, full: bool, seed: int, max_tokens: int | None) -> list[workloads.WorkItem]:
+    """The stream of a scenario: small by default (fits ~15 minutes with peers), larger with --full."""
+    mt = {} if max_tokens is None else {"max_tokens": max_tokens}
+    if scenario == "drift":
+        return workloads.drift(n_per_phase=16 if full else 5, seed=seed, **({"max_tokens": 96} | mt))
+    if scenario == "steady":
+        return workloads.steady(n=40 if full else 12, seed=seed, **({"max_tokens": 96} | mt))
+    if scenario == "adversarial":
+        return workloads.adversarial(n=20 if full else 6, seed=seed, temperature=0.0, **({"max_tokens": 64} | mt))
+    if scenario == "multi_turn":
+        return workloads.multi_turn(n=10 if full else 3, seed=seed, **({"max_tokens": 96} | mt))
+    if scenario == "rl_rollouts":
+        return workloads.rl_rollouts(n_prompts=4 if full else 2, group_size=4, steps=3 if full else 2, seed=seed,
+                                     **({"max_tokens": 96} | mt))
+    if scenario == "code_editing":
+        return workloads.code_editing(n=12 if full else 4, seed=seed, **({"max_tokens": 160} | mt))
+    raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(workloads.SCENARIOS)}")
+
+
+def _record(config: str, rid: str, index: int, item: workloads.WorkItem, st=None, **kw) -> RequestRecord:
+    r = RequestRecord(config=config, request_id=rid, index=index, phase=item.phase, phase_name=item.phase_name,
+                      domain=item.domain, scenario=item.scenario, **kw)
+    if st is not None:
+        r.prompt_tokens, r.output_tokens, r.wall_seconds = st.prompt_tokens, st.output_tokens, st.wall_s
+        r.ttft_seconds, r.forwards, r.drafted, r.accepted = st.prefill_s, st.forwards, st.drafted, st.accepted
+        r.speculator_mix = dict(st.chosen)
+        r.step_emitted, r.step_drafted = list(st.step_emitted), list(st.step_drafted)
+    return r
+
+
+def run_bench(model, tok, plan: BenchPlan, out_dir: Path, costs: dict | None = None) -> list[RequestRecord]:
+    from .peers import PeerConfig, make_peers
+
+    modes = {"adaspec-plain": "plain", "ngram": "ngram", "suffix": "suffix", "head": "head", "adaspec": "adaptive"}
+    engines = {c: build_engine(model, tok, modes[c]) for c in plan.configs if c in modes}
+    oracle = OracleSpeculator()
+    if "oracle" in plan.configs:
+        from ..control.base import FixedController
+        from ..engine import Engine
+
+        engines["oracle"] = Engine(model, tok, [oracle], FixedController(16))
+    peers = make_peers(plan.peers, PeerConfig(n_threads=int(os.environ.get("ADASPEC_THREADS", "2")))) \
+        if plan.peers else None
+    records: list[RequestRecord] = []
+    traces = open(out_dir / "traces.jsonl", "w")
+    index = 0
+    try:
+        for n, item in enumerate(tqdm(plan.items, desc=f"{plan.scenario}", unit="req")):
+            answers: list[str] = []
+            for turn in range(item.n_turns):
+                messages = workloads.turn_messages(item, answers) if item.user_turns else item.messages
+                ids = tok.encode(item.prompt) if item.prompt is not None else tok.apply_chat_template(messages)
+                rid = f"{item.id}/t{turn}" if item.user_turns else item.id
+                params = SamplingParams(max_tokens=item.max_tokens, temperature=item.temperature, seed=item.seed)
+                reference = None
+                for config in plan.configs:
+                    eng = engines[config]
+                    if config == "oracle" and reference is not None:
+                        oracle.add(ids, reference)
+                    g = eng.generate(ids, params, request_id=f"{config}:{rid}")
+                    if config == "adaspec-plain":
+                        reference = g.tokens
+                        answers.append(g.text)
+                        if item.temperature == 0:
+                            traces.write(json.dumps({"id": rid, "domain": item.domain, "prompt_ids": ids,
+                                                     "output_ids": g.tokens}) + "\n")
+                    rec = _record(config, rid, index, item, g.stats)
+                    if reference is not None and item.temperature == 0:
+                        rec.matches_reference = g.tokens == reference
+                    records.append(rec)
+                for name, peer in (peers.peers.items() if peers else ()):
+                    if name.startswith("hf") and n % plan.hf_every:
+                        continue
+                    res = peer.generate(ids, item.max_tokens, reference if item.temperature == 0 else None)
+                    records.append(_record(name, rid, index, item, prompt_tokens=res.prompt_tokens,
+                                           output_tokens=len(res.tokens), wall_seconds=res.seconds,
+                                           ttft_seconds=res.ttft_seconds, matches_reference=res.matches_reference))
+                index += 1
+    finally:
+        traces.close()
+        if peers:
+            peers.close()
+        for eng in engines.values():
+            eng.close()
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="adaspec bench", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--scenario", default="drift", choices=list(workloads.SCENARIOS))
+    ap.add_argument("--full", action="store_true", help="the long version (more requests per phase, every peer)")
+    ap.add_argument("--configs", default=",".join(ADASPEC_CONFIGS), help="comma-separated adaspec configurations")
+    ap.add_argument("--peers", default=",".join(PEER_CONFIGS), help="comma-separated peers ('' for none)")
+    ap.add_argument("--hf-every", type=int, default=None, help="run transformers peers on every n-th request")
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output folder (default: runs/bench-<scenario>-<time>)")
+    ap.add_argument("--model", default=None, help="model path (default: the bundled model)")
+    ap.add_argument("--no-costs", action="store_true", help="skip the c(k) cost curve")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..model.loader import load_target
+
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in ADASPEC_CONFIGS]
+    peers = [p for p in args.peers.split(",") if p]
+    unknown += [p for p in peers if p not in PEER_CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {', '.join(unknown)}")
+    if "adaspec-plain" not in configs:
+        configs.insert(0, "adaspec-plain")
+    configs.sort(key=ADASPEC_CONFIGS.index)  # plain first: the oracle replays its output
+    configs = [c for c in configs if c in ("adaspec-plain", "oracle") or c.replace("adaspec", "adaptive") in
+               available_modes()]
+    out = Path(args.out or f"runs/bench-{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    model, tok = load_target(args.model)
+    items = default_plan(args.scenario, args.full, args.seed, args.max_tokens)
+    plan = BenchPlan(args.scenario, items, configs, peers, args.hf_every or (1 if args.full else 4))
+    costs = None
+    if not args.no_costs:
+        from .costs import measure_costs
+
+        costs = {"adaspec": measure_costs(model, ks=(1, 2, 4, 8, 12, 16, 24, 32), reps=5)["linear"]}
+    t0 = time.perf_counter()
+    records = run_bench(model, tok, plan, out, costs)
+    meta = {"scenario": args.scenario, "full": args.full, "configs": configs, "peers": peers, "seed": args.seed,
+            "requests": len(items), "seconds": time.perf_counter() - t0, "model": tok.name,
+            "device": str(model.device), "hf_every": plan.hf_every}
+    files = write_report(records, out, ReportConfig(), costs=costs, meta=meta,
+                         title=f"adaspec bench: {args.scenario}")
+    print(files.markdown.read_text())
+    print(f"wrote {files.markdown}, {files.json}, " + ", ".join(str(p) for p in files.plots.values()))
+    return 0
