@@ -106,13 +106,59 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="answer a few prompts with and without speculation, and compare speed")
     _add_model_args(d)
     d.add_argument("--max-tokens", type=int, default=128)
-    d.set_defaults(func=lambda a: __import__("adaspec.demo", fromlist=["run"]).run(a))
+    d.set_defaults(func=_run_demo)
+
+    from .serve.__main__ import add_serve_parser
+    from .sim import add_parser as add_simulate_parser
+
+    add_serve_parser(sub)
+    add_simulate_parser(sub)
+
+    b = sub.add_parser("bench", help="the drift benchmark: every configuration and peer over a real request stream")
+    from .bench.drift import add_arguments as add_bench_arguments
+
+    add_bench_arguments(b)
+    b.set_defaults(func=_run_bench)
+
+    # subcommands whose modules parse their own arguments
+    for name, module, text in (("bench-costs", "adaspec.bench.costs", "time target forwards of k tokens, c(k)"),
+                               ("bench-load", "adaspec.bench.load", "load a running server with concurrent clients"),
+                               ("train-static", "adaspec.train.static", "train the static draft head")):
+        x = sub.add_parser(name, help=text, add_help=False)
+        x.set_defaults(func=_passthrough(module))
     return ap
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run
+
+    return run(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench.drift import run
+
+    try:
+        return run(args)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _passthrough(module: str):
+    def call(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(importlib.import_module(module).main(args.rest) or 0)
+
+    return call
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if rest and not getattr(args, "func", None).__qualname__.startswith("_passthrough"):
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest
     try:
         return int(args.func(args) or 0)
     except CliError as e:

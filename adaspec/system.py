@@ -2,29 +2,95 @@
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
+
 from .control.base import FixedController
 from .engine import Engine
 
-MODES = ("adaptive", "plain", "ngram", "suffix")
+log = logging.getLogger(__name__)
+
+MODES = ("adaptive", "plain", "ngram", "suffix", "head")
 """adaptive: every speculator under the confidence-aware controller (the full system, default);
-plain: no speculation; ngram / suffix: that speculator alone at a fixed lookahead."""
+plain: no speculation; ngram / suffix / head: that speculator alone at a fixed lookahead."""
 
 FIXED_LOOKAHEAD = 8
+"""Lookahead of the single-speculator modes: the best fixed value for the suffix speculator in simulation."""
 
 
-def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None = None) -> Engine:
+def available_modes(model=None) -> tuple[str, ...]:
+    """The modes that can run: "head" needs a trained draft head for the target."""
+    from .spec.head import CHECKPOINT_DIR, SHIPPED_NAME
+
+    has_head = (Path(CHECKPOINT_DIR) / f"{SHIPPED_NAME}.json").exists()
+    return tuple(m for m in MODES if m != "head" or has_head)
+
+
+def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None = None,
+                 shared_learning: bool = True) -> Engine:
+    """An engine for ``mode``. With ``state_dir``, learned state is restored now and saved by ``engine.snapshot()``
+    (also run by ``engine.close()``). ``shared_learning=False`` leaves out the online head, which learns one set of
+    weights from every namespace (the server does that when tenants are isolated)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    if mode == "plain":
-        return Engine(model, tokenizer, [], FixedController(0))
+    from .spec.head import HeadSpeculator, OnlineHeadSpeculator
     from .spec.ngram import PromptLookupSpeculator
-
-    if mode == "ngram":
-        return Engine(model, tokenizer, [PromptLookupSpeculator()], FixedController(FIXED_LOOKAHEAD))
     from .spec.suffix import SuffixSpeculator
 
-    if mode == "suffix":
-        return Engine(model, tokenizer, [SuffixSpeculator()], FixedController(FIXED_LOOKAHEAD))
-    from .control.adaptive import AdaptiveController
+    if mode == "plain":
+        specs, controller = [], FixedController(0)
+    elif mode == "ngram":
+        specs, controller = [PromptLookupSpeculator()], FixedController(FIXED_LOOKAHEAD)
+    elif mode == "suffix":
+        specs, controller = [SuffixSpeculator()], FixedController(FIXED_LOOKAHEAD)
+    elif mode == "head":
+        head = HeadSpeculator.for_target(model, required=True)
+        specs, controller = [head], FixedController(4)
+    else:
+        from .control.adaptive import AdaptiveController
 
-    return Engine(model, tokenizer, [SuffixSpeculator(), PromptLookupSpeculator()], AdaptiveController())
+        specs = [SuffixSpeculator(), PromptLookupSpeculator()]
+        head = HeadSpeculator.for_target(model)
+        if head is not None:
+            specs.append(head)
+            if shared_learning:
+                specs.append(OnlineHeadSpeculator.for_target(model))
+        controller = AdaptiveController()
+    engine = Engine(model, tokenizer, specs, controller)
+    if state_dir is not None:
+        _attach_state(engine, Path(state_dir))
+    for s in specs:
+        if callable(getattr(s, "close", None)):
+            engine.on_close.append(s.close)
+    return engine
+
+
+def _attach_state(engine: Engine, directory: Path) -> None:
+    """Restore every component's learned state from ``directory`` and give the engine a ``snapshot()``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []  # (component, path): components that save/load one file
+    dirs = []  # components that keep their own entries in the directory
+    for s in engine.speculators:
+        if callable(getattr(s, "save_state", None)):
+            dirs.append(s)
+        elif callable(getattr(s, "save", None)):
+            files.append((s, directory / f"{s.name}.state"))
+    if callable(getattr(engine.controller, "save", None)):
+        files.append((engine.controller, directory / "controller.json"))
+    for obj, path in files:
+        if path.exists():
+            try:
+                obj.load(path)
+            except (ValueError, OSError) as e:
+                log.warning("ignoring unreadable learned state %s: %s", path.name, e)
+    for s in dirs:
+        s.load_state(directory)
+
+    def snapshot() -> None:
+        for obj, path in files:
+            obj.save(path)
+        for s in dirs:
+            s.save_state(directory)
+
+    engine.snapshot = snapshot  # type: ignore[attr-defined]
+    engine.on_close.insert(0, snapshot)

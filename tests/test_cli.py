@@ -1,0 +1,39 @@
+"""The command line reports bad input with one clear line and exit status 2, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaspec.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", "hi", "--max-tokens", "0"], "max_tokens must be a positive integer"),
+    (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["generate", "hi", "--model", "/definitely/not/here"], "does not exist"),
+    (["generate", "hi", "--max-tokens", "ten"], "invalid int value"),
+    (["generate", "hi", "--mode", "telepathy"], "invalid choice"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_arguments_exit_2_with_a_message(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_directory_that_is_not_a_model(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a model")
+    r = run_cli("generate", "hi", "--model", str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "config.json" in r.stderr
+
+
+def test_a_file_that_is_not_a_model(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"\x00" * 64)
+    r = run_cli("generate", "hi", "--model", str(f))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "gguf" in r.stderr.lower()
