@@ -213,7 +213,8 @@ def summarise(cfg: LoadConfig, model: str, results: list[RequestResult], wall: f
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    drafts, accepted = delta("adaspec:spec_decode_num_drafts_total"), delta("adaspec:spec_decode_num_accepted_tokens_total")
+    drafts = delta("adaspec:spec_decode_num_drafts_total")
+    accepted = delta("adaspec:spec_decode_num_accepted_tokens_total")
     gen = delta("adaspec:generation_tokens_total")
     steps = sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith("adaspec:spec_decode_steps_total{"))
     return {

@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between learned-state snapshots; 0 = only at shutdown (default: 60)")
     p.add_argument("--drain-timeout", type=_non_negative_float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish (default: 30)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="CPU threads for the model's forwards (default: torch's choice, one per core); on cores "
+                        "shared with other busy processes 1 is often much faster")
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: from the model)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -131,6 +134,10 @@ def cmd_serve(args: argparse.Namespace, loader: Callable[[ServerConfig], EngineB
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level.upper()),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     log.info("serving on http://%s:%d with %s%s", args.host, args.port, describe(cfg.api_keys),
              ", one shared namespace" if cfg.shared_namespace and cfg.api_keys else "")
     return run(cfg, args.host, args.port, access_log=args.access_log, log_level=args.log_level, loader=loader)
@@ -195,7 +202,8 @@ class _DrainingServer(uvicorn.Server):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="adaspec serve", description="Serve the model over an OpenAI-compatible HTTP API.")
+    ap = argparse.ArgumentParser(prog="adaspec serve",
+                                 description="Serve the model over an OpenAI-compatible HTTP API.")
     add_arguments(ap)
     return cmd_serve(ap.parse_args(argv))
 

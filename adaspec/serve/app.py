@@ -13,9 +13,11 @@ context and the ``max_tokens`` cap, then a ``Job`` for the engine thread
 disconnects (detected by polling while a non-streaming request runs, or by the
 streaming response being cancelled) cancels its job.
 
-Learned state: ``EngineBundle.snapshot`` runs on the engine thread every
+Learned state: ``build_engine`` restores it from ``state_dir`` and provides
+``engine.snapshot()``, which runs on the engine thread every
 ``snapshot_interval`` seconds; at shutdown ``Engine.close()`` runs the engine's
-save hooks there too. ``build_engine`` restores the state from ``state_dir``.
+save hooks there too. With isolated tenants the engine is built without
+speculators that learn one model from every namespace (``shared_learning=False``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -82,6 +84,11 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     """Largest request body accepted (413 beyond)."""
 
+    @property
+    def isolated_tenants(self) -> bool:
+        """Several keys, each its own namespace: nothing learned from one tenant may shape another's drafts."""
+        return bool(self.api_keys) and not self.shared_namespace
+
     def __post_init__(self) -> None:
         if self.max_tokens_cap is not None and self.max_tokens_cap < 1:
             raise ValueError("max_tokens_cap must be >= 1")
@@ -111,12 +118,13 @@ def load_bundle(cfg: ServerConfig) -> EngineBundle:
     from ..system import build_engine
 
     model, tok = load_target(cfg.model, device=cfg.device)
-    engine = build_engine(model, tok, cfg.mode, state_dir=cfg.state_dir)
+    engine = build_engine(model, tok, cfg.mode, state_dir=cfg.state_dir, shared_learning=not cfg.isolated_tenants)
     name = cfg.served_model_name or getattr(tok, "name", None) or (Path(cfg.model).stem if cfg.model else "model")
     return EngineBundle(engine, tok, str(name), _engine_snapshot(engine), _engine_state_sizes(engine))
 
 
 def _engine_snapshot(engine: Engine) -> Callable[[], object] | None:
+    """``engine.snapshot``: set by ``build_engine`` when it was given a state dir."""
     fn = getattr(engine, "snapshot", None)
     return fn if callable(fn) else None
 
@@ -155,7 +163,6 @@ class ServerState:
         self.bundle: EngineBundle | None = None
         self.scheduler: Scheduler | None = None
         self.status = "loading"  # loading | ready | draining | failed | stopped
-        self.load_error: str | None = None
         self.on_fatal: Callable[[str], None] | None = None  # set by the runner: stop the process
         self.started_at = int(time.time())
         self._snapshot_task: asyncio.Task | None = None
@@ -174,15 +181,15 @@ class ServerState:
         except Exception as e:
             log.error("could not load the model: %s", e)
             log.debug("model load failure", exc_info=True)
-            self.status, self.load_error = "failed", str(e)
+            self.status = "failed"
             if self.on_fatal is not None:
                 self.on_fatal(str(e))
             return
         self.bundle = bundle
-        self.scheduler = Scheduler(bundle.engine, self.metrics, SchedulerConfig(self.cfg.max_active, self.cfg.max_queue),
-                                   bundle.state_sizes)
+        sched_cfg = SchedulerConfig(self.cfg.max_active, self.cfg.max_queue)
+        self.scheduler = Scheduler(bundle.engine, self.metrics, sched_cfg, bundle.state_sizes)
         if bundle.state_sizes is not None:
-            self.scheduler.call(self.scheduler._publish_state_sizes)
+            self.scheduler.call(self.scheduler.publish_state_sizes)
         if self.status == "loading":
             self.status = "ready"
         log.info("model %s ready in %.1f s (mode %s, context %d)", bundle.model_name, time.perf_counter() - t0,
@@ -239,7 +246,7 @@ class ServerState:
         if self.scheduler is not None and self.bundle is not None:
             engine = self.bundle.engine
             await asyncio.to_thread(self.scheduler.shutdown, engine.close)
-            log.info("engine stopped; learned state saved by the engine's close hooks")
+            log.info("engine stopped%s", "; learned state saved" if self.bundle.snapshot is not None else "")
         self.status = "stopped"
 
     # -- request helpers ----------------------------------------------------------------------------
@@ -490,7 +497,7 @@ async def _generate(state: ServerState, request: Request, chat: bool):
     namespace = state.authenticate(request)
     bundle, scheduler = state.require_ready()
     data = await _read_json(request, state.cfg.max_body_bytes)
-    prep = _prepare(state, bundle, data, chat)
+    prep = await asyncio.to_thread(_prepare, state, bundle, data, chat)  # tokenizing a long prompt takes a while
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     channel = _Channel(asyncio.get_running_loop())
     job = Job(rid, prep.prompt_ids, prep.params, namespace, channel.put, stream=prep.stream,

@@ -304,7 +304,7 @@ class Scheduler:
             self.metrics.running.set(len(self._active))
         stats = self._stats(job) if job.want_stats and not error else None
         self._deliver_final(job, reason, error=error, stats=stats)
-        self._publish_state_sizes()
+        self.publish_state_sizes()
 
     def _stats(self, job: Job) -> dict:
         out = job.req.stats.to_dict()
@@ -338,7 +338,8 @@ class Scheduler:
         except Exception:  # the consumer's loop is gone; nothing is waiting for this update
             log.debug("request %s: update not delivered", job.id)
 
-    def _publish_state_sizes(self) -> None:
+    def publish_state_sizes(self) -> None:
+        """Refresh the learned-state sizes /metrics reports (engine thread: done when a request ends)."""
         if self.state_sizes is None:
             return
         try:
