@@ -139,7 +139,7 @@ class Engine:
         t0 = self.clock()
         cache = self.model.new_cache()
         out = self.model.prefill(cache, prompt)
-        first = verify(out.logits, Draft.empty(), params, gen).emitted
+        first = verify(out.logits, Draft.empty(), params, gen, position=len(prompt)).emitted
         ctx = DecodeContext(rid, namespace, prompt + first, len(prompt), _row(out, 0))
         req = Request(rid, namespace, params, ctx, cache, gen, RequestStats(prompt_tokens=len(prompt), forwards=1),
                       started=t0)
@@ -171,7 +171,7 @@ class Engine:
         t = self.clock()
         out = self.model.forward(req.cache, [ctx.tokens[-1]] + draft.tokens.tolist(),
                                  [-1] + (draft.parents + 1).tolist() if not draft.is_chain else None)
-        verdict = verify(out.logits, draft, req.params, req.generator)
+        verdict = verify(out.logits, draft, req.params, req.generator, position=len(ctx.tokens))
         # 3. commit the pending token and the accepted path; the rest is rolled back
         req.cache.commit([0] + [a + 1 for a in verdict.accepted])
         verify_s = self.clock() - t

@@ -9,7 +9,15 @@ reject it. The real ``Engine`` loop then runs over it with speculators and a
 controller, and a ``VirtualClock`` charges each forward the recorded cost
 c(n) of verifying n tokens, so speed projections are deterministic and take
 seconds instead of model time (ArcticInference replays responses through its
-suffix cache the same way; STYLE 8).
+suffix cache the same way).
+
+What is and is not projected: verify forwards cost c(n) from the curve; the
+prefill is charged c(1) (the same in every setup; decode speed excludes it);
+proposals cost what the cost file says (default 0: model-free speculators take
+microseconds); the Python time of speculators, controller and engine loop is
+left out unless ``real_time_scale`` is 1 (``--real-overhead``), which makes
+runs machine-dependent. Speculators that need the target's hidden states
+cannot run here (the replay has none).
 
 Trace file: JSON Lines, one object per line::
 
@@ -50,7 +58,8 @@ from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
 from .verify import SamplingParams
 
 __all__ = ["Trace", "load_traces", "save_traces", "VirtualClock", "ReplayCache", "ReplayTarget", "CostCurve",
-           "ChargedSpeculator", "Setup", "default_setups", "simulate", "SimResult", "format_table", "add_parser"]
+           "ChargedSpeculator", "SimEnv", "Setup", "compact_vocabulary", "default_setups", "simulate", "SimResult",
+           "format_table", "add_parser"]
 
 CPU_LLAMACPP_COSTS = {1: 0.013, 2: 0.024, 4: 0.033, 8: 0.057, 16: 0.089}
 """llama.cpp batch-eval seconds of the bundled SmolLM2-135M Q4_1 on a 2-core CPU (REFERENCES); the default curve."""
@@ -348,12 +357,20 @@ class ChargedSpeculator:
 
 
 @dataclass
+class SimEnv:
+    """What a setup is built against: the run's virtual clock (a controller that times itself should
+    use it) and the traces as replayed (token ids renumbered, see ``compact_vocabulary``)."""
+
+    clock: VirtualClock
+    traces: Sequence[Trace]
+
+
+@dataclass
 class Setup:
-    """One configuration to simulate. ``build(clock)`` returns fresh speculators and a controller;
-    the clock is the run's virtual clock (a controller that times itself should use it)."""
+    """One configuration to simulate: ``build(env)`` returns fresh speculators and a controller."""
 
     name: str
-    build: Callable[[VirtualClock], tuple[list[Speculator], Controller]]
+    build: Callable[[SimEnv], tuple[list[Speculator], Controller]]
 
 
 def _available_speculators() -> dict[str, Callable[[], Speculator]]:
@@ -374,24 +391,36 @@ def _available_speculators() -> dict[str, Callable[[], Speculator]]:
     return found
 
 
+def _oracle(env: SimEnv) -> Speculator:
+    from .spec.oracle import OracleSpeculator
+
+    oracle = OracleSpeculator()
+    for t in env.traces:
+        oracle.add(list(t.prompt_ids), list(t.output_ids))
+    return oracle
+
+
 def default_setups(lookahead: int = 8, names: Sequence[str] | None = None) -> list[Setup]:
     """plain; each available model-free speculator alone at ``lookahead``; all of them under the adaptive
-    controller. ``names`` selects among ``plain``, ``<speculator>``, ``adaptive``."""
+    controller. ``names`` selects among those (``plain``, ``<speculator>``, ``adaptive``) and ``oracle``,
+    the recorded continuation itself at ``lookahead`` (the ceiling of speculation on this cost curve)."""
     from .control.adaptive import AdaptiveController
 
     specs = _available_speculators()
-    setups = [Setup("plain", lambda clock: ([], FixedController(0)))]
+    setups = [Setup("plain", lambda env: ([], FixedController(0)))]
     for name, make in specs.items():
-        setups.append(Setup(f"{name}@{lookahead}", lambda clock, make=make: ([make()], FixedController(lookahead))))
+        setups.append(Setup(f"{name}@{lookahead}", lambda env, make=make: ([make()], FixedController(lookahead))))
     if specs:
-        setups.append(Setup("adaptive", lambda clock: ([m() for m in specs.values()], AdaptiveController(timer=clock))))
+        setups.append(Setup("adaptive", lambda env: ([m() for m in specs.values()],
+                                                     AdaptiveController(timer=env.clock))))
     if names is not None:
+        setups.append(Setup(f"oracle@{lookahead}", lambda env: ([_oracle(env)], FixedController(lookahead))))
         wanted = set(names)
         setups = [s for s in setups if s.name in wanted or s.name.split("@")[0] in wanted]
         missing = wanted - {s.name for s in setups} - {s.name.split("@")[0] for s in setups}
         if missing:
             raise ValueError(f"unknown setups {sorted(missing)}; available: plain, "
-                             f"{', '.join(specs)}{', adaptive' if specs else ''}")
+                             f"{''.join(n + ', ' for n in specs)}{'adaptive, ' if specs else ''}oracle")
     return setups
 
 
@@ -452,6 +481,22 @@ class SimResult:
         return d
 
 
+def compact_vocabulary(traces: Sequence[Trace]) -> list[Trace]:
+    """The traces with token ids renumbered 0..V-1 in order of first use.
+
+    Model-free speculators compare token ids for equality, so a one-to-one renumbering changes
+    no decision (except ties a speculator breaks by token id), and the replay's logits shrink from
+    the model's vocabulary to the tokens that occur (a [n, 49152] one-hot per forward would
+    dominate the simulation's time).
+    """
+    ids: dict[int, int] = {}
+
+    def remap(seq: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(ids.setdefault(t, len(ids)) for t in seq)
+
+    return [Trace(t.id, t.domain, remap(t.prompt_ids), remap(t.output_ids)) for t in traces]
+
+
 def simulate(traces: Sequence[Trace], costs: Mapping[int, float] | Callable[[int], float],
              setups: Sequence[Setup] | None = None, propose_costs: Mapping[str, float] | None = None,
              namespace_by_domain: bool = False, real_time_scale: float = 0.0,
@@ -465,12 +510,12 @@ def simulate(traces: Sequence[Trace], costs: Mapping[int, float] | Callable[[int
     curve = costs if callable(costs) else CostCurve(costs)
     c1 = curve(1)
     setups = list(setups) if setups is not None else default_setups()
-    usable = [t for t in traces if t.output_ids]
+    usable = compact_vocabulary([t for t in traces if t.output_ids])
     results = []
     for setup in setups:
         clock = VirtualClock(real_time_scale)
         target = ReplayTarget(usable, cost=curve, clock=clock)
-        specs, controller = setup.build(clock)
+        specs, controller = setup.build(SimEnv(clock, usable))
         pc = propose_costs or {}
         wrapped = [ChargedSpeculator(s, clock, pc[s.name]) if pc.get(s.name) else s for s in specs]
         engine = Engine(target, None, wrapped, controller, clock=clock)
@@ -548,9 +593,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="JSON {n: seconds} per forward of n tokens (default: llama.cpp on a 2-core CPU)")
     p.add_argument("--lookahead", type=int, default=8, help="lookahead of the fixed-speculator setups (default 8)")
     p.add_argument("--setups", default=None,
-                   help="comma-separated subset of: plain, <speculator name>, adaptive (default: all)")
+                   help="comma-separated subset of: plain, <speculator name>, adaptive, oracle "
+                        "(default: all but oracle)")
     p.add_argument("--limit", type=int, default=None, help="replay only the first N traces")
     p.add_argument("--namespace-by-domain", action="store_true", help="each domain is its own namespace")
+    p.add_argument("--real-overhead", action="store_true",
+                   help="also charge the real time of speculators, controller and engine loop (not deterministic)")
     p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     p.set_defaults(func=run)
     return p
@@ -568,7 +616,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.limit is not None:
         traces = traces[: args.limit]
-    results = simulate(traces, verify, setups, propose, namespace_by_domain=args.namespace_by_domain)
+    results = simulate(traces, verify, setups, propose, namespace_by_domain=args.namespace_by_domain,
+                       real_time_scale=1.0 if args.real_overhead else 0.0)
     print(format_table(results))
     if args.json:
         out = {"traces": args.traces, "costs": {str(k): v for k, v in verify.items()}, "propose_costs": propose,

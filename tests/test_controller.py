@@ -78,6 +78,7 @@ def greedy_verify(draft: Draft, truth: Truth, pos: int) -> StepOutcome:
 @dataclass
 class Run:
     chosen: list[Draft] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)  # position of the first token each step emits
     emitted: int = 0
     seconds: float = 0.0
     plain_seconds: float = 0.0  # the same tokens at c(1) each
@@ -101,6 +102,7 @@ def drive(ctrl: Controller, specs: list[Scripted], truth: Truth, cost, steps: in
         ctrl.observe(StepFeedback(ctx, proposals, spent, draft, outcome, verify_s))
         pos += len(outcome.emitted)
         run.chosen.append(draft)
+        run.positions.append(pos - len(outcome.emitted))
         run.emitted += len(outcome.emitted)
         run.seconds += cost(1 + len(draft)) + sum(spent.values())
         run.plain_seconds += len(outcome.emitted) * cost(1)
@@ -212,7 +214,8 @@ def test_calibration_state_roundtrip_and_shape_check():
     other = Calibrator(CalibrationConfig(max_refit_interval=1))
     other.load_state_dict(json.loads(json.dumps(cal.state_dict())))
     grid = np.linspace(0, 1, 11)
-    assert np.allclose(other.probability("s", grid, np.ones(11, dtype=int)), cal.probability("s", grid, np.ones(11, dtype=int)))
+    ones = np.ones(11, dtype=int)
+    assert np.allclose(other.probability("s", grid, ones), cal.probability("s", grid, ones))
     with pytest.raises(ValueError):
         other.load_state_dict({"s": {"hit": [[0.0]], "tried": [[0.0]], "conf": [[0.0]]}})
 
@@ -296,6 +299,15 @@ def test_merge_and_best_prefix_on_tree():
     assert normalise_siblings(Draft.chain([1], [0.7])).probs[0] == 0.7
 
 
+def test_best_prefix_worked_example_from_the_docstring():
+    costs = np.array([0.013, 0.013, 0.0193, 0.0256, 0.0319, 0.0382])  # c(n), n = 0..5
+    chain = Draft.chain([1, 2, 3, 4], [0.9] * 4)
+    order, k, e, rate = best_prefix(chain, costs, costs, 0.0)
+    assert k == 3 and e == pytest.approx(0.9 + 0.81 + 0.729) and rate == pytest.approx(107.8, abs=0.1)
+    flat = np.full(6, 0.010)
+    assert best_prefix(chain, flat, flat, 0.0)[1] == 4
+
+
 # -- the controller --------------------------------------------------------------------------------
 
 
@@ -344,6 +356,65 @@ def test_controller_keeps_speculating_when_verification_is_cheap():
     assert cpu.plain_seconds / cpu.seconds > 0.95
 
 
+@dataclass
+class Blocky(Scripted):
+    """Right with probability ``p`` inside blocks of 24 positions of one parity, always wrong in the others."""
+
+    parity: int = 0
+
+    def propose(self, pos: int, budget: int) -> Draft:
+        d = super().propose(pos, budget)
+        if (pos // 24) % 2 == self.parity:
+            return d
+        return Draft.chain([(t + 1) % VOCAB for t in d.tokens.tolist()], d.probs, self.name)
+
+
+def test_controller_asks_complementary_speculators_together():
+    truth = Truth(18)
+    a = Blocky("a", truth, 0.9, 0.6, seed=10, parity=0)
+    b = Blocky("b", truth, 0.9, 0.6, seed=11, parity=1)
+    ctrl = controller()
+    both = drive(ctrl, [a, b], truth, gpu_cost, 400, propose_s=0.001)
+    st = ctrl.stats()["speculators"]
+    assert st["a"]["queries"] > 330 and st["b"]["queries"] > 330  # each covers the other's blind spots
+    truth2 = Truth(18)
+    one = drive(controller(), [Blocky("a", truth2, 0.9, 0.6, seed=10, parity=0)], truth2, gpu_cost, 400,
+                propose_s=0.001)
+    tps = lambda r: r.emitted / r.seconds
+    assert tps(both) > 1.3 * tps(one)
+
+
+@dataclass
+class Drifting(Scripted):
+    """Right with probability ``p`` before position ``switch`` and ``p_after`` from there on."""
+
+    switch: int = 0
+    p_after: float = 0.0
+    p_before: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.p_before = self.p
+
+    def propose(self, pos: int, budget: int) -> Draft:
+        self.p = self.p_before if pos < self.switch else self.p_after
+        return super().propose(pos, budget)
+
+
+@pytest.mark.parametrize("before,after,switch", [(0.9, 0.0, 1200), (0.0, 0.9, 300)])
+def test_controller_follows_abrupt_drift(before, after, switch):
+    truth = Truth(20)
+    spec = Drifting("s", truth, before, 0.8, seed=3, switch=switch, p_after=after)
+    run = drive(controller(), [spec], truth, cpu_cost, 900, propose_s=0.0005)
+    at = next(i for i, p in enumerate(run.positions) if p >= switch)
+    lens = np.array([len(d) for d in run.chosen])
+    assert len(lens) - at > 400
+    if after == 0.0:  # stops within a few dozen steps, not a calibration half-life (256 steps)
+        assert lens[at + 40 :].mean() < 0.1 and lens[at - 100 : at].mean() > 2
+    else:  # resumes once probes see the change
+        assert lens[at + 200 :].mean() > 2.5 and lens[at - 100 : at].mean() < 0.1
+
+
 def test_controller_grows_lookahead_with_a_reliable_speculator():
     truth = Truth(13)
     spec = Scripted("s", truth, 0.98, 0.9, seed=5)
@@ -364,6 +435,8 @@ def test_controller_summary_predicted_vs_realised():
     assert s["realised_accepted"] > 0
     assert abs(s["predicted_accepted"] / s["realised_accepted"] - 1) < 0.15  # calibrated predictions
     assert ctrl.summary("unknown") == {}
+    stats = json.loads(json.dumps(ctrl.stats()))  # plain JSON for the server's stats endpoint
+    assert stats["speculators"]["s"]["queries"] == 400 and stats["costs"]["verify_chain"]
 
 
 def test_controller_state_save_load(tmp_path):
@@ -405,3 +478,27 @@ def test_fixed_controller_still_drives_the_loop():
     truth = Truth(17)
     run = drive(FixedController(4), [Scripted("s", truth, 1.0, 1.0)], truth, gpu_cost, 20)
     assert all(len(d) == 4 for d in run.chosen) and run.emitted == 100
+
+
+def test_adaptive_controller_in_the_engine_is_lossless():
+    """The real engine, a small random target, real timings: the adaptive controller changes speed only."""
+    from adaspec.engine import Engine
+    from adaspec.model.llama import LlamaConfig, LlamaModel
+    from adaspec.spec.ngram import PromptLookupSpeculator
+    from adaspec.spec.suffix import SuffixSpeculator
+    from adaspec.verify import SamplingParams
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                      num_kv_heads=2, max_context=512)
+    model = LlamaModel.random(cfg, seed=3)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    prompts = [[1, 2, 3, 4, 5, 1, 2, 3], [7, 8, 9, 7, 8, 9, 7, 8], [1, 2, 3, 4, 5, 1, 2, 3]]
+    plain = Engine(model, None, [], FixedController(0))
+    ctrl = AdaptiveController()
+    adaptive = Engine(model, None, [SuffixSpeculator(), PromptLookupSpeculator()], ctrl)
+    for i, p in enumerate(prompts):
+        g = adaptive.generate(p, params, request_id=f"r{i}")
+        assert g.tokens == plain.generate(p, params).tokens
+        s = ctrl.summary(f"r{i}")
+        assert s["steps"] == g.stats.forwards - 1 and sum(s["chosen"].values()) == s["steps"]
+    assert ctrl.costs.chain.count_sizes >= 1  # it measured the target

@@ -63,13 +63,33 @@ def test_plain_engine_counts_one_token_per_forward(model):
     assert g.stats.mean_accepted == 1.0 and g.stats.drafted == 0 and g.finish_reason == "length"
 
 
-def test_seeded_sampling_is_reproducible_and_seed_dependent(model, plain):
-    eng = Engine(model, speculators=[ScriptedSpeculator(plain, "all", CFG.vocab_size)], controller=FixedController(4))
+@pytest.mark.parametrize("mode", ["all", "none", ("mismatch", 2), "tree"], ids=str)
+def test_seeded_sampling_equals_plain_sampling_with_the_same_seed(model, plain, mode):
     params = dict(max_tokens=20, temperature=1.0, top_p=0.95)
-    a = eng.generate(PROMPTS[2], SamplingParams(seed=11, **params)).tokens
-    b = eng.generate(PROMPTS[2], SamplingParams(seed=11, **params)).tokens
-    c = eng.generate(PROMPTS[2], SamplingParams(seed=12, **params)).tokens
-    assert a == b and a != c
+    base = Engine(model)
+    eng = Engine(model, speculators=[ScriptedSpeculator(plain, mode, CFG.vocab_size)], controller=FixedController(4))
+    for p in PROMPTS[:3]:
+        a = base.generate(p, SamplingParams(seed=11, **params)).tokens
+        b = eng.generate(p, SamplingParams(seed=11, **params)).tokens
+        c = base.generate(p, SamplingParams(seed=12, **params)).tokens
+        assert a == b  # the seed fixes the output whatever the drafts were
+        assert a != c or p != PROMPTS[0]
+
+
+def test_seeded_speculative_sampling_follows_the_target_distribution():
+    """Gumbel-coupled verification samples each position from the target distribution."""
+    from adaspec.spec.base import Draft
+    from adaspec.verify import verify, target_probs
+
+    logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3]])
+    params = SamplingParams(temperature=1.0, seed=0)
+    p = target_probs(logits[:1], params)[0]
+    counts = torch.zeros(5, dtype=torch.float64)
+    n = 3000
+    for s in range(n):
+        v = verify(logits, Draft.chain([3]), SamplingParams(temperature=1.0, seed=s))
+        counts[v.emitted[0]] += 1
+    assert 0.5 * float((counts / n - p).abs().sum()) < 0.04
 
 
 class _CharTokenizer:

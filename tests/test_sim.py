@@ -7,13 +7,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import torch
 
 from adaspec.control.adaptive import AdaptiveController
 from adaspec.control.base import FixedController
 from adaspec.engine import Engine
-from adaspec.sim import (ChargedSpeculator, CostCurve, ReplayTarget, Setup, Trace, VirtualClock, default_setups,
-                         format_table, load_traces, main, save_traces, simulate)
+from adaspec.sim import (ChargedSpeculator, CostCurve, ReplayTarget, Setup, Trace, VirtualClock, compact_vocabulary,
+                         default_setups, format_table, load_traces, main, save_traces, simulate)
 from adaspec.spec.base import DecodeContext, Draft, SpeculatorBase
 from adaspec.spec.oracle import OracleSpeculator
 from adaspec.verify import SamplingParams
@@ -30,7 +29,8 @@ def make_traces(n: int = 6, length: int = 120, seed: int = 0) -> list[Trace]:
     for i in range(n):
         toks: list[int] = []
         while len(toks) < length:
-            toks += phrases[int(rng.integers(0, len(phrases)))] if rng.random() < 0.7 else rng.integers(0, 200, 3).tolist()
+            reuse = rng.random() < 0.7
+            toks += phrases[int(rng.integers(0, len(phrases)))] if reuse else rng.integers(0, 200, 3).tolist()
         out.append(Trace(f"t{i}", "code" if i % 2 else "chat", tuple(rng.integers(0, 200, 8).tolist()),
                          tuple(toks[:length])))
     return out
@@ -102,7 +102,7 @@ def test_replay_target_tree_nodes_off_the_trace_are_not_accepted():
     verdict = verify_greedy(out.logits, draft)
     assert verdict.accepted == [0, 1] and verdict.emitted == [11, 12, 13]
     with pytest.raises(ValueError, match="root-first path"):
-        cache.commit([0, 3])  # 7 is not a child of 11
+        cache.commit([0, 2])  # row 2 (12) hangs off row 1, not row 0
     cache.commit([0, 1, 2])
     assert cache.tokens == [1, 10, 11, 12] and cache.on_trace
     cache.truncate(2)
@@ -164,17 +164,17 @@ def test_engine_over_replay_reproduces_traces(setup):
 
 def test_simulate_projects_speedups_deterministically():
     traces = make_traces(6, 100)
-    refs = refs_of(traces)
-    setups = [Setup("plain", lambda c: ([], FixedController(0))),
-              Setup("oracle@8", lambda c: ([oracle_of(traces)], FixedController(8))),
-              Setup("noisy@8", lambda c: ([NoisyOracle(refs=refs, q=0.5)], FixedController(8))),
-              Setup("adaptive", lambda c: ([NoisyOracle(refs=refs, q=0.5)], AdaptiveController(timer=c)))]
+    setups = [Setup("plain", lambda env: ([], FixedController(0))),
+              Setup("oracle@8", lambda env: ([oracle_of(env.traces)], FixedController(8))),
+              Setup("noisy@8", lambda env: ([NoisyOracle(refs=refs_of(env.traces), q=0.5)], FixedController(8))),
+              Setup("adaptive", lambda env: ([NoisyOracle(refs=refs_of(env.traces), q=0.5)],
+                                             AdaptiveController(timer=env.clock)))]
     res = {r.setup: r for r in simulate(traces, CPU, setups)}
     again = {r.setup: r for r in simulate(traces, CPU, setups)}
     assert all(r.mismatches == 0 for r in res.values())
     assert res["plain"].speedup == pytest.approx(1.0) and res["plain"].mean_accepted == pytest.approx(1.0)
     assert res["oracle@8"].mean_accepted == pytest.approx(res["oracle@8"].output_tokens / res["oracle@8"].forwards)
-    assert res["oracle@8"].speedup > 2.0
+    assert res["oracle@8"].speedup > 1.8  # 9 tokens per forward at c(9) = 4.6 c(1)
     # half the draft tokens wrong on a CPU-like curve: a fixed lookahead of 8 loses to plain decoding,
     # the adaptive controller learns to keep drafts short and does not
     assert res["noisy@8"].speedup < 0.9
@@ -189,8 +189,8 @@ def test_simulate_projects_speedups_deterministically():
 
 def test_adaptive_uses_long_drafts_when_verification_is_flat():
     traces = make_traces(4, 150)
-    setups = [Setup("oracle@8", lambda c: ([oracle_of(traces)], FixedController(8))),
-              Setup("adaptive", lambda c: ([oracle_of(traces)], AdaptiveController(timer=c)))]
+    setups = [Setup("oracle@8", lambda env: ([oracle_of(env.traces)], FixedController(8))),
+              Setup("adaptive", lambda env: ([oracle_of(env.traces)], AdaptiveController(timer=env.clock)))]
     res = {r.setup: r for r in simulate(traces, FLAT, setups)}
     assert res["adaptive"].mean_accepted > res["oracle@8"].mean_accepted
     assert res["adaptive"].speedup > res["oracle@8"].speedup
@@ -209,6 +209,16 @@ def test_default_setups_with_the_bundled_speculators():
         default_setups(names=["nonesuch"])
 
 
+def test_compact_vocabulary_is_a_renumbering():
+    traces = [Trace("a", "d", (40000, 7), (7, 49151, 40000)), Trace("b", "d", (5,), (49151, 5))]
+    small = compact_vocabulary(traces)
+    assert small[0].prompt_ids == (0, 1) and small[0].output_ids == (1, 2, 0) and small[1].output_ids == (2, 3)
+    assert ReplayTarget(small).vocab_size == 5  # four tokens and the filler
+    res = simulate(traces, CPU, [s for s in default_setups(4, names=["oracle", "plain"])])
+    assert [r.setup for r in res] == ["plain", "oracle@4"] and all(r.mismatches == 0 for r in res)
+    assert res[1].mean_accepted > res[0].mean_accepted
+
+
 # -- files and command line ------------------------------------------------------------------------
 
 
@@ -217,7 +227,8 @@ def test_traces_roundtrip_and_errors(tmp_path):
     p = tmp_path / "t.jsonl"
     save_traces(p, traces)
     assert load_traces(p) == traces
-    p.write_text('{"id": "a", "prompt_ids": [1], "output_ids": [2]}\n{"id": "b", "prompt_ids": [1, -2], "output_ids": []}\n')
+    p.write_text('{"id": "a", "prompt_ids": [1], "output_ids": [2]}\n'
+                 '{"id": "b", "prompt_ids": [1, -2], "output_ids": []}\n')
     with pytest.raises(ValueError, match=r"t.jsonl:2: 'prompt_ids'"):
         load_traces(p)
     p.write_text("not json\n")

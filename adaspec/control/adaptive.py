@@ -9,25 +9,35 @@ with the highest expected tokens per second
 
     rate = (1 + E) / (S + c(1 + n)).
 
+Worked example: a chain whose nodes are each accepted with calibrated
+probability 0.9, on llama.cpp-like costs c(1..5) = 13, 19.3, 25.6, 31.9,
+38.2 ms and S = 0: keeping 0..4 nodes gives E = 0, 0.9, 1.71, 2.44, 3.10 and
+rates 76.9, 98.4, 105.9, 107.8, 107.2 tok/s, so 3 nodes are verified. With a
+flat GPU-like c(n) the same chain is verified in full.
+
 Candidates: "no speculation" (``Draft.empty()``: rate ``1 / (S + c(1))``), every
 best-first prefix of each calibrated proposal (for a chain, its prefixes; for a
 tree, the ``k`` nodes of highest path probability, which always form a subtree
 because a child's path probability never exceeds its parent's), and the same
-for the merged tree of all proposals (union of nodes sharing a path; a node
-proposed by several speculators keeps the highest calibrated probability).
+for the merged tree of the proposals that are worth verifying on their own
+(union of nodes sharing a path; a node proposed by several speculators keeps
+the highest calibrated probability).
 Probabilities of siblings are mutually exclusive events (one token follows a
 given prefix), so siblings whose calibrated probabilities sum above 1 are
 scaled down.
 
 Planning. Before proposals exist, ``plan`` estimates per speculator the
 expected gain of asking it (an average of ``E`` and ``n`` of its best candidate
-over recent steps, and its measured proposal cost at the planned budget) and
-asks the single speculator with the best projected rate, or none when plain
-decoding projects faster. Every other speculator accrues exploration credit of
+over recent steps) and its cost (its measured proposal time at the planned
+budget plus the controller's own time per proposal), and asks the single
+speculator with the best projected rate, or none when plain decoding projects
+faster. Another speculator joins when its *marginal* share -- the running
+fraction of the step's best rate that would be lost without it, e.g. a prompt
+lookup that wins only on copy-heavy steps -- times the projected step time
+covers its cost. Every speculator not asked accrues exploration credit of
 ``explore_fraction`` x c(1) per step and is probed when the credit covers its
-proposal cost: a speculator that costs nothing (a suffix tree) is always asked,
-one that costs half a forward is probed every ~50 steps, which bounds the
-overhead of exploring at ``explore_fraction`` of plain decoding time per
+cost: one that costs half a forward is probed every ~50 steps, which bounds
+the time spent exploring at ``explore_fraction`` of plain decoding time per
 speculator. The budget of a speculator grows by half when its whole proposal
 was worth verifying and the budget cut it, and otherwise relaxes toward the
 length worth verifying plus a margin.
@@ -61,6 +71,7 @@ from .costs import CostConfig, CostModel
 __all__ = ["AdaptiveConfig", "AdaptiveController", "best_prefix", "merge_drafts", "normalise_siblings"]
 
 STATE_VERSION = 1
+_EMPTY = Draft.empty()
 
 
 @dataclass
@@ -80,7 +91,7 @@ class AdaptiveConfig:
     explore_fraction: float = 0.01
     """Per skipped speculator, the share of plain-decoding time spent probing it."""
     merge: bool = True
-    """Consider the merged tree of all proposals as a candidate."""
+    """Consider the merged tree of the proposals (those worth verifying on their own) as a candidate."""
     trees: bool = True
     """Whether the target may verify trees; if not, tree proposals are cut to their most likely chain."""
     max_requests: int = 1024
@@ -218,6 +229,7 @@ class _SpecState:
     budget: float
     gain: float = 0.0  # running E of its best standalone candidate
     size: float = 0.0  # running node count of that candidate
+    marginal: float = 0.0  # running share of the step's best rate that would be lost without it
     queries: int = 0
     probes: int = 0  # queries made on exploration credit
     credit: float = 0.0  # seconds of exploration earned while skipped
@@ -228,7 +240,11 @@ class _Pending:
     """What plan/choose decided for the step in flight of one request."""
 
     budgets: dict[str, int] = field(default_factory=dict)
-    standalone: dict[str, tuple[float, int]] = field(default_factory=dict)  # name -> (E, nodes) of its best prefix
+    # name -> its best prefix alone: (E, nodes, rate)
+    standalone: dict[str, tuple[float, int, float]] = field(default_factory=dict)
+    empty_rate: float = 0.0  # rate of verifying no draft, at this step's sunk cost
+    best_rate: float = 0.0  # rate of the chosen candidate
+    choose_s: float = 0.0  # time choose() took
     probes: int = 0
 
 
@@ -276,7 +292,6 @@ class AdaptiveController:
         self._requests: OrderedDict[str, _RequestSummary] = OrderedDict()
         self._lock = threading.RLock()
         self._overhead = 0.0  # running seconds of controller work per proposal considered
-        self._choose_s = 0.0  # choose() time of the step in flight
         self.steps = 0
 
     # -- protocol ------------------------------------------------------------------------------
@@ -292,16 +307,18 @@ class AdaptiveController:
             # a proposal costs its own time plus the controller's time to calibrate, weigh and learn from it
             pcost = {name: self.costs.propose_cost(name, budgets[name]) + self._overhead for name, _ in states}
             # the single speculator with the best projected rate, if it beats plain decoding
-            best, best_rate = None, 1.0 / max(c1, 1e-12)
+            best, best_rate, step_s = None, 1.0 / max(c1, 1e-12), c1
             for name, st in states:
                 size = min(int(round(st.size)), len(chain) - 2)
-                rate = (1.0 + st.gain) / max(pcost[name] + chain[1 + size], 1e-12)
+                t = pcost[name] + chain[1 + size]
+                rate = (1.0 + st.gain) / max(t, 1e-12)
                 if rate > best_rate:
-                    best, best_rate = name, rate
+                    best, best_rate, step_s = name, rate, t
             pend = _Pending()
             out: dict[str, int] = {}
             for name, st in states:
-                ask = name == best or st.queries < cfg.warmup
+                # others join when the share of throughput they add, over the step, covers their cost
+                ask = name == best or st.queries < cfg.warmup or st.marginal * step_s > pcost[name]
                 if not ask:
                     st.credit += cfg.explore_fraction * c1
                     if st.credit >= pcost[name]:
@@ -315,6 +332,8 @@ class AdaptiveController:
                 else:
                     out[name] = 0
             self._pending[ctx.request_id] = pend
+            if len(self._pending) > 4 * cfg.max_requests:  # requests dropped between plan and observe
+                self._pending.pop(next(iter(self._pending)))
             self._summary(ctx.request_id).controller_s += self.timer() - t0
             return out
 
@@ -322,38 +341,44 @@ class AdaptiveController:
         t0 = self.timer()
         with self._lock:
             pend = self._pending.setdefault(ctx.request_id, _Pending())
-            sunk = sum(self.costs.propose_cost(n, pend.budgets.get(n, len(d))) for n, d in proposals.items())
+            sunk = sum(self.costs.propose_cost(n, pend.budgets.get(n, len(d))) + self._overhead
+                       for n, d in proposals.items())
             cal: dict[str, Draft] = {}
             for name, d in proposals.items():
                 if len(d):
                     c = self.calibrator.calibrate(name, d)
                     c = normalise_siblings(c) if self.config.trees else main_chain(c)
                     cal[name] = c
-            merged, owners = None, None
-            if self.config.merge and len(cal) > 1:
-                merged, owners = merge_drafts(list(cal.values()))
-                if not self.config.trees:
-                    merged, owners = main_chain(merged), None
-            upto = max([len(d) for d in cal.values()] + [len(merged) if merged is not None else 0]) + 1
+            upto = 2 * max([len(d) for d in cal.values()], default=0) + 1
             chain_c, tree_c = self.costs.verify_costs(upto)
-            _, _, _, best_rate = best_prefix(Draft.empty(), chain_c, tree_c, sunk)
-            best = Draft.empty()
+            _, _, _, best_rate = best_prefix(_EMPTY, chain_c, tree_c, sunk)
+            best = _EMPTY
+            pend.empty_rate = best_rate
             for name, d in cal.items():
                 order, k, e, rate = best_prefix(d, chain_c, tree_c, sunk)
-                pend.standalone[name] = (e, k)
+                pend.standalone[name] = (e, k, rate)
                 if rate > best_rate:
                     best, best_rate = _subset(d, order[:k]), rate
-            if merged is not None:
+            # merge the proposals that are worth verifying on their own (a node that does not pay for
+            # itself alone seldom pays as a sibling: each extra node costs about the same)
+            useful = {n: d for n, d in cal.items() if pend.standalone[n][1] > 0}
+            if self.config.merge and len(useful) > 1:
+                merged, owners = merge_drafts(list(useful.values()))
+                if not self.config.trees:
+                    merged, owners = main_chain(merged), None
+                if len(merged) + 1 >= len(chain_c):
+                    chain_c, tree_c = self.costs.verify_costs(len(merged) + 1)
                 order, k, e, rate = best_prefix(merged, chain_c, tree_c, sunk)
                 if rate > best_rate * (1 + 1e-9):
-                    names = list(cal)
+                    names = list(useful)
                     mask = 0
                     for i in order[:k]:
                         mask |= owners[i] if owners is not None else (1 << len(names)) - 1
                     source = "+".join(n for b, n in enumerate(names) if mask >> b & 1)
-                    best = _subset(merged, order[:k], source)
-            self._choose_s = self.timer() - t0
-            self._summary(ctx.request_id).controller_s += self._choose_s
+                    best, best_rate = _subset(merged, order[:k], source), rate
+            pend.best_rate = best_rate
+            pend.choose_s = self.timer() - t0
+            self._summary(ctx.request_id).controller_s += pend.choose_s
             return best
 
     def observe(self, feedback: StepFeedback) -> None:
@@ -372,16 +397,18 @@ class AdaptiveController:
                 if len(d):
                     self.calibrator.observe(name, d, outcome.emitted)
             if feedback.proposals:
-                per = (self._choose_s + self.timer() - t_cal) / len(feedback.proposals)
+                per = (pend.choose_s + self.timer() - t_cal) / len(feedback.proposals)
                 self._overhead += (0.05 if self._overhead else 1.0) * (per - self._overhead)
-            self._choose_s = 0.0
             for name, d in feedback.proposals.items():
                 st = self._state(name)
                 st.queries += 1
                 a = max(cfg.smoothing, 1.0 / st.queries)  # a running mean until the average has enough steps
-                e, k = pend.standalone.get(name, (0.0, 0))
+                e, k, _ = pend.standalone.get(name, (0.0, 0, 0.0))
                 st.gain += a * (e - st.gain)
                 st.size += a * (k - st.size)
+                if pend.best_rate > 0:  # share of this step's best rate lost without this speculator
+                    without = max([pend.empty_rate] + [r for n, (_, _, r) in pend.standalone.items() if n != name])
+                    st.marginal += a * (max(0.0, 1.0 - without / pend.best_rate) - st.marginal)
                 b = pend.budgets.get(name, self._budget(st))
                 if len(d) >= b and k >= len(d):  # the budget cut a draft that was worth verifying in full
                     st.budget = min(cfg.max_budget, 1.5 * st.budget + 1)
@@ -415,7 +442,8 @@ class AdaptiveController:
             return {
                 "steps": self.steps,
                 "speculators": {
-                    name: {"budget": st.budget, "gain": st.gain, "size": st.size, "queries": st.queries,
+                    name: {"budget": st.budget, "gain": st.gain, "size": st.size, "marginal": st.marginal,
+                           "queries": st.queries,
                            "probes": st.probes,
                            "calibration_error": self.calibrator.expected_calibration_error(name),
                            "reliability": self.calibrator.reliability(name)}
@@ -432,9 +460,9 @@ class AdaptiveController:
                     "budgets": {n: st.budget for n, st in self._specs.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"controller state has version {state.get('version') if isinstance(state, dict) else None},"
-                             f" expected {STATE_VERSION}")
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != STATE_VERSION:
+            raise ValueError(f"controller state has version {version}, expected {STATE_VERSION}")
         with self._lock:
             self.calibrator.load_state_dict(state.get("calibration", {}))
             for name, b in state.get("budgets", {}).items():

@@ -19,9 +19,12 @@ buckets, the fitted map of the bucket above (deep cells see little data, so
 they borrow from shallower ones). Within a depth bucket the estimates are then
 made non-decreasing in raw confidence by isotonic regression weighted by the
 data ``t`` (the pool-adjacent-violators solution; cells without data conform
-to the cells with data instead of pulling them), since a more confident guess should never be calibrated
-lower than a less confident one. Decay by ``0.5 ** (1 / half_life)`` per
-observed step makes recent outcomes weigh more, so the map follows drift.
+to the cells with data instead of pulling them), since a more confident guess
+should never be calibrated lower than a less confident one. Decay by ``0.5 ** (1 / half_life)`` per
+observed step makes recent outcomes weigh more, so the map follows drift; an
+abrupt change (a cell's recent outcomes, counted with a short half-life,
+contradicting its long-run rate by several standard errors) drops the cell's
+long history at once.
 
 Labels. After a step the emitted tokens ``e[0..m-1]`` are what the target
 produced (the accepted draft tokens, then the bonus/recovered token). For *any*
@@ -64,6 +67,12 @@ class CalibrationConfig:
     """Calibrated probabilities are clipped to [floor, 1 - floor]: never certain either way."""
     max_refit_interval: int = 16
     """Most observed steps between refits of the map (refitting costs ~0.1 ms; one step barely moves it)."""
+    fast_half_life: float = 16.0
+    """Half-life of the recent-outcome counts that detect an abrupt change."""
+    change_z: float = 3.0
+    """Standard errors by which recent outcomes must differ from the long run to declare a change."""
+    change_min_count: float = 6.0
+    """Recent (decayed) outcomes a cell needs before a change can be declared in it."""
 
 
 def label_nodes(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,8 +166,11 @@ class _Table:
     hit: np.ndarray
     tried: np.ndarray
     conf: np.ndarray  # decayed sum of raw confidences, for the prior mean and the reliability summary
+    fast_hit: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the same counts, decayed fast
+    fast_tried: np.ndarray = field(default_factory=lambda: np.zeros(0))
     calibrated: np.ndarray | None = None  # cached estimates, None when never fitted
     steps: int = 0
+    changes: int = 0  # cells whose history was dropped after a detected change
     fitted_at: int = -1  # ``steps`` when ``calibrated`` was computed
     # prequential reliability: the calibrated prediction made *before* each outcome was learned, by predicted bin
     pred_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -181,6 +193,7 @@ class Calibrator:
         edges = np.asarray(c.conf_edges)
         self._centers = (edges[:-1] + edges[1:]) / 2
         self._decay = 0.5 ** (1.0 / c.half_life)
+        self._fast_decay = 0.5 ** (1.0 / c.fast_half_life)
         self._tables: dict[str, _Table] = {}
 
     @property
@@ -191,7 +204,7 @@ class Calibrator:
         t = self._tables.get(name)
         if t is None:
             d, b = self.shape
-            t = _Table(np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)),
+            t = _Table(np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)),
                        pred_sum=np.zeros(b), pred_hit=np.zeros(b), pred_n=np.zeros(b))
             self._tables[name] = t
         return t
@@ -209,8 +222,10 @@ class Calibrator:
         prior = np.clip(raw_mean, eps, 1 - eps)
         for d in range(out.shape[0]):  # each depth's prior is the fit of the depth above
             post = (t.hit[d] + k * prior) / (t.tried[d] + k)
-            # cells with data dominate the monotone fit; cells without only conform to them
-            prior = out[d] = np.clip(isotonic_rows(post[None], t.tried[d][None] + 1e-3)[0], eps, 1 - eps)
+            if np.any(post[1:] < post[:-1]):
+                # cells with data dominate the monotone fit; cells without only conform to them
+                post = isotonic_rows(post[None], t.tried[d][None] + 1e-3)[0]
+            prior = out[d] = np.clip(post, eps, 1 - eps)
         return out
 
     def _fitted(self, t: _Table) -> np.ndarray:
@@ -251,14 +266,47 @@ class Calibrator:
         t.pred_n += np.bincount(pb, None, nb)
         for arr in (t.hit, t.tried, t.conf):
             arr *= self._decay
+        t.fast_hit *= self._fast_decay
+        t.fast_tried *= self._fast_decay
         di, bi = self._cells(conf, depth)
         flat = di * t.hit.shape[1] + bi
         size = t.hit.size
-        t.hit += np.bincount(flat, hit.astype(np.float64), size).reshape(t.hit.shape)
-        t.tried += np.bincount(flat, None, size).reshape(t.hit.shape)
+        hits = np.bincount(flat, hit.astype(np.float64), size).reshape(t.hit.shape)
+        tried = np.bincount(flat, None, size).reshape(t.hit.shape)
+        t.hit += hits
+        t.tried += tried
+        t.fast_hit += hits
+        t.fast_tried += tried
         t.conf += np.bincount(flat, _clean(conf), size).reshape(t.hit.shape)
         t.steps += 1
+        self._detect_change(t, di, bi)
         return len(idx)
+
+    def _detect_change(self, t: _Table, di: np.ndarray, bi: np.ndarray) -> None:
+        """Drop a cell's long history when its recent outcomes contradict it.
+
+        With ``n`` recent (fast-decayed) outcomes at rate ``f`` and the long-run rate ``s``, a
+        change is declared when ``|f - s| > z * sqrt(s (1 - s) / n)``; the cell's long-run counts
+        are then replaced by the recent ones (and the map refitted at once), so an abrupt drift is
+        followed within ~10 steps instead of ~a half-life.
+        """
+        c = self.config
+        n = t.fast_tried[di, bi]
+        ok = n >= c.change_min_count
+        if not ok.any():
+            return
+        di, bi, n = di[ok], bi[ok], n[ok]
+        f = t.fast_hit[di, bi] / n
+        slow = (t.hit[di, bi] + 0.5) / (t.tried[di, bi] + 1.0)
+        changed = np.abs(f - slow) > c.change_z * np.sqrt(slow * (1 - slow) / n)
+        if changed.any():
+            di, bi = di[changed], bi[changed]
+            scale = t.fast_tried[di, bi] / np.maximum(t.tried[di, bi], 1e-12)
+            t.conf[di, bi] *= scale
+            t.hit[di, bi] = t.fast_hit[di, bi]
+            t.tried[di, bi] = t.fast_tried[di, bi]
+            t.changes += int(changed.sum())
+            t.calibrated = None  # refit now
 
     def names(self) -> list[str]:
         return sorted(self._tables)
@@ -311,5 +359,6 @@ class Calibrator:
                 raise ValueError(f"calibration state for {name!r} has shape {arrs[0].shape}, expected {shape}")
             t = self._table(name)
             t.hit, t.tried, t.conf = arrs
+            t.fast_hit, t.fast_tried = np.zeros(shape), np.zeros(shape)
             t.steps = int(s.get("steps", 0))
             t.calibrated, t.fitted_at = None, -1

@@ -35,7 +35,7 @@ import numpy as np
 
 from .calibration import pool_adjacent_violators
 
-__all__ = ["CostConfig", "Curve", "CostModel", "load_cost_curve"]
+__all__ = ["CostConfig", "Curve", "CostModel", "load_cost_curve", "parse_cost_curve"]
 
 
 @dataclass

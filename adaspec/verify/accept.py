@@ -31,6 +31,16 @@ Sampling, chain drafts with a draft distribution ``q`` (``draft.dist``): the
 classic rule — accept x with min(1, p(x)/q(x)), else sample from
 normalise(max(0, p - q)).
 
+Seeded sampling (``params.seed`` set) uses the Gumbel-max coupling instead:
+the token at output position t is argmax(log p(x) + G_t(x)), with Gumbel noise
+G_t drawn from a generator seeded by (seed, t). That is an exact sample from
+the target distribution, and it is a function of the seed, the position and
+the prefix only; drafts merely guess it, and a node is accepted iff it equals
+the row's sample (so a draft token x is accepted with probability p(x), as with
+one-hot speculative sampling). Hence the same seed gives the same output with
+any speculator, any learned state, or none: seeded runs are reproducible and
+equal to plain sampling with that seed.
+
 The zero-sum guard: a residual can only sum to zero through float rounding
 (the last rejection removed all mass, which has probability zero); we then
 sample from the unmodified target distribution instead of dividing by zero.
@@ -58,13 +68,16 @@ class Verdict:
 
 
 def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams,
-           generator: torch.Generator | None = None) -> Verdict:
-    """Dispatch on the sampling mode. ``logits``: [1 + len(draft), vocab]."""
+           generator: torch.Generator | None = None, position: int = 0) -> Verdict:
+    """Dispatch on the sampling mode. ``logits``: [1 + len(draft), vocab]; ``position``: the sequence position of
+    the token row 0 predicts (used by seeded sampling)."""
     if logits.shape[0] != len(draft) + 1:
         raise ValueError(f"expected {len(draft) + 1} logit rows, got {logits.shape[0]}")
     if params.greedy:
         return verify_greedy(logits, draft)
     probs = target_probs(logits.cpu(), params)  # [1 + n, vocab]; sampled on the CPU with the request's generator
+    if params.seed is not None:
+        return verify_seeded(probs, draft, params.seed, position)
     if draft.dist is not None and draft.is_chain and len(draft):
         return verify_chain_with_dist(probs, draft, draft.dist.cpu(), generator)
     return verify_tree_sampled(probs, draft, generator)
@@ -72,7 +85,31 @@ def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams,
 
 def verify_greedy(logits: torch.Tensor, draft: Draft) -> Verdict:
     """Accept while the draft token is the target's argmax; the last argmax is the bonus token."""
-    best = logits.argmax(dim=-1).tolist()  # [1 + n]
+    return _follow(logits.argmax(dim=-1).tolist(), draft)
+
+
+def verify_seeded(probs: torch.Tensor, draft: Draft, seed: int, position: int) -> Verdict:
+    """Gumbel-max coupled sampling (module docstring). ``probs``: [1 + n, vocab] target distribution."""
+    depth = [0] + draft.depths.tolist()  # row 0 predicts ``position``; node i predicts position + depth(i)
+    logp = probs.log()  # tokens outside top-k / top-p have -inf
+    noise: dict[int, torch.Tensor] = {}
+    samples = []
+    for row, d in enumerate(depth):
+        if d not in noise:
+            noise[d] = gumbel_noise(seed, position + d, probs.shape[-1])
+        samples.append(int((logp[row] + noise[d]).argmax()))
+    return _follow(samples, draft)
+
+
+def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """[vocab] float64 Gumbel(0, 1) noise that depends on (seed, position) only."""
+    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + position * 0x85EBCA77 + 0x165667B1) % (1 << 63))
+    u = torch.rand(vocab, generator=g, dtype=torch.float64).clamp_(1e-300, 1.0)
+    return -torch.log(-torch.log(u))
+
+
+def _follow(best: list[int], draft: Draft) -> Verdict:
+    """Walk the draft tree along the target's chosen token of every row ([1 + n]); the last choice is the bonus."""
     kids = draft.children()
     tokens = draft.tokens.tolist()
     accepted: list[int] = []

@@ -24,7 +24,8 @@ class SamplingParams:
     top_k: int = 0
     """Keep only the k most likely tokens; 0 keeps all."""
     seed: int | None = None
-    """Seed of the request's own random generator; the same seed gives the same output."""
+    """Seeded sampling: the same seed gives the same output, with or without speculation (Gumbel-max coupling,
+    verify/accept.py). None: an unseeded generator and classic speculative sampling."""
     stop: tuple[str, ...] = field(default_factory=tuple)
     """Strings that end generation; the returned text stops before the first one."""
     ignore_eos: bool = False
