@@ -19,6 +19,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int4", "bf16", "fp16"],
+                   help="auto = fp32, exact and lossless (default). int4 / bf16 / fp16 are faster but LOSSY under "
+                        "speculation: their kernels round differently for one row than for several")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -44,7 +47,7 @@ def _load(args: argparse.Namespace):
     from .model.loader import ModelLoadError, load_target
 
     try:
-        return load_target(args.model, device=args.device)
+        return load_target(args.model, device=args.device, precision=args.precision)
     except ModelLoadError as e:
         raise CliError(str(e)) from None
 

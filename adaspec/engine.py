@@ -122,6 +122,7 @@ class Engine:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def start(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
               namespace: str = "default") -> Request:
         """Prefill the prompt and emit the first token."""
@@ -149,6 +150,7 @@ class Engine:
             s.begin(ctx)
         return req
 
+    @torch.inference_mode()
     def step(self, req: Request) -> list[int]:
         """One speculative step; returns the tokens it added to ``req.output``."""
         if req.finished:

@@ -23,6 +23,7 @@ path probabilities ``[0.9, 0.45, 0.05]``, score ``1.4``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -65,11 +66,11 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
+    @cached_property
     def is_chain(self) -> bool:
         return bool(np.array_equal(self.parents, np.arange(-1, len(self) - 1)))
 
-    @property
+    @cached_property
     def depths(self) -> np.ndarray:
         """Depth of every node: 1 for children of the pending token."""
         d = np.zeros(len(self), dtype=np.int64)
@@ -77,7 +78,7 @@ class Draft:
             d[i] = 1 if p < 0 else d[p] + 1
         return d
 
-    @property
+    @cached_property
     def path_probs(self) -> np.ndarray:
         """Probability that every node on the path to node i is accepted."""
         out = np.zeros(len(self))
