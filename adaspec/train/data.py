@@ -51,7 +51,7 @@ class ChatEncoder:
         self.tok = tokenizer
 
     def encode(self, messages: Sequence[dict]) -> list[int]:
-        text = self.tok.apply_chat_template(list(messages), tokenize=False)
+        text = self.tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=False)
         ids = self.tok.encode(text, add_special_tokens=False)
         return list(ids)
 

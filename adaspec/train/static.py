@@ -35,7 +35,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,7 +58,7 @@ class TrainConfig:
     """Head MLP width."""
     num_blocks: int = 1
     """Head MLP blocks."""
-    unroll: int = 3
+    unroll: int = 2
     """Autoregressive steps per training position (K)."""
     unroll_decay: float = 0.7
     """Loss weight of depth j is decay^(j-1)."""
@@ -70,11 +70,11 @@ class TrainConfig:
     """Peak AdamW learning rate (linear warm-up, cosine decay to 10%)."""
     warmup: int = 30
     """Warm-up steps."""
-    epochs: int = 3
-    """Passes over the training positions."""
+    epochs: int = 4
+    """Passes over the training positions (held-out acceptance still rose at 4 on the shipped slice)."""
     eval_depth: int = 5
     """Deepest held-out acceptance depth."""
-    eval_positions: int = 4000
+    eval_positions: int = 2000
     """Held-out positions evaluated per epoch (the first ones, deterministic)."""
     checkpoint_every: int = 100
     """Steps between training-state checkpoints."""
@@ -260,30 +260,36 @@ def train(embed: torch.Tensor, train_data: TeacherData, heldout: TeacherData, cf
 # ---------------------------------------------------------------------------------------------
 
 def _special_ids(tokenizer: Any) -> list[int]:
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    ids |= set(getattr(tokenizer, "eos_token_ids", []) or [])
-    return sorted(int(i) for i in ids)
+    ids: set[int] = set()
+    for attr in ("all_special_ids", "eos_token_ids", "eos_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if isinstance(v, int):
+            ids.add(v)
+        elif v:
+            ids |= {int(i) for i in v}
+    return sorted(ids)
 
 
-def _load_target(spec: str | None) -> tuple[Any, Any]:
-    try:
-        from ..model.loader import load_target
-    except ImportError as e:
-        raise SystemExit(f"no target loader available ({e})") from None
-    return load_target(spec)
+def _load_target(spec: str | None, precision: str) -> tuple[Any, Any]:
+    from ..model.loader import load_target
+
+    return load_target(spec, precision=precision)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m adaspec.train.static",
                                 description="Distil a static draft head from the target on ShareGPT.")
     p.add_argument("--target", default=None, help="target model (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--out", default=str(CHECKPOINT_DIR), help="directory of the trained checkpoint")
+    p.add_argument("--out", default=None,
+                   help=f"directory of the trained checkpoint (default {CHECKPOINT_DIR}; with --quick a cache folder)")
     p.add_argument("--name", default=SHIPPED_NAME, help="checkpoint file stem")
     p.add_argument("--cache-dir", default=None, help="teacher feature cache (default ~/.cache/adaspec/teacher)")
     p.add_argument("--train-tokens", type=int, default=72000, help="training tokens of ShareGPT")
     p.add_argument("--heldout-tokens", type=int, default=8000, help="held-out tokens")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--draft-vocab", type=int, default=None)
+    p.add_argument("--precision", default="fp32",
+                   help="target precision for the teacher features (fp32: exact dequantisation of the weights)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared: 1)")
     p.add_argument("--quick", action="store_true", help="a tiny run (seconds) to check the pipeline")
     p.add_argument("--no-progress", action="store_true")
@@ -304,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.draft_vocab is not None:
         cfg.draft_vocab = args.draft_vocab
     t0 = time.perf_counter()
-    model, tokenizer = _load_target(args.target)
+    model, tokenizer = _load_target(args.target, args.precision)
     from ..bench.workloads import cache_dir
 
     root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher"
+    out = Path(args.out) if args.out else (cache_dir() / "quick-head" if args.quick else CHECKPOINT_DIR)
     directory, manifest = build_cache(model, tokenizer, data_cfg, root, train_tokens, heldout_tokens,
                                       progress=not args.no_progress)
     teacher_s = time.perf_counter() - t0
@@ -330,8 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "heldout_full_vocab": full,
         "command": "python -m adaspec.train.static" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
     }
-    save_checkpoint(args.out, args.name, head, meta)
-    print(json.dumps({"checkpoint": str(Path(args.out) / args.name), "heldout": meta["heldout"],
+    save_checkpoint(out, args.name, head, meta)
+    print(json.dumps({"checkpoint": str(out / args.name), "heldout": meta["heldout"],
                       "heldout_full_vocab": full, "seconds": round(time.perf_counter() - t0, 1)}, indent=1))
     return 0
 

@@ -54,7 +54,7 @@ class TeacherData:
 
 def cache_key(model: Any, data_cfg: DataConfig) -> str:
     fp = target_fingerprint(model)
-    coarse = dict(fp, probe=[round(v, 2) for v in fp["probe"]])
+    coarse = dict(fp, probe=[round(v, 2) for v in fp["probe"]], precision=getattr(model, "precision", "fp32"))
     return hashlib.sha256(json.dumps([coarse, asdict(data_cfg)], sort_keys=True).encode()).hexdigest()[:12]
 
 
