@@ -30,16 +30,23 @@ from .base import DecodeContext, Draft, StepOutcome
 _GATHER_MAX = 256  # candidates above this are narrowed token by token before one vectorised gather
 
 
+PAD = 64  # buffers keep at least this many -1 entries past their end (see ContextBuffer)
+
+
 class ContextBuffer:
     """A request's tokens as a growable int32 array, synchronised with ``DecodeContext.tokens``.
 
     Syncing appends only the new tail, so the per-step cost is O(new tokens).
+    Every entry past ``n`` is -1 and at least :data:`PAD` of them exist, so a
+    read up to ``PAD`` past the end, or up to ``PAD`` before the start (numpy
+    wraps negative indices to the end), yields -1 ("no token") without bounds
+    checks.
     """
 
     __slots__ = ("buf", "n")
 
     def __init__(self, capacity: int = 256):
-        self.buf = np.empty(max(16, capacity), dtype=np.int32)
+        self.buf = np.full(max(16, capacity) + PAD, -1, dtype=np.int32)
         self.n = 0
 
     @property
@@ -47,9 +54,12 @@ class ContextBuffer:
         return self.buf[: self.n]
 
     def sync(self, tokens: list[int]) -> None:
-        """Make the buffer equal ``tokens`` (appends if it only grew, else rebuilds)."""
+        """Make the buffer equal ``tokens``: appends the new tail when the known part is unchanged (checked at
+        its first, middle and last token), else rebuilds."""
         n = self.n
-        if len(tokens) < n or (n and tokens[n - 1] != self.buf[n - 1]):
+        if len(tokens) < n or (n and (tokens[n - 1] != self.buf[n - 1] or tokens[0] != self.buf[0]
+                                      or tokens[n // 2] != self.buf[n // 2])):
+            self.buf[:n] = -1
             n = self.n = 0
         if len(tokens) > n:
             self.extend(tokens[n:])
@@ -61,39 +71,48 @@ class ContextBuffer:
         if len(new) and (new.min() < 0 or new.max() >= 2**31):
             raise ValueError(f"token ids must lie in [0, 2**31); got {int(new.min())}..{int(new.max())}")
         need = self.n + len(new)
-        if need > len(self.buf):
-            grown = np.empty(max(need, 2 * len(self.buf)), dtype=np.int32)
+        if need + PAD > len(self.buf):
+            grown = np.full(max(need + PAD, 2 * len(self.buf)), -1, dtype=np.int32)
             grown[: self.n] = self.buf[: self.n]
             self.buf = grown
         self.buf[self.n : need] = new
         self.n = need
 
 
-def match_lengths(buf: np.ndarray, ends: np.ndarray, suffix: np.ndarray, max_len: int) -> np.ndarray:
+def match_lengths(buf: np.ndarray, ends: np.ndarray, suffix: np.ndarray, max_len: int,
+                  padded: bool = False) -> np.ndarray:
     """For every candidate end position ``e``, how many tokens ``buf[.. e]`` shares with the end of ``suffix``.
 
     ``m[i]`` is the largest ``l <= min(max_len, len(suffix))`` with
     ``buf[ends[i] - j] == suffix[-1 - j]`` for all ``j < l``. Negative entries
-    of ``buf`` (separators) never match, and the comparison never reads
-    before ``buf[0]``.
+    of ``buf`` (separators) never match. ``padded``: ``buf`` ends with at
+    least ``max_len`` entries of -1 (as :class:`ContextBuffer` and the suffix
+    index guarantee), so reads before ``buf[0]`` wrap onto them and need no
+    bounds check; otherwise the comparison never reads before ``buf[0]``.
     """
     ends = np.asarray(ends, dtype=np.int64)
     depth = min(max_len, len(suffix))
+    rev = np.asarray(suffix)[::-1][:depth]  # rev[j] = suffix[-1 - j]
     m = np.zeros(len(ends), dtype=np.int64)
     alive = np.arange(len(ends))
     j = 0
     # Narrow a large candidate set token by token; most candidates drop out within a few tokens.
     while j < depth and len(alive) > _GATHER_MAX:
         p = ends[alive] - j
-        ok = p >= 0
-        ok[ok] = buf[p[ok]] == suffix[-1 - j]
+        if padded:
+            ok = buf[p] == rev[j]
+        else:
+            ok = p >= 0
+            ok[ok] = buf[p[ok]] == rev[j]
         alive = alive[ok]
         m[alive] += 1
         j += 1
     if j < depth and len(alive):
-        offs = np.arange(j, depth)
-        idx = ends[alive, None] - offs[None, :]  # [alive, depth - j]
-        eq = (idx >= 0) & (buf[np.maximum(idx, 0)] == suffix[len(suffix) - 1 - offs][None, :])
+        idx = ends[alive, None] - np.arange(j, depth)  # [alive, depth - j]
+        if padded:
+            eq = buf[idx] == rev[j:]
+        else:
+            eq = (idx >= 0) & (buf[np.maximum(idx, 0)] == rev[j:])
         m[alive] += np.cumprod(eq, axis=1).sum(axis=1)
     return m
 
@@ -104,7 +123,7 @@ class PromptLookupConfig:
     """Longest context n-gram looked up; longer matches are preferred."""
     min_ngram: int = 1
     """Shortest n-gram looked up before giving up."""
-    prior: tuple[float, ...] = (0.3, 0.45, 0.55)
+    prior: tuple[float, ...] = (0.28, 0.5, 0.72)
     """Prior conditional acceptance per token for match length 1, 2, 3, ... (the last entry covers longer
     matches). Measured by replaying ShareGPT first-turn answers (SmolLM2 tokenizer) through this speculator."""
     prior_strength: float = 20.0
@@ -170,7 +189,7 @@ class PromptLookupSpeculator:
         if not len(ends):
             return None
         # The most recent candidates suffice: we only need the latest one of each match length.
-        m = match_lengths(tokens, ends, tokens[max(0, L - c.max_ngram):], c.max_ngram)
+        m = match_lengths(tokens, ends, tokens[max(0, L - c.max_ngram):], c.max_ngram)  # (a view: no padding)
         for n in range(min(c.max_ngram, int(m.max())), c.min_ngram - 1, -1):
             hits = np.flatnonzero(m >= n)
             if len(hits):

