@@ -36,7 +36,7 @@ PROMPTS = [
     "Explain recursion to a five year old.",
     "What is the boiling point of water in Fahrenheit?",
 ]
-MAX_TOKENS = 24
+MAX_TOKENS = 20
 MODES = ["all", "none", ("mismatch", 1), ("mismatch", 2), ("mismatch", 3), "tree"]
 
 
