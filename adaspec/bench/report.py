@@ -38,13 +38,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from ..spec.store import write_atomic
 
 
 @dataclass
@@ -399,17 +400,7 @@ def _clean(x: Any) -> Any:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, text.encode("utf-8"))
 
 
 def save_run(path: str | os.PathLike, records: Sequence[RequestRecord], meta: Mapping[str, Any] | None = None,

@@ -67,7 +67,6 @@ import os
 import random
 import re
 import string
-import tempfile
 import textwrap
 import time
 from collections import Counter
@@ -75,6 +74,8 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
+
+from ..spec.store import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -401,17 +402,7 @@ def cache_dir() -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, text.encode("utf-8"))
 
 
 def load_sharegpt(path: str | os.PathLike | None = None, use_cache: bool = True) -> tuple[list[Conversation], LoadInfo]:
