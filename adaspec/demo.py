@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens)
     table = Table(title=f"adaspec demo on {tok.name} ({model.device}), greedy, max {args.max_tokens} tokens")
     for col in ("#", "prompt", "tokens", "plain tok/s", "adaspec tok/s", "speedup", "tokens/forward", "identical"):
-        table.add_column(col, justify="left" if col == "prompt" else "right")
+        table.add_column(col, justify="left" if col == "prompt" else "right", no_wrap=True,
+                         overflow="ellipsis", max_width=34 if col == "prompt" else None)
     speedups = []
     for i, text in enumerate(PROMPTS, 1):
         ids = tok.apply_chat_template([{"role": "user", "content": text}])
@@ -47,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(b.text.strip())
         speedup = b.stats.tok_s / a.stats.tok_s if a.stats.tok_s else 0.0
         speedups.append(speedup)
-        table.add_row(str(i), text[:48], str(b.stats.output_tokens), f"{a.stats.tok_s:.1f}", f"{b.stats.tok_s:.1f}",
+        table.add_row(str(i), text, str(b.stats.output_tokens), f"{a.stats.tok_s:.1f}", f"{b.stats.tok_s:.1f}",
                       f"{speedup:.2f}x", f"{b.stats.mean_accepted:.2f}", "yes" if a.tokens == b.tokens else "NO")
     console.print(table)
     console.print(f"median speedup {statistics.median(speedups):.2f}x over plain decoding of the same model")
