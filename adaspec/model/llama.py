@@ -1,9 +1,15 @@
 """A Llama-architecture target written for speculative decoding.
 
 It works on token ids only, keeps its KV cache in one preallocated tensor per
-sequence, and runs a chain or a token tree of new tokens in one forward with a
-tree attention mask. Weights come in the Hugging Face layout (``q_proj`` etc.)
-and are rearranged once at load:
+sequence, and runs a chain or a token tree of new tokens in one forward. That
+forward is row independent bit for bit: row i of a k-token (chain or tree)
+forward equals the one-token forward of that token after its path, because the
+projections are row independent and each row attends to its own keys, in
+decoding order, in its own attention call. Greedy speculation over this target
+therefore reproduces plain greedy decoding exactly, with no near-tie caveat.
+
+Weights come in the Hugging Face layout (``q_proj`` etc.) and are rearranged
+once at load:
 
 * the projections are fused (``qkv``, ``gate_up``), so a layer costs four
   matrix products, each a ``Linear`` from ``model/quant.py`` (fp32, int4 or
@@ -106,6 +112,7 @@ class LlamaCache:
     def length(self) -> int:
         return self._length
 
+    @torch.inference_mode()
     def reserve(self, n: int) -> None:
         """Make room for ``n`` positions after the committed ones (grows by doubling)."""
         need = self._length + n
@@ -121,6 +128,7 @@ class LlamaCache:
             setattr(self, name, new)
         self.capacity = cap
 
+    @torch.inference_mode()  # the tensors may have been (re)allocated inside a forward, i.e. in inference mode
     def commit(self, keep: Sequence[int]) -> None:
         keep = [int(i) for i in keep]
         m, start = len(keep), self._length
@@ -162,6 +170,27 @@ def _call(lin: Linear, x: torch.Tensor) -> torch.Tensor:
 
 def _bulk_call(lin: Linear, x: torch.Tensor) -> torch.Tensor:
     return getattr(lin, "bulk", lin)(x)
+
+
+def _key_rows(anc: torch.Tensor | None, n: int, start: int, device: torch.device) -> list[slice | torch.Tensor]:
+    """Cache slots each new token attends to, in the order a one-token-at-a-time decode holds them.
+
+    The committed prefix, then the token's ancestors and itself root first (tree
+    nodes come after their parents, so ascending indices are root-first). A
+    chain, or a tree path that is the first nodes, is a contiguous slice (a view);
+    other tree paths are gathered.
+    """
+    if anc is None:
+        return [slice(0, start + i + 1) for i in range(n)]
+    out: list[slice | torch.Tensor] = []
+    prefix = torch.arange(start)
+    for i in range(n):
+        path = anc[i].nonzero().flatten()  # ancestors-or-self, root first
+        if int(path[-1]) == len(path) - 1:  # exactly nodes 0..i-th: contiguous
+            out.append(slice(0, start + len(path)))
+        else:
+            out.append(torch.cat([prefix, path + start]).to(device))
+    return out
 
 
 def _pair_rows(num_heads: int, head_dim: int) -> torch.Tensor:
@@ -309,7 +338,17 @@ class LlamaModel:
 
     def _run(self, cache: LlamaCache, tokens: Sequence[int], parents: Sequence[int] | None,
              logits_rows: slice, bulk: bool = False) -> ForwardOutput:
-        """The forward pass; ``bulk`` (prefill only) lets projections use their many-row form."""
+        """The forward pass.
+
+        Without ``bulk`` every row is computed exactly (bit for bit) as a one-token
+        forward after its ancestors would compute it: the projections are row
+        independent, and each row attends in its own call to its keys in decoding
+        order (``_key_rows``). One masked attention call over all rows would be
+        cheaper but reduces in a different order, and the int4 path's bf16
+        rounding turns those last-bit differences into logit differences of ~0.3.
+        ``bulk`` (prefill, which every decoding of the prompt shares) uses one
+        causal attention call and the projections' many-row form.
+        """
         cfg = self.cfg
         mm = _bulk_call if bulk else _call
         n, start = len(tokens), cache.length
@@ -320,12 +359,13 @@ class LlamaModel:
         end = start + n
         pos = (depth + start).to(self.device)
         cis = self._rope_table(end)[pos][:, None]  # [n, 1, hd / 2]
-        if n == 1:
-            mask = None
-        else:
-            if anc is None:
-                anc = torch.ones(n, n, dtype=torch.bool).tril()
-            mask = torch.cat([torch.ones(n, start, dtype=torch.bool), anc], dim=1).to(self.device)  # [n, end]
+        rows: list[slice | torch.Tensor] = []
+        mask = None
+        if not bulk:
+            rows = _key_rows(anc, n, start, self.device)
+        elif n > 1:
+            causal = torch.ones(n, n, dtype=torch.bool).tril() if anc is None else anc
+            mask = torch.cat([torch.ones(n, start, dtype=torch.bool), causal], dim=1).to(self.device)  # [n, end]
         H, KV, hd, d, dt = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, self.dtype
         nqk, inter, eps = (H + KV) * hd, cfg.intermediate_size, cfg.rms_norm_eps
         ids = torch.as_tensor(tokens, dtype=torch.long)
@@ -340,8 +380,13 @@ class LlamaModel:
             kc, vc = cache.k[li], cache.v[li]  # [KV, capacity, hd]
             kc[:, start:end] = qk[:, H:].transpose(0, 1)
             vc[:, start:end] = qkv[:, nqk:].reshape(n, KV, hd).transpose(0, 1)
-            att = F.scaled_dot_product_attention(qk[:, :H].transpose(0, 1)[None], kc[None, :, :end], vc[None, :, :end],
-                                                 attn_mask=mask, enable_gqa=True)  # [1, H, n, hd]
+            q = qk[:, :H].transpose(0, 1)[None]  # [1, H, n, hd]
+            if bulk:
+                att = F.scaled_dot_product_attention(q, kc[None, :, :end], vc[None, :, :end], attn_mask=mask,
+                                                     enable_gqa=True)  # [1, H, n, hd]
+            else:
+                att = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], kc[None, :, r], vc[None, :, r],
+                                                                enable_gqa=True) for i, r in enumerate(rows)], dim=2)
             x = x + mm(L.o, att[0].transpose(0, 1).reshape(n, H * hd))
             h = F.rms_norm(x, (d,), L.mlp_norm, eps)
             gu = mm(L.gate_up, h)  # [n, 2 I]

@@ -1,10 +1,12 @@
 """Projection kernels: how ``x [n, in] -> x @ W.T [n, out]`` is computed for the target.
 
 Every kernel here is *row independent*: row i of the output depends on row i of
-the input only, and bit for bit (checked in tests/test_model.py for the kernels
-on this machine), so verifying k draft tokens in one forward gives each row
-exactly what a one-token forward would give. That is what keeps speculation
-lossless. There is deliberately no dynamic activation quantisation with a scale
+the input only, bit for bit (the oneDNN and tinygemm kernels were checked for 1
+to 40 rows at the model's shapes; tests/test_model.py checks whole forwards), so
+verifying k draft tokens in one forward gives each row exactly what a one-token
+forward would give. That is what keeps speculation lossless. (The int4 scheme's
+bf16 rounding of every output would otherwise amplify last-bit differences into
+logit differences of ~0.3; see ``LlamaModel._run`` for the attention side.) There is deliberately no dynamic activation quantisation with a scale
 shared across rows (fbgemm's ``quantize_dynamic``): it would make row i depend
 on the other rows.
 

@@ -78,7 +78,7 @@ from __future__ import annotations
 import threading
 import warnings
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -101,8 +101,10 @@ class SuffixConfig:
     """Propose a tree (best-first by path probability) rather than a chain."""
     max_depth: int = 32
     """Longest context suffix compared (tokens)."""
-    orders: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16)
-    """n-gram lengths indexed in the global history; matches longer than the largest are found by extension."""
+    orders: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """n-gram lengths indexed in the global history (12 bytes per token each); a global occurrence's match
+    length is the longest order that matched, and beyond the largest it is extended token by token. On
+    ShareGPT replay (1, 2, 3, 4, 6, 8, 12, 16) scores the same; leaving out 1 costs 0.08 tokens per step."""
     levels: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
     """Match-length thresholds of the evidence levels of the mixture."""
     max_rows: int = 16
@@ -262,6 +264,7 @@ class SuffixIndex:
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []  # (keys int64, pos int32)
         self.entries = 0  # index entries, stale included
         self.stale = 0
+        self._thinned = False  # a compaction shrank runs that may now be merged
 
     # -- insertion and eviction
 
@@ -323,6 +326,7 @@ class SuffixIndex:
             if len(k):
                 runs.append((k, p - np.int32(shift)))
         self.runs = runs
+        self._thinned = True
         self.entries = sum(len(k) for k, _ in self.runs)
         self.stale = 0
         self.responses = deque((s - shift, L, q) for s, L, q in self.responses)
@@ -346,11 +350,22 @@ class SuffixIndex:
         self.runs.append((keys, pos))
         while (len(self.runs) >= 2 and len(self.runs[-2][0]) < self.MERGE_RATIO * len(self.runs[-1][0])
                and len(self.runs[-2][0]) + len(self.runs[-1][0]) <= self.MAX_MERGED):
-            (k0, p0), (k1, p1) = self.runs[-2], self.runs[-1]
-            k = np.concatenate([k0, k1])
-            p = np.concatenate([p0, p1])
-            order = np.argsort(k, kind="stable")  # older run first: positions stay ascending within a key
-            self.runs[-2:] = [(k[order], p[order])]
+            self._merge(len(self.runs) - 2)
+        if self._thinned and len(self.runs) >= 2:  # after a compaction: merge thin neighbours, one pair per insertion
+            sizes = [len(k) for k, _ in self.runs]
+            i = min(range(len(sizes) - 1), key=lambda j: sizes[j] + sizes[j + 1])
+            if sizes[i] + sizes[i + 1] <= self.MAX_MERGED // 2:
+                self._merge(i)
+            else:
+                self._thinned = False
+
+    def _merge(self, i: int) -> None:
+        """Merge runs i and i+1 (i is the older: positions stay ascending within a key)."""
+        (k0, p0), (k1, p1) = self.runs[i], self.runs[i + 1]
+        k = np.concatenate([k0, k1])
+        p = np.concatenate([p0, p1])
+        order = np.argsort(k, kind="stable")
+        self.runs[i : i + 2] = [(k[order], p[order])]
 
     # -- lookup
 
@@ -421,7 +436,7 @@ class Rows:
 
     m: np.ndarray  # [R] int64 match length
     w: np.ndarray  # [R] float64 weight
-    cont: np.ndarray  # [R, D] int64 continuation tokens, -1 after its end
+    cont: np.ndarray  # [R, D] int continuation tokens, -1 after its end
 
     @staticmethod
     def empty(depth: int) -> "Rows":
@@ -465,7 +480,7 @@ def recent_per_level(m: np.ndarray, levels: np.ndarray, k: int) -> np.ndarray:
 class _Sorted:
     """Rows sorted by continuation; ``lcp[i]`` = leading tokens shared by sorted rows i and i+1."""
 
-    cont: np.ndarray  # [R, D] int64
+    cont: np.ndarray  # [R, D] int
     order: np.ndarray  # [R] original row of each sorted row
     lcp: np.ndarray  # [R-1] int64
 
