@@ -20,8 +20,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int4", "bf16", "fp16"],
-                   help="auto = fp32, exact and lossless (default). int4 / bf16 / fp16 are faster but LOSSY under "
-                        "speculation: their kernels round differently for one row than for several")
+                   help="auto (default): int4 on CPU for 4-bit GGUF weights, else fp32; both lossless under "
+                        "speculation. bf16 / fp16 are LOSSY under speculation (kernels chosen by batch size)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

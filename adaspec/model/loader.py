@@ -68,16 +68,17 @@ def bundled_gguf_path() -> Path:
 
 
 def resolve_precision(precision: str, device: torch.device, has_int4_blocks: bool) -> str:
-    """``auto``: exact fp32 on every device (half precision and int4 are opt-in).
+    """``auto``: on CPU, int4 when the weights are the GGUF's 4-bit blocks, else exact fp32; fp32 on accelerators.
 
-    ``int4`` (the GGUF's own 4-bit blocks through torch's tinygemm kernel, bf16 activations) is about twice
-    as fast per token on CPU (bench/costs.py) and computes the GGUF model more closely than llama.cpp does
-    (mean |logit - fp32 logit| 0.10 vs 0.20 on the bundled model). Its forwards are row independent bit for
-    bit, chains and trees alike (tests/test_model.py, including the bundled model), so speculation over it is
-    exactly lossless with respect to plain int4 decoding; it is still opt-in because its logits are not the
-    fp32 model's. Half precision on GPUs can pick matmul kernels by batch size, so it is opt-in too."""
+    ``int4`` runs the GGUF's own 4-bit blocks through torch's tinygemm kernel (bf16 activations): about twice
+    as fast per token on CPU as fp32 (bench/costs.py), and closer to the fp32 GGUF model than llama.cpp is
+    (mean |logit - fp32 logit| 0.10 vs 0.20 on the bundled model). Its verification forwards are bit for bit
+    equal to one-token decoding, chains and trees alike (tests/test_model.py, the bundled model included), so
+    speculation over it is exactly lossless with respect to plain decoding of the same int4 model. Quantising
+    weights that are not 4-bit blocks would change the model, so it is opt-in there. Half precision on GPUs can
+    pick matmul kernels by batch size, which breaks that equality, so it is opt-in too (and named lossy)."""
     if precision == "auto":
-        return "fp32"
+        return "int4" if device.type == "cpu" and has_int4_blocks else "fp32"
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
     if precision == "int4" and device.type != "cpu":
