@@ -332,12 +332,16 @@ def plot_stream(records: Sequence[RequestRecord], path: str | os.PathLike, metri
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="best")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        return _save_figure(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save_figure(fig, path: str | os.PathLike) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
     return path
 
 
@@ -373,13 +377,9 @@ def plot_cost_curve(costs: Mapping[str, Mapping[int, float]], path: str | os.Pat
             a.grid(alpha=0.3)
             a.legend(fontsize=8)
         fig.suptitle(title)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
+        return _save_figure(fig, path)
     finally:
         plt.close(fig)
-    return path
 
 
 # ---------------------------------------------------------------------------------------------
