@@ -232,6 +232,27 @@ def test_background_learner_updates_without_blocking(target):
     assert spec._thread is None
 
 
+def test_paused_learner_does_no_work_until_resumed(target):
+    spec = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(min_new_pairs=4, batch_size=8,
+                                                                            max_share=0.5, publish_every=1))
+    try:
+        spec.pause()
+        engine = Engine(target, None, [spec], FixedController(4))
+        for i in range(3):
+            engine.generate([i + 1, 2], GREEDY)
+        spec._wake.set()
+        threading.Event().wait(0.5)
+        assert spec.updates == 0 and spec.compute_s == 0 and spec._pending  # queued, not learned from
+        spec.resume()
+        for _ in range(100):
+            if spec.updates > 0:
+                break
+            threading.Event().wait(0.05)
+        assert spec.updates > 0
+    finally:
+        spec.close()
+
+
 def test_atomic_swap_under_concurrent_drafting(target):
     spec = OnlineHeadSpeculator(random_head(target), DraftConfig(width=2, max_depth=3, min_path_prob=0.0),
                                 OnlineConfig(background=False))

@@ -11,6 +11,10 @@ adaptation shows along the stream. Configurations:
 - ``oracle``: drafts the plain output itself (the ceiling of this hardware);
 - peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
 
+Background learners (the online head) run only while their own configuration decodes, within their busy-time
+duty cycle, so no configuration is timed while another one learns. Peers decode greedily and skip sampled
+requests.
+
 Writes summary.md, run.json, PNG plots, and traces.jsonl (greedy plain traces for ``adaspec simulate``).
 """
 
@@ -53,7 +57,8 @@ def default_plan(scenario: str, full: bool, seed: int, max_tokens: int | None) -
     if scenario == "steady":
         return workloads.steady(n=40 if full else 12, seed=seed, **({"max_tokens": 96} | mt))
     if scenario == "adversarial":
-        return workloads.adversarial(n=20 if full else 6, seed=seed, temperature=0.0, **({"max_tokens": 64} | mt))
+        # sampled (seeded): greedy decoding of random text falls into repetition, which speculation predicts well
+        return workloads.adversarial(n=20 if full else 6, seed=seed, temperature=1.0, **({"max_tokens": 64} | mt))
     if scenario == "multi_turn":
         return workloads.multi_turn(n=10 if full else 3, seed=seed, **({"max_tokens": 96} | mt))
     if scenario == "rl_rollouts":
@@ -75,7 +80,13 @@ def _record(config: str, rid: str, index: int, item: workloads.WorkItem, st=None
     return r
 
 
-def run_bench(model, tok, plan: BenchPlan, out_dir: Path, costs: dict | None = None) -> list[RequestRecord]:
+def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]:
+    """Run every request of ``plan`` through every configuration; one record per (configuration, request).
+
+    Every adaspec record says whether its output equals ``adaspec-plain``'s: greedy requests, and sampled ones
+    too, since seeded sampling gives the same tokens with or without speculation. Peers decode greedily, so they
+    run the greedy requests only.
+    """
     from .peers import PeerConfig, make_peers
 
     modes = {"adaspec-plain": "plain", "ngram": "ngram", "suffix": "suffix", "head": "head", "adaspec": "adaptive"}
@@ -88,6 +99,11 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, costs: dict | None = N
         engines["oracle"] = Engine(model, tok, [oracle], FixedController(16))
     peers = make_peers(plan.peers, PeerConfig(n_threads=int(os.environ.get("ADASPEC_THREADS", "2")))) \
         if plan.peers else None
+    # background learners work only while their own configuration decodes (within their duty cycle), so that
+    # they take no CPU time from the configuration being timed next
+    learners = {c: [s for s in e.speculators if callable(getattr(s, "pause", None))] for c, e in engines.items()}
+    for s in (s for ls in learners.values() for s in ls):
+        s.pause()
     records: list[RequestRecord] = []
     traces = open(out_dir / "traces.jsonl", "w")
     index = 0
@@ -104,7 +120,11 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, costs: dict | None = N
                     eng = engines[config]
                     if config == "oracle" and reference is not None:
                         oracle.add(ids, reference)
+                    for s in learners[config]:
+                        s.resume()
                     g = eng.generate(ids, params, request_id=f"{config}:{rid}")
+                    for s in learners[config]:
+                        s.pause()
                     if config == "adaspec-plain":
                         reference = g.tokens
                         answers.append(g.text)
@@ -112,13 +132,13 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, costs: dict | None = N
                             traces.write(json.dumps({"id": rid, "domain": item.domain, "prompt_ids": ids,
                                                      "output_ids": g.tokens}) + "\n")
                     rec = _record(config, rid, index, item, g.stats)
-                    if reference is not None and item.temperature == 0:
+                    if reference is not None and config != "adaspec-plain":
                         rec.matches_reference = g.tokens == reference
                     records.append(rec)
-                for name, peer in (peers.peers.items() if peers else ()):
+                for name, peer in (peers.peers.items() if peers and item.temperature == 0 else ()):
                     if name.startswith("hf") and n % plan.hf_every:
                         continue
-                    res = peer.generate(ids, item.max_tokens, reference if item.temperature == 0 else None)
+                    res = peer.generate(ids, item.max_tokens, reference)
                     records.append(_record(name, rid, index, item, prompt_tokens=res.prompt_tokens,
                                            output_tokens=len(res.tokens), wall_seconds=res.seconds,
                                            ttft_seconds=res.ttft_seconds, matches_reference=res.matches_reference))
@@ -130,6 +150,31 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, costs: dict | None = N
         for eng in engines.values():
             eng.close()
     return records
+
+
+def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None) -> dict[str, dict[int, float]]:
+    """c(k) in seconds for the cost plot: adaspec chains and trees, and llama.cpp's chains timed in the same loop
+    when that peer runs (and can run) in this benchmark."""
+    from .costs import LlamaCppCosts, measure_costs
+    from .peers import PeerUnavailable, bundled_gguf, missing_packages
+
+    ks, context = (1, 2, 4, 8, 12, 16, 24, 32), 100
+    peer = None
+    if with_llama_cpp and not missing_packages("llama.cpp"):
+        try:
+            path = gguf if gguf and gguf.endswith(".gguf") else bundled_gguf()
+            peer = LlamaCppCosts(path, context, threads=int(os.environ.get("ADASPEC_THREADS", "2")))
+        except (PeerUnavailable, OSError, ValueError) as e:
+            print(f"llama.cpp cost curve skipped: {e}")
+    try:
+        m = measure_costs(model, ks=ks, reps=5, context_len=context, peer=peer)
+    finally:
+        if peer is not None and callable(getattr(peer, "close", None)):
+            peer.close()
+    out = {"adaspec chain": m["verify"], "adaspec tree": m["tree"]}
+    if "llama_cpp" in m:
+        out["llama.cpp chain"] = m["llama_cpp"]["verify"]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,10 +194,15 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default=None, help="output folder (default: runs/bench-<scenario>-<time>)")
     ap.add_argument("--model", default=None, help="model path (default: the bundled model)")
     ap.add_argument("--no-costs", action="store_true", help="skip the c(k) cost curve")
+    ap.add_argument("--from-run", default=None, metavar="RUN_JSON",
+                    help="run nothing: write the table and plots of a saved run.json (into --out, else beside it)")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..model.loader import load_target
+
+    if getattr(args, "from_run", None):
+        return rewrite_report(Path(args.from_run), Path(args.out) if args.out else None)
 
     configs = [c for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in ADASPEC_CONFIGS]
@@ -172,16 +222,31 @@ def run(args: argparse.Namespace) -> int:
     plan = BenchPlan(args.scenario, items, configs, peers, args.hf_every or (1 if args.full else 4))
     costs = None
     if not args.no_costs:
-        from .costs import measure_costs
-
-        costs = {"adaspec": measure_costs(model, ks=(1, 2, 4, 8, 12, 16, 24, 32), reps=5)["linear"]}
+        costs = cost_curves(model, "llama.cpp" in peers, args.model)
     t0 = time.perf_counter()
-    records = run_bench(model, tok, plan, out, costs)
+    records = run_bench(model, tok, plan, out)
     meta = {"scenario": args.scenario, "full": args.full, "configs": configs, "peers": peers, "seed": args.seed,
             "requests": len(items), "seconds": time.perf_counter() - t0, "model": tok.name,
             "device": str(model.device), "hf_every": plan.hf_every}
-    files = write_report(records, out, ReportConfig(), costs=costs, meta=meta,
+    files = write_report(records, out, _report_config(args.full), costs=costs, meta=meta,
                          title=f"adaspec bench: {args.scenario}")
     print(files.markdown.read_text())
     print(f"wrote {files.markdown}, {files.json}, " + ", ".join(str(p) for p in files.plots.values()))
+    return 0
+
+
+def _report_config(full: bool) -> ReportConfig:
+    # the rolling median spans about one phase of the short stream, so phase changes stay visible
+    return ReportConfig(window=9 if full else 5)
+
+
+def rewrite_report(run_json: Path, out: Path | None = None) -> int:
+    """The summary table and plots of a saved run, written again (e.g. after the report format changed)."""
+    from .report import load_run
+
+    saved = load_run(run_json)
+    meta = {k: v for k, v in saved.meta.items() if k != "report_config"}
+    files = write_report(saved.records, out or run_json.parent, _report_config(bool(meta.get("full"))),
+                         costs=saved.costs, meta=meta, title=f"adaspec bench: {meta.get('scenario', 'run')}")
+    print(files.markdown.read_text())
     return 0

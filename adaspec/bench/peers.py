@@ -238,8 +238,11 @@ class LlamaCppPeer(Peer):
             draft = spec.LlamaPromptLookupDecoding(max_ngram_size=config.max_ngram_size,
                                                    num_pred_tokens=config.prompt_lookup_num_tokens)
         path = Path(config.gguf_path) if config.gguf_path else bundled_gguf()
+        # With a draft model llama-cpp-python keeps logits for every position, but sizes its score buffer from the
+        # logits_all argument: ask for it explicitly, or prompts past n_batch tokens overflow that buffer.
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=config.n_ctx, n_threads=config.n_threads,
-                                   n_threads_batch=config.n_threads, draft_model=draft, verbose=False)
+                                   n_threads_batch=config.n_threads, draft_model=draft, logits_all=draft is not None,
+                                   verbose=False)
         self.eos_id = self.llm.token_eos()
         self._warmup()
 

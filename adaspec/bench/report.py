@@ -326,7 +326,11 @@ def plot_stream(records: Sequence[RequestRecord], path: str | os.PathLike, metri
                 ax.axvline(a - 0.5, color="0.4", linestyle="--", linewidth=0.8)
             ax.text((a + b) / 2, 1.01, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=9)
         ax.set_xlabel("request (stream order)")
-        ax.set_ylabel(f"{ylabel} (rolling median of {cfg.window})")
+        ax.set_ylabel(f"{ylabel} (rolling median of {cfg.window}, log scale)")
+        ax.set_yscale("log", base=2)  # ratios between configurations read as equal distances
+        from matplotlib import ticker
+
+        ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
         if title:
             ax.set_title(title, pad=18)
         ax.grid(alpha=0.3)

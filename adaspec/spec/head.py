@@ -552,6 +552,9 @@ class OnlineHeadSpeculator(HeadSpeculator):
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._running = threading.Event()  # cleared by pause()
+        self._running.set()
+        self._step_lock = threading.Lock()  # held by the learner thread during one unit of work
         self._last_observe = 0.0
         self._thread: threading.Thread | None = None
         if self.online.background:
@@ -701,11 +704,12 @@ class OnlineHeadSpeculator(HeadSpeculator):
         while not self._stop.is_set():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
-            while not self._stop.is_set():
+            while not self._stop.is_set() and self._running.is_set():
                 t0 = time.perf_counter()
                 try:
-                    if not self._step_once():
-                        break
+                    with self._step_lock:
+                        if not self._running.is_set() or not self._step_once():
+                            break
                 except Exception:  # a learner failure must never reach decoding
                     log.exception("online head update failed; resetting to the static weights")
                     self.reset_to_static()
@@ -717,6 +721,21 @@ class OnlineHeadSpeculator(HeadSpeculator):
                 share = self.online.idle_share if idle else self.online.max_share
                 if self._stop.wait(dt * (1.0 / share - 1.0)):
                     return
+
+    def pause(self) -> None:
+        """Hold the background learner (after its unit of work in flight) until ``resume``; pairs keep queueing.
+
+        For side-by-side measurements on one machine: the learner of one configuration must not take CPU time
+        while another configuration is being timed.
+        """
+        self._running.clear()
+        with self._step_lock:
+            pass
+
+    def resume(self) -> None:
+        """Let the background learner run again."""
+        self._running.set()
+        self._wake.set()
 
     def close(self) -> None:
         """Stop the learner thread (idempotent)."""
