@@ -163,6 +163,12 @@ class LlamaCppCosts:
         self.llm.eval(toks)  # copies the logits of all k rows (logits_all)
         return time.perf_counter() - t
 
+    def close(self) -> None:
+        """Free the model and its context (idempotent)."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()
+
     def plain(self, n: int) -> float:
         import numpy as np
 

@@ -69,15 +69,9 @@ def default_plan(scenario: str, full: bool, seed: int, max_tokens: int | None) -
     raise ValueError(f"unknown scenario {scenario!r}; choose from {', '.join(workloads.SCENARIOS)}")
 
 
-def _record(config: str, rid: str, index: int, item: workloads.WorkItem, st=None, **kw) -> RequestRecord:
-    r = RequestRecord(config=config, request_id=rid, index=index, phase=item.phase, phase_name=item.phase_name,
-                      domain=item.domain, scenario=item.scenario, **kw)
-    if st is not None:
-        r.prompt_tokens, r.output_tokens, r.wall_seconds = st.prompt_tokens, st.output_tokens, st.wall_s
-        r.ttft_seconds, r.forwards, r.drafted, r.accepted = st.prefill_s, st.forwards, st.drafted, st.accepted
-        r.speculator_mix = dict(st.chosen)
-        r.step_emitted, r.step_drafted = list(st.step_emitted), list(st.step_drafted)
-    return r
+def _peer_threads() -> int:
+    """Threads of the llama.cpp peers: ``ADASPEC_THREADS``, else 2 (this machine's cores)."""
+    return int(os.environ.get("ADASPEC_THREADS", "2"))
 
 
 def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]:
@@ -97,8 +91,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]
         from ..engine import Engine
 
         engines["oracle"] = Engine(model, tok, [oracle], FixedController(16))
-    peers = make_peers(plan.peers, PeerConfig(n_threads=int(os.environ.get("ADASPEC_THREADS", "2")))) \
-        if plan.peers else None
+    peers = make_peers(plan.peers, PeerConfig(n_threads=_peer_threads())) if plan.peers else None
     # background learners work only while their own configuration decodes (within their duty cycle), so that
     # they take no CPU time from the configuration being timed next
     learners = {c: [s for s in e.speculators if callable(getattr(s, "pause", None))] for c, e in engines.items()}
@@ -131,17 +124,15 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]
                         if item.temperature == 0:
                             traces.write(json.dumps({"id": rid, "domain": item.domain, "prompt_ids": ids,
                                                      "output_ids": g.tokens}) + "\n")
-                    rec = _record(config, rid, index, item, g.stats)
-                    if reference is not None and config != "adaspec-plain":
-                        rec.matches_reference = g.tokens == reference
-                    records.append(rec)
+                    checked = reference is not None and config != "adaspec-plain"
+                    records.append(RequestRecord.from_stats(config, item, index, g.stats, request_id=rid,
+                                                            matches_reference=g.tokens == reference if checked
+                                                            else None))
                 for name, peer in (peers.peers.items() if peers and item.temperature == 0 else ()):
                     if name.startswith("hf") and n % plan.hf_every:
                         continue
                     res = peer.generate(ids, item.max_tokens, reference)
-                    records.append(_record(name, rid, index, item, prompt_tokens=res.prompt_tokens,
-                                           output_tokens=len(res.tokens), wall_seconds=res.seconds,
-                                           ttft_seconds=res.ttft_seconds, matches_reference=res.matches_reference))
+                    records.append(RequestRecord.from_peer(item, index, res, request_id=rid))
                 index += 1
     finally:
         traces.close()
@@ -163,13 +154,13 @@ def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None) -> dict[st
     if with_llama_cpp and not missing_packages("llama.cpp"):
         try:
             path = gguf if gguf and gguf.endswith(".gguf") else bundled_gguf()
-            peer = LlamaCppCosts(path, context, threads=int(os.environ.get("ADASPEC_THREADS", "2")))
+            peer = LlamaCppCosts(path, context, threads=_peer_threads())
         except (PeerUnavailable, OSError, ValueError) as e:
             print(f"llama.cpp cost curve skipped: {e}")
     try:
         m = measure_costs(model, ks=ks, reps=5, context_len=context, peer=peer)
     finally:
-        if peer is not None and callable(getattr(peer, "close", None)):
+        if peer is not None:
             peer.close()
     out = {"adaspec chain": m["verify"], "adaspec tree": m["tree"]}
     if "llama_cpp" in m:
@@ -201,7 +192,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..model.loader import load_target
 
-    if getattr(args, "from_run", None):
+    if args.from_run:
         return rewrite_report(Path(args.from_run), Path(args.out) if args.out else None)
 
     configs = [c for c in args.configs.split(",") if c]

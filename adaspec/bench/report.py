@@ -85,13 +85,16 @@ class RequestRecord:
 
     @classmethod
     def from_stats(cls, config: str, item: Any, index: int, stats: Any, request_id: str | None = None,
-                   step_emitted: Sequence[int] = (), step_drafted: Sequence[int] = (),
+                   step_emitted: Sequence[int] | None = None, step_drafted: Sequence[int] | None = None,
                    matches_reference: bool | None = None) -> "RequestRecord":
         """From a work item (``id, phase, phase_name, domain, scenario``) and the engine's ``RequestStats``.
 
-        The engine keeps totals only; per-step lists (for the projection) come from the
-        caller, e.g. from the controller's ``StepFeedback`` (``len(outcome.emitted)``, ``len(chosen)``).
+        The per-step lists (for the projection) are the stats' own unless given.
         """
+        if step_emitted is None:
+            step_emitted = getattr(stats, "step_emitted", ())
+        if step_drafted is None:
+            step_drafted = getattr(stats, "step_drafted", ())
         return cls(config, request_id or item.id, index, item.phase, item.phase_name, item.domain, item.scenario,
                    prompt_tokens=stats.prompt_tokens, output_tokens=stats.output_tokens, wall_seconds=stats.wall_s,
                    ttft_seconds=stats.prefill_s, forwards=stats.forwards, drafted=stats.drafted,
