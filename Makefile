@@ -7,12 +7,16 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml tools/install-llama-cpp.sh
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, so nothing pulls a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	# llama.cpp built for this CPU family (never -march=native, never AMX), before anything pulls it in.
+	tools/install-llama-cpp.sh $(PY)
 	$(PY) -m pip install -q -e '.[test]'
+	# Compile adaspec's CPU kernels now rather than at the first model load.
+	$(PY) -m adaspec.kernels
 	touch $(STAMP)
 
 demo: setup

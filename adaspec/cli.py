@@ -19,9 +19,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "int4", "bf16", "fp16"],
-                   help="auto (default): int4 on CPU for 4-bit GGUF weights, else fp32; both lossless under "
-                        "speculation. bf16 / fp16 are LOSSY under speculation (kernels chosen by batch size)")
+    p.add_argument("--precision", default="auto", choices=["auto", "gguf", "fp32", "int4", "bf16", "fp16"],
+                   help="auto (default): on CPU the GGUF's own blocks through adaspec's kernels (gguf), else "
+                        "fp32; gguf, fp32 and int4 are lossless under speculation. bf16 / fp16 are LOSSY under "
+                        "speculation (kernels chosen by batch size)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

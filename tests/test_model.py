@@ -19,7 +19,7 @@ CFG = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_laye
 # dimensions the int4 kernel takes (outputs multiple of 16, inputs multiple of 32)
 CFG4 = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                    rope_theta=1000.0, max_context=64, tie_word_embeddings=True)
-PRECISIONS = ["fp32", "int4"]
+PRECISIONS = ["gguf", "fp32", "int4"]
 
 
 def _model(precision: str) -> LlamaModel:

@@ -222,7 +222,7 @@ def _table(res: dict, title: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaspec.bench.costs", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: the bundled SmolLM2)")
-    ap.add_argument("--precision", default="auto", help="auto, fp32, int4, bf16, fp16 (default auto)")
+    ap.add_argument("--precision", default="auto", help="auto, gguf, fp32, int4, bf16, fp16 (default auto)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both backends (default 2)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated token counts")

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import ForwardOutput
-from .quant import DenseLinear, GGUFBlocks, Linear, make_linear
+from .quant import DenseLinear, GGUFBlocks, Linear, QLinear, make_linear
 
 __all__ = ["LlamaConfig", "LlamaCache", "LlamaModel", "Linear", "DenseLinear", "tree_layout"]
 
@@ -214,8 +214,8 @@ class LlamaModel:
     """Weights plus the forward pass. Stateless across sequences: state lives in ``LlamaCache``.
 
     ``weights`` are Hugging Face tensors by name; ``blocks`` optionally holds raw
-    GGUF blocks for some of them (in Hugging Face row order), which the ``int4``
-    precision uses as they are. ``precision`` picks the projection kernels
+    GGUF blocks for some of them (in Hugging Face row order), which the ``gguf``
+    and ``int4`` precisions use as they are. ``precision`` picks the projection kernels
     (``model/quant.py``); ``dtype`` is the dtype of activations and KV cache.
     With ``int4`` the LM head stays exact fp32: it is the one projection where
     fp32 through oneDNN is faster than the int4 kernel for more than two rows.
@@ -249,7 +249,7 @@ class LlamaModel:
         q_rows, k_rows = _pair_rows(H, hd), _pair_rows(KV, hd)
 
         def fused(names: Sequence[str], rows: Sequence[torch.Tensor | None]) -> Linear:
-            if precision == "int4" and all(n in blocks for n in names) and \
+            if precision in ("int4", "gguf") and all(n in blocks for n in names) and \
                     len({blocks[n].kind for n in names}) == 1:
                 parts = [blocks[n] if r is None else blocks[n].rows(r) for n, r in zip(names, rows)]
                 return make_linear(precision, blocks=GGUFBlocks.cat(parts), device=self.device)
@@ -270,11 +270,28 @@ class LlamaModel:
             ))
         tied = cfg.tie_word_embeddings or ("lm_head.weight" not in weights and "lm_head.weight" not in blocks)
         head = self.embed if tied else small("lm_head.weight")
-        self.lm_head: Linear = make_linear("fp32" if precision == "int4" else precision, weight=head, device=self.device,
+        head_blocks = blocks.get("model.embed_tokens.weight" if tied else "lm_head.weight")
+        self.lm_head: Linear = make_linear("fp32" if precision == "int4" else precision, weight=head,
+                                           blocks=head_blocks if precision == "gguf" else None, device=self.device,
                                            keep_weight=True)  # .weight: a tied head shares the embedding
+        self._decoder = self._compiled_decoder()
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))  # [hd / 2]
         self._inv_freq = inv_freq
         self._cis = torch.zeros(0, hd // 2, dtype=torch.complex64, device=self.device)  # [positions, hd / 2]
+
+    def _compiled_decoder(self):
+        """The layers as one compiled call (``adaspec/kernels/decoder.cpp``) when every projection runs on the
+        compiled kernels, else ``None`` (the layers then run op by op in torch)."""
+        if self.device.type != "cpu" or self.dtype != torch.float32 or \
+                not all(isinstance(p, QLinear) for L in self.layers for p in (L.qkv, L.o, L.gate_up, L.down)):
+            return None
+        c = self.cfg
+        dec = torch.classes.adaspec_kernels.Decoder(c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size,
+                                                    c.intermediate_size, c.rms_norm_eps)
+        for L in self.layers:
+            dec.add_layer(L.attn_norm, L.mlp_norm, L.qkv.data, L.qkv._code, L.o.data, L.o._code,
+                          L.gate_up.data, L.gate_up._code, L.down.data, L.down._code)
+        return dec
 
     @classmethod
     def random(cls, cfg: LlamaConfig, seed: int = 0, device: str = "cpu", precision: str = "fp32") -> "LlamaModel":
@@ -300,7 +317,13 @@ class LlamaModel:
             w[p + "mlp.down_proj.weight"] = r(d, inter)
         if not cfg.tie_word_embeddings:
             w["lm_head.weight"] = r(cfg.vocab_size, d)
-        return cls(cfg, w, device=device, precision=precision)
+        blocks: dict[str, GGUFBlocks] = {}
+        if precision == "gguf":  # the layout of a GGUF file: 4-bit projections, 8-bit embedding and head
+            for name in list(w):
+                if name.endswith("proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight"):
+                    blocks[name] = GGUFBlocks.quantize(w[name], "Q4_1" if name.endswith("proj.weight") else "Q8_0")
+                    w[name] = blocks[name].dequantize()
+        return cls(cfg, w, device=device, precision=precision, blocks=blocks)
 
     # -- the protocol -------------------------------------------------------------------------
 
@@ -361,7 +384,8 @@ class LlamaModel:
         cis = self._rope_table(end)[pos][:, None]  # [n, 1, hd / 2]
         rows: list[slice | torch.Tensor] = []
         mask = None
-        if not bulk:
+        compiled = self._decoder is not None and not bulk
+        if not bulk and not compiled:
             rows = _key_rows(anc, n, start, self.device)
         elif n > 1:
             causal = torch.ones(n, n, dtype=torch.bool).tril() if anc is None else anc
@@ -372,7 +396,11 @@ class LlamaModel:
         if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
             raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
         x = self.embed[ids.to(self.device)]  # [n, d]
-        for li, L in enumerate(self.layers):
+        if compiled:
+            rope = torch.view_as_real(cis[:, 0]).contiguous()  # [n, hd / 2, 2]: cos, sin
+            no_tree = torch.empty(0, dtype=torch.bool)
+            x = self._decoder.forward(x.contiguous(), rope, cache.k, cache.v, start, no_tree if anc is None else anc)
+        for li, L in enumerate(() if compiled else self.layers):
             h = F.rms_norm(x, (d,), L.attn_norm, eps)
             qkv = mm(L.qkv, h)  # [n, (H + 2 KV) hd]
             qk = torch.view_as_complex(qkv[:, :nqk].float().reshape(n, H + KV, hd // 2, 2))  # [n, H + KV, hd / 2]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -31,6 +32,8 @@ import torch
 from .llama import LlamaConfig, LlamaModel
 from .quant import PRECISIONS, GGUFBlocks, INT4_KINDS
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ModelLoadError", "load_target", "bundled_gguf_path", "cache_root", "convert_gguf", "resolve_precision"]
 
@@ -67,22 +70,31 @@ def bundled_gguf_path() -> Path:
     raise ModelLoadError(f"the package {BUNDLED_PACKAGE} holds no .gguf file")
 
 
-def resolve_precision(precision: str, device: torch.device, has_int4_blocks: bool) -> str:
-    """``auto``: on CPU, int4 when the weights are the GGUF's 4-bit blocks, else exact fp32; fp32 on accelerators.
+def resolve_precision(precision: str, device: torch.device, block_kinds: frozenset[str]) -> str:
+    """``auto``: on CPU, ``gguf`` when the layer weights are GGUF blocks the compiled kernels compute (exact fp32
+    arithmetic on the file's own weights, at llama.cpp's speed class); ``int4`` (torch's tinygemm kernel, bf16
+    activations) for 4-bit blocks where the kernels cannot be built; exact fp32 otherwise and on accelerators.
 
-    ``int4`` runs the GGUF's own 4-bit blocks through torch's tinygemm kernel (bf16 activations): about twice
-    as fast per token on CPU as fp32 (bench/costs.py), and closer to the fp32 GGUF model than llama.cpp is
-    (mean |logit - fp32 logit| 0.10 vs 0.20 on the bundled model). Its verification forwards are bit for bit
-    equal to one-token decoding, chains and trees alike (tests/test_model.py, the bundled model included), so
-    speculation over it is exactly lossless with respect to plain decoding of the same int4 model. Quantising
-    weights that are not 4-bit blocks would change the model, so it is opt-in there. Half precision on GPUs can
-    pick matmul kernels by batch size, which breaks that equality, so it is opt-in too (and named lossy)."""
+    ``block_kinds``: the GGUF block types of the layer projections, empty when they are not all blocks. Every
+    CPU scheme here is row independent, so speculation over it is exactly lossless with respect to plain
+    decoding of the same model (tests/test_model.py, the bundled model included). Quantising weights that are
+    not blocks would change the model, so ``int4`` is opt-in there. Half precision on GPUs can pick matmul
+    kernels by batch size, which breaks that equality, so it is opt-in too (and named lossy)."""
     if precision == "auto":
-        return "int4" if device.type == "cpu" and has_int4_blocks else "fp32"
+        if device.type != "cpu" or not block_kinds:
+            return "fp32"
+        from .. import kernels
+
+        if block_kinds <= set(kernels.KINDS) and kernels.available():
+            return "gguf"
+        if block_kinds <= set(INT4_KINDS):
+            log.warning("using torch's int4 kernel (bf16 activations) instead of adaspec's kernels")
+            return "int4"
+        return "fp32"
     if precision not in PRECISIONS:
         raise ModelLoadError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
-    if precision == "int4" and device.type != "cpu":
-        raise ModelLoadError("precision int4 runs on CPU only; use bf16 or fp16 on an accelerator")
+    if precision in ("int4", "gguf") and device.type != "cpu":
+        raise ModelLoadError(f"precision {precision} runs on CPU only; use bf16 or fp16 on an accelerator")
     return precision
 
 
@@ -93,7 +105,7 @@ def load_target(path: str | os.PathLike | None = None, device: str | None = None
     ``path``: ``None`` for the bundled SmolLM2 GGUF, a ``.gguf`` file, or a Hugging
     Face directory (``config.json`` + ``*.safetensors`` + tokenizer files).
     ``device``: ``None`` picks ``cuda`` when available, else ``cpu``.
-    ``precision``: ``auto`` (see ``resolve_precision``), ``fp32`` (exact),
+    ``precision``: ``auto`` (see ``resolve_precision``), ``gguf``, ``fp32`` (exact),
     ``int4``, ``bf16`` or ``fp16``. Raises ``ModelLoadError`` with a readable message.
     """
     try:
@@ -163,9 +175,8 @@ def _load_dir(folder: Path, device: torch.device, precision: str) -> tuple[Llama
         raise ModelLoadError(f"cannot read the weights in {str(folder)!r}: {e}") from None
     meta = _read_json(folder / "adaspec.json")
     layer_blocks = [b for k, b in blocks.items() if k.startswith("model.layers.") and k.endswith("proj.weight")]
-    has_int4 = bool(layer_blocks) and len(layer_blocks) == 7 * cfg.num_layers and \
-        all(b.kind in INT4_KINDS for b in layer_blocks)
-    prec = resolve_precision(precision, device, has_int4)
+    kinds = frozenset(b.kind for b in layer_blocks) if len(layer_blocks) == 7 * cfg.num_layers else frozenset()
+    prec = resolve_precision(precision, device, kinds)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
     try:
         model = LlamaModel(cfg, weights, device=device, dtype=dtype, precision=prec, blocks=blocks)

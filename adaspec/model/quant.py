@@ -12,6 +12,12 @@ on the other rows.
 
 Schemes (``Precision``):
 
+``gguf``
+    The GGUF's own blocks (``Q4_0``, ``Q4_1``, ``Q8_0``) as stored, through
+    adaspec's compiled kernels (``adaspec/kernels``) with fp32 activations:
+    each weight is dequantised to its exact fp32 value, so this computes the
+    ``fp32`` scheme's function in another summation order. Weights the file
+    does not hold in such blocks stay dense fp32. The default on CPU.
 ``fp32``
     Dense fp32 weights. On CPU the matmul runs through oneDNN with a prepacked
     weight: MKL's sgemm is pathologically slow for 2-16 rows on AMD CPUs
@@ -40,8 +46,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Precision = Literal["fp32", "int4", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "int4", "bf16", "fp16")
+Precision = Literal["gguf", "fp32", "int4", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("gguf", "fp32", "int4", "bf16", "fp16")
 GROUP = 32  # weights per quantisation group (GGUF blocks and the int4 kernel alike)
 
 # GGUF block layouts this module reads: bytes per block of 32 weights.
@@ -123,6 +129,45 @@ class GGUFBlocks:
     def rows(self, index: torch.Tensor) -> "GGUFBlocks":
         """The same weight with its rows reordered (quantisation groups run along rows, so this is exact)."""
         return GGUFBlocks(self.kind, self.data[index])
+
+    @staticmethod
+    def quantize(w: torch.Tensor, kind: str) -> "GGUFBlocks":
+        """Blocks of ``kind`` for dense weights ``w [out, in]`` (lossy), by llama.cpp's reference recipes.
+
+        ``Q8_0``: ``d = max|w| / 127``, ``q = round(w / d)``; ``Q4_1``: ``d = (max - min) / 15``, ``m = min``,
+        ``q = round((w - m) / d)``; ``Q4_0``: ``d = -w[argmax|w|] / 8``, ``q = round(w / d) + 8`` clamped to
+        0..15. ``d`` and ``m`` are stored as fp16 and the codes are computed against the stored values.
+        """
+        if kind not in _BLOCK_BYTES:
+            raise ValueError(f"unsupported GGUF block type {kind}")
+        out, n_in = w.shape
+        if n_in % GROUP:
+            raise ValueError(f"GGUF blocks need the input dimension to be a multiple of {GROUP}, got {n_in}")
+        g = w.float().reshape(out, n_in // GROUP, GROUP)  # [out, groups, 32]
+
+        def half(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # stored fp16 value, and its bytes
+            h = v.half()
+            return h.float(), h.view(torch.uint8).reshape(out, -1, 2)
+
+        def safe(d: torch.Tensor) -> torch.Tensor:
+            return torch.where(d != 0, d, torch.ones_like(d))[..., None]
+
+        if kind == "Q8_0":
+            d, db = half(g.abs().amax(-1) / 127)
+            q = torch.round(g / safe(d)).clamp(-127, 127).to(torch.int8).view(torch.uint8)
+            parts = [db, q]
+        elif kind == "Q4_1":
+            lo, hi = g.amin(-1), g.amax(-1)
+            d, db = half((hi - lo) / 15)
+            m, mb = half(lo)
+            q = torch.round((g - m[..., None]) / safe(d)).clamp(0, 15).to(torch.uint8)
+            parts = [db, mb, q[..., :16] | (q[..., 16:] << 4)]
+        else:
+            at = g.abs().argmax(-1, keepdim=True)
+            d, db = half(-g.gather(-1, at)[..., 0] / 8)
+            q = (torch.round(g / safe(d)) + 8).clamp(0, 15).to(torch.uint8)
+            parts = [db, q[..., :16] | (q[..., 16:] << 4)]
+        return GGUFBlocks(kind, torch.cat(parts, dim=-1).reshape(out, -1).contiguous())
 
     @staticmethod
     def cat(parts: Sequence["GGUFBlocks"]) -> "GGUFBlocks":
@@ -244,16 +289,51 @@ class Int4Linear:
         return self._dense(x.to(torch.bfloat16).float()).to(torch.bfloat16)
 
 
+class QLinear:
+    """GGUF blocks through adaspec's compiled kernels, fp32 activations (see ``adaspec/kernels/qmm.cpp``).
+
+    Row independent by construction, for every number of rows; the data stays in the GGUF layout.
+    """
+
+    def __init__(self, blocks: GGUFBlocks):
+        from .. import kernels
+
+        if blocks.kind not in kernels.KINDS:
+            raise ValueError(f"the adaspec kernels do not compute {blocks.kind} blocks")
+        self.kind = blocks.kind
+        self.data = blocks.data.contiguous()  # [out, groups * block_bytes] uint8
+        self.out_features, self.in_features = blocks.shape
+        self.weight = None
+        self._op = torch.ops.adaspec_kernels.qmm
+        self._code = kernels.KINDS[blocks.kind]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._op(x if x.dtype == torch.float32 else x.float(), self.data, self._code)
+
+
+def gguf_kernels_take(blocks: GGUFBlocks | None, device: torch.device | str = "cpu") -> bool:
+    """Whether ``gguf`` precision runs these blocks through the compiled kernels (else dense fp32)."""
+    from .. import kernels
+
+    return (blocks is not None and torch.device(device).type == "cpu" and blocks.kind in kernels.KINDS
+            and kernels.available())
+
+
 def make_linear(precision: str, weight: torch.Tensor | None = None, blocks: GGUFBlocks | None = None,
                 device: torch.device | str = "cpu", keep_weight: bool = False) -> Linear:
     """A projection for ``precision`` from a dense weight and/or raw GGUF blocks (blocks win when exact).
 
-    ``int4`` uses 4-bit GGUF blocks as they are and quantises anything else;
+    ``gguf`` runs the blocks through the compiled kernels (dense fp32 for a weight without blocks); ``int4`` uses 4-bit GGUF blocks as they are and quantises anything else;
     the dense schemes dequantise blocks exactly. ``keep_weight``: see ``OneDnnLinear``.
     """
     device = torch.device(device)
     if weight is None and blocks is None:
         raise ValueError("make_linear needs a weight or GGUF blocks")
+    if precision == "gguf":
+        if gguf_kernels_take(blocks, device):
+            return QLinear(blocks)
+        return OneDnnLinear((weight if weight is not None else blocks.dequantize()).to(device, torch.float32),
+                            keep_weight)
     if precision == "int4":
         if device.type != "cpu":
             raise ValueError("the int4 kernels are CPU kernels; use bf16 or fp16 on an accelerator")

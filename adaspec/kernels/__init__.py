@@ -1,0 +1,98 @@
+"""adaspec's compiled CPU kernels: matrix products over GGUF weight blocks with fp32 activations (``qmm.cpp``)
+and the decoder layers of a Llama model built on them (``decoder.cpp``), both row independent by construction.
+
+The extension is compiled once per machine and torch version on first use (about 30 s; ``make setup`` does it
+ahead of time) and cached under ``$ADASPEC_CACHE/kernels``. Where it cannot be built or loaded (no C++
+compiler, a CPU without AVX2 support in the compiler, a torch without headers), ``available()`` is false,
+``unavailable_reason()`` says why, and the model falls back to torch's kernels.
+
+``reference_qmm`` is the plain computation the kernels must agree with: dequantise the blocks, fp32 matmul.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["KINDS", "ISAS", "available", "unavailable_reason", "isa", "force_isa", "qmm", "reference_qmm", "build"]
+
+KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # GGUF block types the kernels compute (codes as in qmm.cpp)
+ISAS = ("scalar", "avx2", "avx512")  # code paths, in qmm.cpp's numbering
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "qmm.cpp", _HERE / "decoder.cpp"]
+_state: dict[str, object] = {}
+
+
+def _build_dir() -> Path:
+    from ..model.loader import cache_root  # the model layer imports this package; import lazily
+
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*_SOURCES, _HERE / "qmm.h"])).hexdigest()[:16]
+    return cache_root() / "kernels" / f"torch-{torch.__version__}-{digest}"
+
+
+def build() -> None:
+    """Compile (or find the cached build of) the extension and load it into this process; raises on failure."""
+    if "loaded" in _state:
+        return
+    from torch.utils import cpp_extension
+
+    folder = _build_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    # A plain shared library of torch operators (no Python module): torch.ops.adaspec_kernels.*. It links
+    # torch's own OpenMP runtime, so its parallel loops run in torch's thread pool.
+    cpp_extension.load(name="adaspec_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(folder),
+                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
+                       verbose=False)
+    _state["loaded"] = True
+
+
+def available() -> bool:
+    """Whether the kernels are built and loaded (builds them on the first call); logs once why not."""
+    if "loaded" in _state:
+        return True
+    if "error" not in _state:
+        try:
+            build()
+            log.info("adaspec CPU kernels loaded (%s)", isa())
+            return True
+        except Exception as e:  # compiler missing, build failure, load failure: all mean "use torch's kernels"
+            _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
+            log.warning("adaspec CPU kernels unavailable, falling back to torch's kernels: %s", _state["error"])
+    return False
+
+
+def unavailable_reason() -> str | None:
+    """Why ``available()`` is false, once it has been asked; ``None`` otherwise."""
+    return None if "loaded" in _state else _state.get("error")  # type: ignore[return-value]
+
+
+def isa() -> str:
+    """The instruction set the kernels run on in this process: ``avx512``, ``avx2`` or ``scalar``."""
+    build()
+    return ISAS[int(torch.ops.adaspec_kernels.isa())]
+
+
+def force_isa(name: str | None) -> str:
+    """Run a narrower code path than the CPU allows (tests), or ``None`` to go back to the best; returns the active one.
+
+    Each path sums in its own fixed order, so outputs differ between paths in the last bits.
+    """
+    build()
+    want = -1 if name is None else ISAS.index(name)
+    return ISAS[int(torch.ops.adaspec_kernels.set_isa(want))]
+
+
+def qmm(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x [n, K] float32 @ dequant(blocks) [N, K]^T -> [n, N] float32``; ``blocks`` is ``[N, K / 32 * bytes]`` uint8."""
+    return torch.ops.adaspec_kernels.qmm(x, blocks, KINDS[kind])
+
+
+def reference_qmm(x: torch.Tensor, blocks: "GGUFBlocks") -> torch.Tensor:  # noqa: F821
+    """What ``qmm`` computes, up to the order of fp32 additions: exact dequantisation, then an fp32 matmul."""
+    return x.float() @ blocks.dequantize().T
+

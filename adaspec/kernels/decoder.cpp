@@ -1,0 +1,216 @@
+// The decoder layers of a Llama-architecture model over GGUF blocks, for the rows of one verification (or
+// decoding) forward, in one call: RMSNorm, fused QKV, RoPE, KV-cache write, attention, output projection,
+// RMSNorm, fused gate/up, SiLU, down projection, residuals.
+//
+// Row independence, by construction: every row's arithmetic is fixed by that row alone. The projections are
+// qmm.cpp's row-independent products; norms, RoPE, SiLU and residuals are per-row loops; each (row, head) of
+// attention runs in its own loop over the row's own keys, in decoding order (the committed prefix, then the
+// row's ancestors among the new tokens, then itself), with a fixed order of every sum. So row i of a k-row
+// forward, chain or tree, equals the one-row forward of that token after its path, bit for bit.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "qmm.h"
+
+namespace {
+
+struct Proj {
+  at::Tensor blocks;  // [out, in / 32 * bytes] uint8
+  int64_t kind = 0;
+  int64_t out = 0, in = 0;
+};
+
+struct Layer {
+  at::Tensor attn_norm, mlp_norm;  // [d] float32
+  Proj qkv, o, gate_up, down;
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t t = 0; t < n; ++t) s += a[t] * b[t];
+  return s;
+}
+
+// y = x / sqrt(mean(x^2) + eps) * w, one row.
+inline void rms_norm(const float* x, const float* w, float* y, int64_t d, float eps) {
+  const float r = 1.f / std::sqrt(dot(x, x, d) / (float)d + eps);
+  for (int64_t t = 0; t < d; ++t) y[t] = x[t] * r * w[t];
+}
+
+class Decoder : public torch::CustomClassHolder {
+ public:
+  Decoder(int64_t heads, int64_t kv_heads, int64_t head_dim, int64_t hidden, int64_t intermediate, double eps)
+      : H_(heads), KV_(kv_heads), hd_(head_dim), d_(hidden), I_(intermediate), eps_((float)eps) {
+    TORCH_CHECK(H_ > 0 && KV_ > 0 && H_ % KV_ == 0 && hd_ % 2 == 0 && H_ * hd_ > 0, "adaspec decoder: bad shape");
+  }
+
+  void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm, at::Tensor qkv, int64_t qkv_kind, at::Tensor o,
+                 int64_t o_kind, at::Tensor gate_up, int64_t gate_up_kind, at::Tensor down, int64_t down_kind) {
+    Layer L;
+    L.attn_norm = vec(attn_norm, d_);
+    L.mlp_norm = vec(mlp_norm, d_);
+    L.qkv = proj(qkv, qkv_kind, d_, (H_ + 2 * KV_) * hd_);
+    L.o = proj(o, o_kind, H_ * hd_, d_);
+    L.gate_up = proj(gate_up, gate_up_kind, d_, 2 * I_);
+    L.down = proj(down, down_kind, I_, d_);
+    layers_.push_back(std::move(L));
+  }
+
+  // x: [n, d] embeddings (float32), updated to the last layer's output and returned.
+  // rope: [n, hd / 2, 2] (cos, sin) of each row's position. kc, vc: [layers, KV, capacity, hd] float32.
+  // start: committed positions; the new rows are written to slots start .. start + n - 1.
+  // anc: [n, n] bool, row i attends to new token j when anc[i][j] (ancestor or self); empty for a chain.
+  at::Tensor forward(at::Tensor x, at::Tensor rope, at::Tensor kc, at::Tensor vc, int64_t start, at::Tensor anc) {
+    const int64_t n = x.size(0), nl = (int64_t)layers_.size();
+    TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == d_,
+                "adaspec decoder: x must be a contiguous [n, hidden] float32 tensor");
+    TORCH_CHECK(rope.is_contiguous() && rope.scalar_type() == at::kFloat && rope.numel() == n * hd_,
+                "adaspec decoder: rope must be a contiguous [n, head_dim / 2, 2] float32 tensor");
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat &&
+                    vc.scalar_type() == at::kFloat && kc.dim() == 4 && kc.sizes() == vc.sizes() &&
+                    kc.size(0) == nl && kc.size(1) == KV_ && kc.size(3) == hd_,
+                "adaspec decoder: caches must be contiguous [layers, kv_heads, capacity, head_dim] float32");
+    const int64_t cap = kc.size(2);
+    TORCH_CHECK(start >= 0 && start + n <= cap, "adaspec decoder: rows past the cache capacity");
+    const bool tree = anc.numel() > 0;
+    at::Tensor ancc;
+    if (tree) {
+      ancc = anc.to(at::kBool).contiguous();
+      TORCH_CHECK(ancc.dim() == 2 && ancc.size(0) == n && ancc.size(1) == n, "adaspec decoder: anc must be [n, n]");
+    }
+    // Cache slots of each row's keys in decoding order: the committed prefix, then its ancestors among the new
+    // tokens and itself, root first (ascending indices are root first in a tree). Every loop below reads keys
+    // through this list, so a key's arithmetic never depends on whether it is committed or new.
+    std::vector<std::vector<int64_t>> keys(n);
+    for (int64_t i = 0; i < n; ++i) {
+      keys[i].reserve(start + i + 1);
+      for (int64_t j = 0; j < start; ++j) keys[i].push_back(j);
+      for (int64_t j = 0; j <= i; ++j)
+        if (!tree || ancc.data_ptr<bool>()[i * n + j]) keys[i].push_back(start + j);
+    }
+
+    const int64_t nq = H_ * hd_, nqkv = (H_ + 2 * KV_) * hd_, half = hd_ / 2;
+    auto opts = x.options();
+    at::Tensor h = at::empty({n, d_}, opts), qkv = at::empty({n, nqkv}, opts), att = at::empty({n, nq}, opts);
+    at::Tensor gu = at::empty({n, 2 * I_}, opts), act = at::empty({n, I_}, opts), y = at::empty({n, d_}, opts);
+    float *X = x.data_ptr<float>(), *Hb = h.data_ptr<float>(), *QKV = qkv.data_ptr<float>();
+    float *ATT = att.data_ptr<float>(), *GU = gu.data_ptr<float>(), *ACT = act.data_ptr<float>();
+    float* Y = y.data_ptr<float>();
+    const float* R = rope.data_ptr<float>();
+    const float scale = 1.f / std::sqrt((float)hd_);
+    const int64_t group = H_ / KV_;
+
+    for (int64_t li = 0; li < nl; ++li) {
+      const Layer& L = layers_[li];
+      float* K = kc.data_ptr<float>() + li * KV_ * cap * hd_;  // [KV, cap, hd]
+      float* V = vc.data_ptr<float>() + li * KV_ * cap * hd_;
+      for (int64_t i = 0; i < n; ++i) rms_norm(X + i * d_, L.attn_norm.data_ptr<float>(), Hb + i * d_, d_, eps_);
+      mm(L.qkv, Hb, n, QKV);
+      for (int64_t i = 0; i < n; ++i) {
+        float* row = QKV + i * nqkv;
+        const float* cs = R + i * hd_;
+        for (int64_t hh = 0; hh < H_ + KV_; ++hh) {  // RoPE on q and k heads: pairs (a, b) * (cos + i sin)
+          float* p = row + hh * hd_;
+          for (int64_t j = 0; j < half; ++j) {
+            const float a = p[2 * j], b = p[2 * j + 1], c = cs[2 * j], s = cs[2 * j + 1];
+            p[2 * j] = a * c - b * s;
+            p[2 * j + 1] = a * s + b * c;
+          }
+        }
+        for (int64_t g = 0; g < KV_; ++g) {
+          std::memcpy(K + (g * cap + start + i) * hd_, row + nq + g * hd_, hd_ * sizeof(float));
+          std::memcpy(V + (g * cap + start + i) * hd_, row + nq + (KV_ + g) * hd_, hd_ * sizeof(float));
+        }
+      }
+      // Attention, one (row, head) at a time over the row's keys in decoding order.
+      at::parallel_for(0, n * H_, 1, [&](int64_t t0, int64_t t1) {
+        std::vector<float> sc(start + n);
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t i = t / H_, hh = t % H_, g = hh / group;
+          const float* q = QKV + i * nqkv + hh * hd_;
+          const float* Kg = K + g * cap * hd_;
+          const float* Vg = V + g * cap * hd_;
+          const int64_t* slots = keys[i].data();
+          const int64_t m = (int64_t)keys[i].size();
+          float mx = -INFINITY;
+          for (int64_t j = 0; j < m; ++j) {
+            sc[j] = dot(q, Kg + slots[j] * hd_, hd_) * scale;
+            mx = sc[j] > mx ? sc[j] : mx;
+          }
+          float sum = 0.f;
+          for (int64_t j = 0; j < m; ++j) {
+            sc[j] = std::exp(sc[j] - mx);
+            sum += sc[j];
+          }
+          float* out = ATT + i * nq + hh * hd_;
+          for (int64_t e = 0; e < hd_; ++e) out[e] = 0.f;
+          for (int64_t j = 0; j < m; ++j) {
+            const float* v = Vg + slots[j] * hd_;
+            const float p = sc[j];
+#pragma omp simd
+            for (int64_t e = 0; e < hd_; ++e) out[e] += p * v[e];
+          }
+          const float inv = 1.f / sum;
+          for (int64_t e = 0; e < hd_; ++e) out[e] *= inv;
+        }
+      });
+      mm(L.o, ATT, n, Y);
+      for (int64_t e = 0; e < n * d_; ++e) X[e] += Y[e];
+      for (int64_t i = 0; i < n; ++i) rms_norm(X + i * d_, L.mlp_norm.data_ptr<float>(), Hb + i * d_, d_, eps_);
+      mm(L.gate_up, Hb, n, GU);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* gr = GU + i * 2 * I_;
+        float* ar = ACT + i * I_;
+        for (int64_t e = 0; e < I_; ++e) {
+          const float g = gr[e];
+          ar[e] = g / (1.f + std::exp(-g)) * gr[I_ + e];
+        }
+      }
+      mm(L.down, ACT, n, Y);
+      for (int64_t e = 0; e < n * d_; ++e) X[e] += Y[e];
+    }
+    return x;
+  }
+
+  int64_t num_layers() const { return (int64_t)layers_.size(); }
+
+ private:
+  at::Tensor vec(const at::Tensor& t, int64_t size) const {
+    TORCH_CHECK(t.numel() == size, "adaspec decoder: a norm weight of ", t.numel(), " values, expected ", size);
+    return t.to(at::kFloat).contiguous();
+  }
+
+  Proj proj(const at::Tensor& blocks, int64_t kind, int64_t in, int64_t out) const {
+    TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.size(0) == out &&
+                    blocks.size(1) == in / 32 * adaspec::gguf_block_bytes(kind) && in % 32 == 0,
+                "adaspec decoder: projection blocks of the wrong shape");
+    return Proj{blocks.contiguous(), kind, out, in};
+  }
+
+  static void mm(const Proj& p, const float* x, int64_t n, float* out) {
+    adaspec::qmm_into(x, n, p.in, p.blocks.data_ptr<uint8_t>(), p.blocks.size(1), p.kind, out, p.out);
+  }
+
+  int64_t H_, KV_, hd_, d_, I_;
+  float eps_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY(adaspec_kernels, m) {
+  m.class_<Decoder>("Decoder")
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("forward", &Decoder::forward)
+      .def("num_layers", &Decoder::num_layers);
+}
