@@ -132,42 +132,17 @@ class GGUFBlocks:
 
     @staticmethod
     def quantize(w: torch.Tensor, kind: str) -> "GGUFBlocks":
-        """Blocks of ``kind`` for dense weights ``w [out, in]`` (lossy), by llama.cpp's reference recipes.
+        """Blocks of ``kind`` for dense weights ``w [out, in]`` (lossy), by the ``gguf`` package's reference
+        quantisers (llama.cpp's recipes); for tests and random models."""
+        from gguf import GGMLQuantizationType
+        from gguf.quants import quantize
 
-        ``Q8_0``: ``d = max|w| / 127``, ``q = round(w / d)``; ``Q4_1``: ``d = (max - min) / 15``, ``m = min``,
-        ``q = round((w - m) / d)``; ``Q4_0``: ``d = -w[argmax|w|] / 8``, ``q = round(w / d) + 8`` clamped to
-        0..15. ``d`` and ``m`` are stored as fp16 and the codes are computed against the stored values.
-        """
         if kind not in _BLOCK_BYTES:
             raise ValueError(f"unsupported GGUF block type {kind}")
-        out, n_in = w.shape
-        if n_in % GROUP:
-            raise ValueError(f"GGUF blocks need the input dimension to be a multiple of {GROUP}, got {n_in}")
-        g = w.float().reshape(out, n_in // GROUP, GROUP)  # [out, groups, 32]
-
-        def half(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # stored fp16 value, and its bytes
-            h = v.half()
-            return h.float(), h.view(torch.uint8).reshape(out, -1, 2)
-
-        def safe(d: torch.Tensor) -> torch.Tensor:
-            return torch.where(d != 0, d, torch.ones_like(d))[..., None]
-
-        if kind == "Q8_0":
-            d, db = half(g.abs().amax(-1) / 127)
-            q = torch.round(g / safe(d)).clamp(-127, 127).to(torch.int8).view(torch.uint8)
-            parts = [db, q]
-        elif kind == "Q4_1":
-            lo, hi = g.amin(-1), g.amax(-1)
-            d, db = half((hi - lo) / 15)
-            m, mb = half(lo)
-            q = torch.round((g - m[..., None]) / safe(d)).clamp(0, 15).to(torch.uint8)
-            parts = [db, mb, q[..., :16] | (q[..., 16:] << 4)]
-        else:
-            at = g.abs().argmax(-1, keepdim=True)
-            d, db = half(-g.gather(-1, at)[..., 0] / 8)
-            q = (torch.round(g / safe(d)) + 8).clamp(0, 15).to(torch.uint8)
-            parts = [db, q[..., :16] | (q[..., 16:] << 4)]
-        return GGUFBlocks(kind, torch.cat(parts, dim=-1).reshape(out, -1).contiguous())
+        if w.dim() != 2 or w.shape[1] % GROUP:
+            raise ValueError(f"GGUF blocks need a [out, in] weight with in a multiple of {GROUP}")
+        data = quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType[kind])
+        return GGUFBlocks(kind, torch.from_numpy(np.ascontiguousarray(data)))
 
     @staticmethod
     def cat(parts: Sequence["GGUFBlocks"]) -> "GGUFBlocks":
