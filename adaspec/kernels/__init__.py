@@ -24,7 +24,7 @@ __all__ = ["KINDS", "ISAS", "available", "unavailable_reason", "isa", "force_isa
 KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # GGUF block types the kernels compute (codes as in qmm.cpp)
 ISAS = ("scalar", "avx2", "avx512")  # code paths, in qmm.cpp's numbering
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "qmm.cpp", _HERE / "decoder.cpp"]
+_SOURCES = [_HERE / "qmm.cpp", _HERE / "vector.cpp", _HERE / "decoder.cpp"]
 _state: dict[str, object] = {}
 
 

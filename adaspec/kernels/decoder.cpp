@@ -33,16 +33,12 @@ struct Layer {
   Proj qkv, o, gate_up, down;
 };
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t t = 0; t < n; ++t) s += a[t] * b[t];
-  return s;
-}
-
-// y = x / sqrt(mean(x^2) + eps) * w, one row.
+// y = x / sqrt(mean(x^2) + eps) * w, one row. The sum of squares runs in plain index order (a float reduction
+// the compiler may not reorder); the rest is elementwise.
 inline void rms_norm(const float* x, const float* w, float* y, int64_t d, float eps) {
-  const float r = 1.f / std::sqrt(dot(x, x, d) / (float)d + eps);
+  float ss = 0.f;
+  for (int64_t t = 0; t < d; ++t) ss += x[t] * x[t];
+  const float r = 1.f / std::sqrt(ss / (float)d + eps);
   for (int64_t t = 0; t < d; ++t) y[t] = x[t] * r * w[t];
 }
 
@@ -133,48 +129,18 @@ class Decoder : public torch::CustomClassHolder {
       }
       // Attention, one (row, head) at a time over the row's keys in decoding order.
       at::parallel_for(0, n * H_, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> sc(start + n);
+        std::vector<float> sc(start + n + 16);
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t i = t / H_, hh = t % H_, g = hh / group;
-          const float* q = QKV + i * nqkv + hh * hd_;
-          const float* Kg = K + g * cap * hd_;
-          const float* Vg = V + g * cap * hd_;
-          const int64_t* slots = keys[i].data();
-          const int64_t m = (int64_t)keys[i].size();
-          float mx = -INFINITY;
-          for (int64_t j = 0; j < m; ++j) {
-            sc[j] = dot(q, Kg + slots[j] * hd_, hd_) * scale;
-            mx = sc[j] > mx ? sc[j] : mx;
-          }
-          float sum = 0.f;
-          for (int64_t j = 0; j < m; ++j) {
-            sc[j] = std::exp(sc[j] - mx);
-            sum += sc[j];
-          }
-          float* out = ATT + i * nq + hh * hd_;
-          for (int64_t e = 0; e < hd_; ++e) out[e] = 0.f;
-          for (int64_t j = 0; j < m; ++j) {
-            const float* v = Vg + slots[j] * hd_;
-            const float p = sc[j];
-#pragma omp simd
-            for (int64_t e = 0; e < hd_; ++e) out[e] += p * v[e];
-          }
-          const float inv = 1.f / sum;
-          for (int64_t e = 0; e < hd_; ++e) out[e] *= inv;
+          adaspec::attend(QKV + i * nqkv + hh * hd_, K + g * cap * hd_, V + g * cap * hd_, keys[i].data(),
+                          (int64_t)keys[i].size(), hd_, scale, ATT + i * nq + hh * hd_, sc.data());
         }
       });
       mm(L.o, ATT, n, Y);
       for (int64_t e = 0; e < n * d_; ++e) X[e] += Y[e];
       for (int64_t i = 0; i < n; ++i) rms_norm(X + i * d_, L.mlp_norm.data_ptr<float>(), Hb + i * d_, d_, eps_);
       mm(L.gate_up, Hb, n, GU);
-      for (int64_t i = 0; i < n; ++i) {
-        const float* gr = GU + i * 2 * I_;
-        float* ar = ACT + i * I_;
-        for (int64_t e = 0; e < I_; ++e) {
-          const float g = gr[e];
-          ar[e] = g / (1.f + std::exp(-g)) * gr[I_ + e];
-        }
-      }
+      for (int64_t i = 0; i < n; ++i) adaspec::silu_mul(GU + i * 2 * I_, GU + i * 2 * I_ + I_, ACT + i * I_, I_);
       mm(L.down, ACT, n, Y);
       for (int64_t e = 0; e < n * d_; ++e) X[e] += Y[e];
     }

@@ -103,8 +103,8 @@ void rows_scalar(const float* x, int64_t n, int64_t K, const uint8_t* W, int64_t
 }
 
 // ------------------------------------------------------------------------------------------------
-// AVX2 + FMA + F16C: a block is 4 vectors of 8; each element keeps 4 accumulators (one per vector slot of
-// the block), summed as (a0 + a1) + (a2 + a3), then lanes 0..7 in a fixed tree.
+// AVX2 + FMA + F16C: a block is 4 vectors of 8; each element keeps 2 accumulators, a0 for the block's
+// vectors 0 and 2, a1 for 1 and 3, summed a0 + a1, then lanes 0..7 in a fixed tree.
 // ------------------------------------------------------------------------------------------------
 
 #pragma GCC push_options
@@ -135,8 +135,8 @@ inline void dequant_avx2(const uint8_t* b, __m256 w[4]) {
   }
 }
 
-inline float hsum_avx2(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
-  const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+inline float hsum_avx2(__m256 a0, __m256 a1) {
+  const __m256 s = _mm256_add_ps(a0, a1);
   __m128 v = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
   v = _mm_add_ps(v, _mm_movehl_ps(v, v));
   v = _mm_add_ss(v, _mm_movehdup_ps(v));
@@ -149,23 +149,22 @@ inline void tile_avx2(const float* x, int64_t K, const uint8_t* W, int64_t ldw, 
                       int64_t i) {
   constexpr int64_t bb = KIND == Q4_0 ? 18 : KIND == Q4_1 ? 20 : 34;
   const int64_t G = K / kBlock;
-  __m256 acc[O][R][4];
+  __m256 acc[O][R][2];
   for (int a = 0; a < O; ++a)
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < 4; ++j) acc[a][r][j] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) acc[a][r][0] = acc[a][r][1] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     for (int a = 0; a < O; ++a) {
       __m256 w[4];
       dequant_avx2<KIND>(W + (o + a) * ldw + g * bb, w);
       for (int r = 0; r < R; ++r) {
         const float* xr = x + (i + r) * K + g * kBlock;
-        for (int j = 0; j < 4; ++j) acc[a][r][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), acc[a][r][j]);
+        for (int j = 0; j < 4; ++j)
+          acc[a][r][j & 1] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xr + 8 * j), acc[a][r][j & 1]);
       }
     }
   }
   for (int a = 0; a < O; ++a)
-    for (int r = 0; r < R; ++r)
-      out[(i + r) * N + o + a] = hsum_avx2(acc[a][r][0], acc[a][r][1], acc[a][r][2], acc[a][r][3]);
+    for (int r = 0; r < R; ++r) out[(i + r) * N + o + a] = hsum_avx2(acc[a][r][0], acc[a][r][1]);
 }
 
 template <int KIND>
@@ -179,8 +178,12 @@ void rows_avx2(const float* x, int64_t n, int64_t K, const uint8_t* W, int64_t l
   }
   for (int64_t o = o0; o < o1; ++o) {
     int64_t i = 0;
-    for (; i + 2 <= n; i += 2) tile_avx2<KIND, 1, 2>(x, K, W, ldw, out, N, o, i);
-    for (; i < n; ++i) tile_avx2<KIND, 1, 1>(x, K, W, ldw, out, N, o, i);
+    for (; i + 4 <= n; i += 4) tile_avx2<KIND, 1, 4>(x, K, W, ldw, out, N, o, i);
+    switch (n - i) {
+      case 3: tile_avx2<KIND, 1, 3>(x, K, W, ldw, out, N, o, i); break;
+      case 2: tile_avx2<KIND, 1, 2>(x, K, W, ldw, out, N, o, i); break;
+      case 1: tile_avx2<KIND, 1, 1>(x, K, W, ldw, out, N, o, i); break;
+    }
   }
 }
 
@@ -266,9 +269,17 @@ inline void rowtiles_avx512(const float* x, int64_t n, int64_t K, const uint8_t*
 template <int KIND>
 void rows_avx512(const float* x, int64_t n, int64_t K, const uint8_t* W, int64_t ldw, float* out, int64_t N,
                  int64_t o0, int64_t o1) {
+  int64_t i = 0;
+  // 8 rows share each dequantised block where their activations stay in L1 (8 x K floats <= 24 KB).
+  if (K <= 768)
+    for (; i + 8 <= n; i += 8)
+      for (int64_t o = o0; o < o1; ++o) tile_avx512<KIND, 1, 8>(x, K, W, ldw, out, N, o, i);
+  if (i == n) return;
+  const float* xr = x + i * K;
+  float* outr = out + i * N;
   int64_t o = o0;
-  for (; o + 2 <= o1; o += 2) rowtiles_avx512<KIND, 2>(x, n, K, W, ldw, out, N, o);
-  for (; o < o1; ++o) rowtiles_avx512<KIND, 1>(x, n, K, W, ldw, out, N, o);
+  for (; o + 2 <= o1; o += 2) rowtiles_avx512<KIND, 2>(xr, n - i, K, W, ldw, outr, N, o);
+  for (; o < o1; ++o) rowtiles_avx512<KIND, 1>(xr, n - i, K, W, ldw, outr, N, o);
 }
 
 #pragma GCC pop_options
@@ -333,6 +344,8 @@ int64_t set_isa(int64_t want) {
 namespace adaspec {
 
 int64_t gguf_block_bytes(int64_t kind) { return block_bytes(kind); }
+
+int64_t active_isa() { return active(); }
 
 void qmm_into(const float* x, int64_t n, int64_t K, const uint8_t* w, int64_t ldw, int64_t kind, float* out,
               int64_t N) {
