@@ -125,8 +125,11 @@ def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, co
                     trees[k].append(ours.verify(k, True))
                 if peer:
                     peer_chain[k].append(peer.verify(k))
-        plain = [ours.plain(decode_tokens) for _ in range(3)]
-        peer_plain = [peer.plain(decode_tokens) for _ in range(3)] if peer else []
+        plain, peer_plain = [], []
+        for _ in range(max(3, reps // 2)):  # interleaved, so machine noise hits both alike
+            plain.append(ours.plain(decode_tokens))
+            if peer:
+                peer_plain.append(peer.plain(decode_tokens))
     out: dict[str, Any] = {
         "verify": {k: statistics.median(v) for k, v in chain.items()},
         "verify_ms": {k: round(_median_ms(v), 3) for k, v in chain.items()},

@@ -3,8 +3,9 @@ and the decoder layers of a Llama model built on them (``decoder.cpp``), both ro
 
 The extension is compiled once per machine and torch version on first use (about 30 s; ``make setup`` does it
 ahead of time) and cached under ``$ADASPEC_CACHE/kernels``. Where it cannot be built or loaded (no C++
-compiler, a CPU without AVX2 support in the compiler, a torch without headers), ``available()`` is false,
-``unavailable_reason()`` says why, and the model falls back to torch's kernels.
+compiler, a torch without headers), ``available()`` is false, ``unavailable_reason()`` says why, and the
+model falls back to torch's kernels. The code path (AVX-512, AVX2, scalar) is picked from the CPU at run time;
+``ADASPEC_KERNELS_ISA=avx2`` (or ``scalar``) runs a narrower one, to measure what another CPU family would get.
 
 ``reference_qmm`` is the plain computation the kernels must agree with: dequantise the blocks, fp32 matmul.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -49,6 +51,8 @@ def build() -> None:
                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
                        verbose=False)
     _state["loaded"] = True
+    if os.environ.get("ADASPEC_KERNELS_ISA"):  # run a narrower path than the CPU allows, e.g. avx2 on an AVX-512 CPU
+        force_isa(os.environ["ADASPEC_KERNELS_ISA"])
 
 
 def available() -> bool:
@@ -83,6 +87,8 @@ def force_isa(name: str | None) -> str:
     Each path sums in its own fixed order, so outputs differ between paths in the last bits.
     """
     build()
+    if name is not None and name not in ISAS:
+        raise ValueError(f"unknown instruction set {name!r}; choose one of {', '.join(ISAS)}")
     want = -1 if name is None else ISAS.index(name)
     return ISAS[int(torch.ops.adaspec_kernels.set_isa(want))]
 
@@ -96,3 +102,27 @@ def reference_qmm(x: torch.Tensor, blocks: "GGUFBlocks") -> torch.Tensor:  # noq
     """What ``qmm`` computes, up to the order of fp32 additions: exact dequantisation, then an fp32 matmul."""
     return x.float() @ blocks.dequantize().T
 
+
+
+def limit_this_thread(threads: int) -> bool:
+    """Give the calling thread an OpenMP team of ``threads`` (torch's and these kernels' parallel loops alike),
+    without changing any other thread's; returns whether it could.
+
+    ``torch.set_num_threads`` would also change the process-wide default that every thread starting later
+    inherits. A helper thread (a background learner) with a team of its own would put more OpenMP threads in the
+    process than cores, and libgomp then makes every parallel region, decoding's included, sleep and wake
+    instead of spinning. So the helper calls this first: torch's per-thread setup runs, then libgomp's own
+    per-thread setting is lowered.
+    """
+    import ctypes
+
+    torch.get_num_threads()  # torch's per-thread initialisation first, or it would overwrite the setting below
+    paths = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+             if "libgomp" in line and line.split()[-1].startswith("/")} if Path("/proc/self/maps").exists() else set()
+    for path in sorted(paths):
+        try:
+            ctypes.CDLL(path).omp_set_num_threads(int(threads))
+        except (OSError, AttributeError):
+            continue
+        return True
+    return False

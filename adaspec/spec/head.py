@@ -701,6 +701,9 @@ class OnlineHeadSpeculator(HeadSpeculator):
 
     def _loop(self) -> None:
         """Background learner: bounded duty cycle, more of it when the server is idle."""
+        from ..kernels import limit_this_thread
+
+        limit_this_thread(1)  # no OpenMP team of its own beside decoding's (see there)
         while not self._stop.is_set():
             self._wake.wait(timeout=0.5)
             self._wake.clear()
