@@ -505,7 +505,9 @@ class OnlineConfig:
     publish_every: int = 4
     """Update steps between publications of a new serving version."""
     max_share: float = 0.04
-    """Fraction of wall time the learner may compute while requests are decoding."""
+    """Fraction of wall time the learner may compute while requests are decoding, on a core decoding does not
+    use; with no spare core (decoding's threads cover every core) it learns only while idle, since a learner
+    sharing a core with decoding slows every step it overlaps."""
     idle_share: float = 0.5
     """Fraction it may use when nothing was observed for ``idle_after_s``."""
     idle_after_s: float = 2.0
@@ -545,6 +547,9 @@ class OnlineHeadSpeculator(HeadSpeculator):
         self._owed = 0  # update steps the buffered pairs still call for
         self._recent = 0  # size of the newest digested group of pairs (drawn from first in each batch)
         self._active: set[str] = set()  # requests between begin and end
+        # whether a core is left over by decoding's threads (read here, on the thread that decodes)
+        self._spare_core = len(os.sched_getaffinity(0)) > torch.get_num_threads() \
+            if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > torch.get_num_threads()
         self._pending: deque = deque()  # new pairs not yet evaluated: (h_in [d], tok_in, h_out [d], tok_out)
         self._buffer: deque = deque(maxlen=self.online.buffer_size)
         self._guard: deque = deque(maxlen=self.online.guard_window)  # (online_right, static_right) per pair
@@ -708,6 +713,10 @@ class OnlineHeadSpeculator(HeadSpeculator):
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             while not self._stop.is_set() and self._running.is_set():
+                if not self._spare_core and not self._idle():  # wait for the engine to go idle
+                    if self._stop.wait(0.1):
+                        return
+                    continue
                 t0 = time.perf_counter()
                 try:
                     with self._step_lock:
@@ -718,12 +727,15 @@ class OnlineHeadSpeculator(HeadSpeculator):
                     self.reset_to_static()
                     break
                 dt = time.perf_counter() - t0
-                idle = not self._active and time.monotonic() - self._last_observe > self.online.idle_after_s
+                idle = self._idle()
                 if not idle:
                     self.compute_busy_s += dt
                 share = self.online.idle_share if idle else self.online.max_share
                 if self._stop.wait(dt * (1.0 / share - 1.0)):
                     return
+
+    def _idle(self) -> bool:
+        return not self._active and time.monotonic() - self._last_observe > self.online.idle_after_s
 
     def pause(self) -> None:
         """Hold the background learner (after its unit of work in flight) until ``resume``; pairs keep queueing.
@@ -736,7 +748,9 @@ class OnlineHeadSpeculator(HeadSpeculator):
             pass
 
     def resume(self) -> None:
-        """Let the background learner run again."""
+        """Let the background learner run again; a resumed configuration is about to decode, so it counts as
+        busy from here (not idle because nothing was observed while it was held)."""
+        self._last_observe = time.monotonic()
         self._running.set()
         self._wake.set()
 
