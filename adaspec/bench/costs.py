@@ -8,6 +8,7 @@ target on this machine. ``measure_costs`` times, after a context of
 * ``verify[k]``: a chain of k tokens (the pending token + k - 1 draft tokens);
 * ``tree[k]``: k tokens as a binary tree (``parents[i] = (i - 1) // 2``);
 * ``plain_tok_s``: greedy decoding one token per forward (argmax + commit).
+* ``head_ms``: the LM head alone over k rows (part of c(k)).
 
 Each value is the median over ``reps`` repetitions, sizes interleaved, with
 nothing committed between verify timings (the next forward overwrites the rows).
@@ -52,9 +53,11 @@ def _binary_tree(k: int) -> list[int]:
 
 @contextmanager
 def _threads(n: int | None) -> Iterator[None]:
+    if not n:  # leave torch's settings alone: set_num_threads also resets MKL's and the pthreadpool's
+        yield
+        return
     old = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
@@ -79,6 +82,16 @@ class _OursTimer:
         parents = _binary_tree(k) if tree else None
         t = time.perf_counter()
         self.model.forward(self.cache, toks, parents)
+        return time.perf_counter() - t
+
+    def head(self, k: int) -> float | None:
+        """Seconds of the LM head alone over ``k`` rows (``None`` for a target without one)."""
+        lm_head = getattr(self.model, "lm_head", None)
+        if lm_head is None:
+            return None
+        x = torch.randn(k, self.model.hidden_size, generator=torch.Generator().manual_seed(k))
+        t = time.perf_counter()
+        lm_head(x)
         return time.perf_counter() - t
 
     def plain(self, n: int) -> float:
@@ -117,10 +130,14 @@ def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, co
                 peer.verify(k)
         chain = {k: [] for k in ks}
         trees = {k: [] for k in ks}
+        heads: dict[int, list[float]] = {k: [] for k in ks}
         peer_chain = {k: [] for k in ks}
         for _ in range(reps):
             for k in ks:
                 chain[k].append(ours.verify(k, False))
+                h = ours.head(k)
+                if h is not None:
+                    heads[k].append(h)
                 if tree and k > 1:
                     trees[k].append(ours.verify(k, True))
                 if peer:
@@ -136,6 +153,8 @@ def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, co
         "plain_tok_s": 1.0 / statistics.median(plain),
         "context_len": context_len, "reps": reps, "threads": torch.get_num_threads() if threads is None else threads,
     }
+    if all(heads.values()):
+        out["head_ms"] = {k: round(_median_ms(v), 3) for k, v in heads.items()}
     if tree:
         out["tree"] = {k: statistics.median(trees[k]) if k > 1 else out["verify"][1] for k in ks}
         out["tree_ms"] = {k: round(v * 1e3, 3) for k, v in out["tree"].items()}
@@ -208,6 +227,8 @@ def _table(res: dict, title: str) -> Any:
     t.add_column("ours chain ms", justify="right")
     t.add_column("ours tree ms", justify="right")
     t.add_column("ours c(k)/c(1)", justify="right")
+    if "head_ms" in res:
+        t.add_column("ours LM head ms", justify="right")
     if peer:
         t.add_column("llama.cpp ms", justify="right")
         t.add_column("llama.cpp c(k)/c(1)", justify="right")
@@ -215,6 +236,8 @@ def _table(res: dict, title: str) -> Any:
     p1 = peer["verify_ms"][min(peer["verify_ms"])] if peer else None
     for k, ms in res["verify_ms"].items():
         row = [str(k), f"{ms:.1f}", f"{res['tree_ms'][k]:.1f}" if "tree_ms" in res else "-", f"{ms / c1:.2f}"]
+        if "head_ms" in res:
+            row.append(f"{res['head_ms'][k]:.2f}")
         if peer:
             pm = peer["verify_ms"][k]
             row += [f"{pm:.1f}", f"{pm / p1:.2f}"]
