@@ -289,8 +289,8 @@ class LlamaModel:
         dec = torch.classes.adaspec_kernels.Decoder(c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size,
                                                     c.intermediate_size, c.rms_norm_eps)
         for L in self.layers:
-            dec.add_layer(L.attn_norm, L.mlp_norm, L.qkv.data, L.qkv._code, L.o.data, L.o._code,
-                          L.gate_up.data, L.gate_up._code, L.down.data, L.down._code)
+            dec.add_layer(L.attn_norm, L.mlp_norm, L.qkv.data, L.qkv.code, L.o.data, L.o.code,
+                          L.gate_up.data, L.gate_up.code, L.down.data, L.down.code)
         return dec
 
     @classmethod
@@ -385,7 +385,9 @@ class LlamaModel:
         rows: list[slice | torch.Tensor] = []
         mask = None
         compiled = self._decoder is not None and not bulk
-        if not bulk and not compiled:
+        if compiled:
+            pass  # the compiled layers find each row's keys themselves
+        elif not bulk:
             rows = _key_rows(anc, n, start, self.device)
         elif n > 1:
             causal = torch.ones(n, n, dtype=torch.bool).tril() if anc is None else anc

@@ -280,10 +280,10 @@ class QLinear:
         self.out_features, self.in_features = blocks.shape
         self.weight = None
         self._op = torch.ops.adaspec_kernels.qmm
-        self._code = kernels.KINDS[blocks.kind]
+        self.code = kernels.KINDS[blocks.kind]  # the block kind as the compiled kernels number it
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(x if x.dtype == torch.float32 else x.float(), self.data, self._code)
+        return self._op(x if x.dtype == torch.float32 else x.float(), self.data, self.code)
 
 
 def gguf_kernels_take(blocks: GGUFBlocks | None, device: torch.device | str = "cpu") -> bool:
