@@ -21,7 +21,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "ISAS", "available", "unavailable_reason", "isa", "force_isa", "qmm", "reference_qmm", "build"]
+__all__ = ["KINDS", "ISAS", "available", "unavailable_reason", "isa", "force_isa", "qmm", "reference_qmm", "build",
+           "limit_this_thread"]
 
 KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # GGUF block types the kernels compute (codes as in qmm.cpp)
 ISAS = ("scalar", "avx2", "avx512")  # code paths, in qmm.cpp's numbering
@@ -101,7 +102,6 @@ def qmm(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
 def reference_qmm(x: torch.Tensor, blocks: "GGUFBlocks") -> torch.Tensor:  # noqa: F821
     """What ``qmm`` computes, up to the order of fp32 additions: exact dequantisation, then an fp32 matmul."""
     return x.float() @ blocks.dequantize().T
-
 
 
 def limit_this_thread(threads: int) -> bool:

@@ -36,11 +36,15 @@ namespace {
 enum Kind : int64_t { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 constexpr int64_t kBlock = 32;
 
+// Bytes per block of 32 weights.
+template <int KIND>
+constexpr int64_t kBytes = KIND == Q4_0 ? 18 : KIND == Q4_1 ? 20 : 34;
+
 int64_t block_bytes(int64_t kind) {
   switch (kind) {
-    case Q4_0: return 18;
-    case Q4_1: return 20;
-    case Q8_0: return 34;
+    case Q4_0: return kBytes<Q4_0>;
+    case Q4_1: return kBytes<Q4_1>;
+    case Q8_0: return kBytes<Q8_0>;
   }
   TORCH_CHECK(false, "adaspec qmm: unknown block kind ", kind);
 }
@@ -82,7 +86,7 @@ void rows_scalar(const float* x, int64_t n, int64_t K, const uint8_t* W, int64_t
       const float* xi = x + i * K;
       float acc = 0.f;
       for (int64_t g = 0; g < G; ++g) {
-        const uint8_t* b = W + o * ldw + g * (KIND == Q4_0 ? 18 : KIND == Q4_1 ? 20 : 34);
+        const uint8_t* b = W + o * ldw + g * kBytes<KIND>;
         const float d = half_to_float(b);
         if (KIND == Q8_0) {
           for (int j = 0; j < 32; ++j) w[j] = d * (float)(int8_t)b[2 + j];
@@ -147,7 +151,7 @@ inline float hsum_avx2(__m256 a0, __m256 a1) {
 template <int KIND, int O, int R>
 inline void tile_avx2(const float* x, int64_t K, const uint8_t* W, int64_t ldw, float* out, int64_t N, int64_t o,
                       int64_t i) {
-  constexpr int64_t bb = KIND == Q4_0 ? 18 : KIND == Q4_1 ? 20 : 34;
+  constexpr int64_t bb = kBytes<KIND>;
   const int64_t G = K / kBlock;
   __m256 acc[O][R][2];
   for (int a = 0; a < O; ++a)
@@ -234,7 +238,7 @@ inline float hsum_avx512(__m512 a0, __m512 a1) {
 template <int KIND, int O, int R>
 inline void tile_avx512(const float* x, int64_t K, const uint8_t* W, int64_t ldw, float* out, int64_t N, int64_t o,
                         int64_t i) {
-  constexpr int64_t bb = KIND == Q4_0 ? 18 : KIND == Q4_1 ? 20 : 34;
+  constexpr int64_t bb = kBytes<KIND>;
   const int64_t G = K / kBlock;
   __m512 acc[O][R][2];
   for (int a = 0; a < O; ++a)
