@@ -19,10 +19,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_backend_arg(p)
     p.add_argument("--precision", default="auto", choices=["auto", "gguf", "fp32", "int4", "bf16", "fp16"],
                    help="auto (default): on CPU the GGUF's own blocks through adaspec's kernels (gguf), else "
                         "fp32; gguf, fp32 and int4 are lossless under speculation. bf16 / fp16 are LOSSY under "
                         "speculation (kernels chosen by batch size)")
+
+
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp"],
+                   help="auto (default): adaspec's own kernels for Llama GGUFs they run, llama.cpp for every other "
+                        "GGUF; torch: bit-exact under speculation; llamacpp: every architecture llama.cpp runs, "
+                        "equal to its plain decoding up to its batch noise")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -48,9 +56,11 @@ def _load(args: argparse.Namespace):
     from .model.loader import ModelLoadError, load_target
 
     try:
-        return load_target(args.model, device=args.device, precision=args.precision)
+        model, tok = load_target(args.model, device=args.device, precision=args.precision, backend=args.backend)
     except ModelLoadError as e:
         raise CliError(str(e)) from None
+    print(f"adaspec: backend {model.backend} ({model.backend_reason})", file=sys.stderr)
+    return model, tok
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -53,7 +53,7 @@ import torch
 from .control.base import Controller, FixedController
 from .control.costs import parse_cost_curve
 from .engine import Engine
-from .model.base import ForwardOutput
+from .model.base import Capabilities, ForwardOutput
 from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
 from .verify import SamplingParams
 
@@ -239,6 +239,7 @@ class ReplayTarget:
 
     device = torch.device("cpu")
     hidden_size = 0
+    capabilities = Capabilities(trees=True, hidden_states=False, rows_exact=True)
 
     def __init__(self, traces: Iterable[Trace] = (), vocab_size: int | None = None,
                  cost: Callable[[int], float] | None = None, clock: VirtualClock | None = None,

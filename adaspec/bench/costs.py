@@ -74,7 +74,7 @@ class _OursTimer:
     def __init__(self, model: Any, context_len: int):
         self.model = model
         self.context = _context_ids(context_len, model.vocab_size)
-        self.cache = model.new_cache(capacity=context_len + 256)
+        self.cache = model.new_cache()
         model.prefill(self.cache, self.context)
 
     def verify(self, k: int, tree: bool) -> float:
@@ -87,7 +87,7 @@ class _OursTimer:
     def head(self, k: int) -> float | None:
         """Seconds of the LM head alone over ``k`` rows (``None`` for a target without one)."""
         lm_head = getattr(self.model, "lm_head", None)
-        if lm_head is None:
+        if lm_head is None or self.model.backend != "torch":
             return None
         x = torch.randn(k, self.model.hidden_size, generator=torch.Generator().manual_seed(k))
         t = time.perf_counter()
@@ -109,11 +109,12 @@ class _OursTimer:
 
 def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, context_len: int = 100,
                   tree: bool = True, decode_tokens: int = 32, threads: int | None = None,
-                  peer: "LlamaCppCosts | None" = None) -> dict:
+                  peer: "LlamaCppCosts | None" = None, others: dict[str, Any] | None = None) -> dict:
     """c(k) of ``model`` (any ``TargetModel``) and, with ``peer``, of llama.cpp timed in the same loop.
 
     Returns ``{"verify": {k: s}, "tree": {k: s}, "plain_tok_s": x, "verify_ms": ..., ...}``
-    plus ``"llama_cpp": {...}`` with the same keys when a peer is given.
+    plus ``"llama_cpp": {...}`` with the same keys when a peer is given, and ``"backends": {name: {...}}`` for
+    each of ``others`` (more targets, e.g. the same file on another backend, timed in the same loop).
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -124,10 +125,16 @@ def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, co
         raise ValueError(f"context {context_len} + {max(ks)} tokens exceeds the model context {model.max_context}")
     with _threads(threads):
         ours = _OursTimer(model, context_len)
+        more = {name: _OursTimer(m, context_len) for name, m in (others or {}).items()}
         for k in ks:  # warm-up: first calls allocate and pack
             ours.verify(k, False)
+            for o in more.values():
+                o.verify(k, False)
             if peer:
                 peer.verify(k)
+        more_chain = {name: {k: [] for k in ks} for name in more}
+        more_tree = {name: {k: [] for k in ks} for name in more}
+        more_plain: dict[str, list[float]] = {name: [] for name in more}
         chain = {k: [] for k in ks}
         trees = {k: [] for k in ks}
         heads: dict[int, list[float]] = {k: [] for k in ks}
@@ -140,11 +147,17 @@ def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, co
                     heads[k].append(h)
                 if tree and k > 1:
                     trees[k].append(ours.verify(k, True))
+                for name, o in more.items():
+                    more_chain[name][k].append(o.verify(k, False))
+                    if tree and k > 1:
+                        more_tree[name][k].append(o.verify(k, True))
                 if peer:
                     peer_chain[k].append(peer.verify(k))
         plain, peer_plain = [], []
         for _ in range(max(3, reps // 2)):  # interleaved, so machine noise hits both alike
             plain.append(ours.plain(decode_tokens))
+            for name, o in more.items():
+                more_plain[name].append(o.plain(decode_tokens))
             if peer:
                 peer_plain.append(peer.plain(decode_tokens))
     out: dict[str, Any] = {
@@ -158,6 +171,11 @@ def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, co
     if tree:
         out["tree"] = {k: statistics.median(trees[k]) if k > 1 else out["verify"][1] for k in ks}
         out["tree_ms"] = {k: round(v * 1e3, 3) for k, v in out["tree"].items()}
+    if more:
+        out["backends"] = {name: {"verify_ms": {k: round(_median_ms(v), 3) for k, v in more_chain[name].items()},
+                                  "tree_ms": {k: round(_median_ms(more_tree[name][k]), 3) if k > 1 else
+                                              round(_median_ms(more_chain[name][k]), 3) for k in ks} if tree else {},
+                                  "plain_tok_s": 1.0 / statistics.median(more_plain[name])} for name in more}
     if peer:
         out["llama_cpp"] = {"verify": {k: statistics.median(v) for k, v in peer_chain.items()},
                             "verify_ms": {k: round(_median_ms(v), 3) for k, v in peer_chain.items()},
@@ -172,7 +190,7 @@ class LlamaCppCosts:
         from llama_cpp import Llama  # ImportError when not installed
 
         self.llm = Llama(str(gguf_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, logits_all=True, verbose=False)
+                         n_batch=512, logits_all=True, flash_attn=True, verbose=False)
         self.vocab = self.llm.n_vocab()
         self.context = _context_ids(context_len, self.vocab)
         self.llm.eval(self.context)
@@ -229,6 +247,9 @@ def _table(res: dict, title: str) -> Any:
     t.add_column("ours c(k)/c(1)", justify="right")
     if "head_ms" in res:
         t.add_column("ours LM head ms", justify="right")
+    for name in res.get("backends", {}):
+        t.add_column(f"{name} chain ms", justify="right")
+        t.add_column(f"{name} tree ms", justify="right")
     if peer:
         t.add_column("llama.cpp ms", justify="right")
         t.add_column("llama.cpp c(k)/c(1)", justify="right")
@@ -238,6 +259,8 @@ def _table(res: dict, title: str) -> Any:
         row = [str(k), f"{ms:.1f}", f"{res['tree_ms'][k]:.1f}" if "tree_ms" in res else "-", f"{ms / c1:.2f}"]
         if "head_ms" in res:
             row.append(f"{res['head_ms'][k]:.2f}")
+        for r in res.get("backends", {}).values():
+            row += [f"{r['verify_ms'][k]:.1f}", f"{r['tree_ms'][k]:.1f}" if r["tree_ms"] else "-"]
         if peer:
             pm = peer["verify_ms"][k]
             row += [f"{pm:.1f}", f"{pm / p1:.2f}"]
@@ -250,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: the bundled SmolLM2)")
     ap.add_argument("--precision", default="auto", help="auto, gguf, fp32, int4, bf16, fp16 (default auto)")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp", "both"],
+                    help="target backend; both = torch and llamacpp timed in the same loop (default auto)")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both backends (default 2)")
     ap.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated token counts")
     ap.add_argument("--reps", type=int, default=15)
@@ -266,7 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     try:
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
-        model, tok = load_target(args.model, device=args.device, precision=args.precision)
+        backend = "torch" if args.backend == "both" else args.backend
+        model, tok = load_target(args.model, device=args.device, precision=args.precision, backend=backend,
+                                 threads=args.threads)
+        others = {}
+        if args.backend == "both":
+            others["adaspec on llama.cpp"] = load_target(args.model, backend="llamacpp", threads=args.threads)[0]
         gguf = Path(args.model) if args.model else bundled_gguf_path()
     except (ValueError, ModelLoadError) as e:
         console.print(f"[red]error:[/red] {e}")
@@ -285,13 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"llama.cpp column {peer_note}")
     load_before = os.getloadavg()
     res = measure_costs(model, ks, args.reps, args.context, decode_tokens=args.decode_tokens,
-                        threads=args.threads, peer=peer)
-    res.update({"model": tok.name, "precision": model.precision, "device": str(model.device), "cpu": _cpu_name(),
+                        threads=args.threads, peer=peer, others=others)
+    res.update({"model": tok.name, "backend": model.backend, "precision": getattr(model, "precision", "gguf"), "device": str(model.device), "cpu": _cpu_name(),
                 "torch": torch.__version__, "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                 "llama_cpp_note": peer_note})
-    console.print(_table(res, f"c(k) after {args.context} tokens, {args.threads} threads, {model.precision}, "
+    console.print(_table(res, f"c(k) after {args.context} tokens, {args.threads} threads, {model.backend} "
+                              f"backend, {res['precision']}, "
                               f"median of {args.reps} (load avg {load_before[0]:.1f})"))
-    line = f"plain decoding: ours {res['plain_tok_s']:.1f} tok/s"
+    line = f"plain decoding: ours ({model.backend}) {res['plain_tok_s']:.1f} tok/s"
+    for name, r in res.get("backends", {}).items():
+        line += f", {name} {r['plain_tok_s']:.1f} tok/s"
     if peer:
         line += f", llama.cpp {res['llama_cpp']['plain_tok_s']:.1f} tok/s"
     console.print(line)

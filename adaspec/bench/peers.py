@@ -4,7 +4,8 @@ Peers:
 
 * ``hf``            HF transformers ``generate()``, fp32 weights dequantised from the GGUF, plain greedy;
 * ``hf-pld``        the same with prompt lookup decoding (``prompt_lookup_num_tokens``);
-* ``llama.cpp``     llama-cpp-python on the GGUF itself (Q4_1 kernels), plain greedy;
+* ``llama.cpp``     llama-cpp-python on the GGUF itself (Q4_1 kernels), plain greedy, with flash attention on
+                    (llama.cpp's own default on CPU, and its faster setting there);
 * ``llama.cpp-pld`` the same with its Python prompt-lookup draft (``LlamaPromptLookupDecoding``).
 
 Every peer takes token ids (or chat-templated text, which it tokenizes itself
@@ -242,7 +243,7 @@ class LlamaCppPeer(Peer):
         # logits_all argument: ask for it explicitly, or prompts past n_batch tokens overflow that buffer.
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=config.n_ctx, n_threads=config.n_threads,
                                    n_threads_batch=config.n_threads, draft_model=draft, logits_all=draft is not None,
-                                   verbose=False)
+                                   flash_attn=True, verbose=False)
         self.eos_id = self.llm.token_eos()
         self._warmup()
 

@@ -17,6 +17,15 @@ from typing import Protocol, Sequence
 import torch
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a target backend can do; the engine and the speculators read these instead of guessing."""
+
+    trees: bool = True  # forward() takes a token tree (parents), not only a chain
+    hidden_states: bool = True  # ForwardOutput.hidden is filled (draft heads need it)
+    rows_exact: bool = True  # a k-row forward gives bit-identical rows to one-token forwards
+
+
 @dataclass
 class ForwardOutput:
     logits: torch.Tensor  # [n, vocab] float32, row i predicts the token after input i
@@ -41,6 +50,7 @@ class TargetModel(Protocol):
     hidden_size: int
     max_context: int
     device: torch.device
+    capabilities: Capabilities
 
     def new_cache(self) -> KVCache:
         ...

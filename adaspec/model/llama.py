@@ -29,7 +29,7 @@ from typing import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .base import ForwardOutput
+from .base import Capabilities, ForwardOutput
 from .quant import DenseLinear, GGUFBlocks, Linear, QLinear, make_linear
 
 __all__ = ["LlamaConfig", "LlamaCache", "LlamaModel", "Linear", "DenseLinear", "tree_layout"]
@@ -221,6 +221,9 @@ class LlamaModel:
     fp32 through oneDNN is faster than the int4 kernel for more than two rows.
     """
 
+    backend = "torch"
+    backend_reason = ""  # why the loader chose this backend
+
     def __init__(self, cfg: LlamaConfig, weights: Mapping[str, torch.Tensor], device: str | torch.device = "cpu",
                  dtype: torch.dtype = torch.float32, precision: str = "fp32",
                  blocks: Mapping[str, GGUFBlocks] | None = None):
@@ -231,6 +234,8 @@ class LlamaModel:
         self.vocab_size = cfg.vocab_size
         self.hidden_size = cfg.hidden_size
         self.max_context = cfg.max_context
+        # half precision on an accelerator may pick matmul kernels by batch size; every other scheme is row exact
+        self.capabilities = Capabilities(trees=True, hidden_states=True, rows_exact=precision not in ("bf16", "fp16"))
         blocks = dict(blocks or {})
 
         def dense(name: str) -> torch.Tensor:

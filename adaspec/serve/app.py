@@ -61,6 +61,10 @@ class ServerConfig:
     """HF model directory or .gguf file; None = the bundled SmolLM2-135M-Instruct."""
     device: str | None = None
     """cpu or cuda; None = cuda when available."""
+    backend: str = "auto"
+    """auto, torch or llamacpp (see ``model.loader.choose_backend``)."""
+    threads: int | None = None
+    """llama.cpp's threads; None = one per core this process may use (torch's are set by ``--threads`` directly)."""
     mode: str = "adaptive"
     """Speculation setup passed to ``build_engine`` (adaptive, plain, ngram, suffix)."""
     state_dir: str | None = None
@@ -117,7 +121,8 @@ def load_bundle(cfg: ServerConfig) -> EngineBundle:
     from ..model.loader import load_target
     from ..system import build_engine
 
-    model, tok = load_target(cfg.model, device=cfg.device)
+    model, tok = load_target(cfg.model, device=cfg.device, backend=cfg.backend, threads=cfg.threads)
+    log.info("model %s on the %s backend (%s)", getattr(tok, "name", cfg.model), model.backend, model.backend_reason)
     engine = build_engine(model, tok, cfg.mode, state_dir=cfg.state_dir, shared_learning=not cfg.isolated_tenants)
     name = cfg.served_model_name or getattr(tok, "name", None) or (Path(cfg.model).stem if cfg.model else "model")
     return EngineBundle(engine, tok, str(name), _engine_snapshot(engine), _engine_state_sizes(engine))

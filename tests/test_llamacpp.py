@@ -1,0 +1,272 @@
+"""The llama.cpp backend on the bundled model: forwards, commit/rollback, errors, and losslessness.
+
+Lossless here means: speculative output equals plain decoding through the same backend, except at positions whose
+top-2 logit gap is within the batch noise measured in the same test (a verified row against the same position
+decoded alone). A divergence at a clear gap fails.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from adaspec.control.base import FixedController
+from adaspec.engine import Engine
+from adaspec.verify import SamplingParams
+
+from lossless import ScriptedSpeculator, first_divergence
+
+pytest.importorskip("llama_cpp")
+
+N_PROMPTS = 30
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def target():
+    from adaspec.model.loader import load_target
+
+    model, tok = load_target(None, backend="llamacpp", threads=2)
+    yield model, tok
+    model.close()
+
+
+def _plain_with_gaps(model, prompt: list[int], n: int) -> tuple[list[int], list[float], list[torch.Tensor]]:
+    """Greedy decoding one token per forward: (tokens, top-2 gap at each step, logits rows)."""
+    cache = model.new_cache()
+    row = model.prefill(cache, prompt).logits[-1]
+    out, gaps, rows = [], [], []
+    for _ in range(n):
+        top2 = torch.topk(row, 2).values
+        gaps.append(float(top2[0] - top2[1]))
+        rows.append(row)
+        out.append(int(row.argmax()))
+        row = model.forward(cache, [out[-1]]).logits[0]
+        cache.commit([0])
+    return out, gaps, rows
+
+
+@pytest.fixture(scope="module")
+def prompts(target):
+    from adaspec.bench import workloads
+
+    _, tok = target
+    items = workloads.drift(n_per_phase=N_PROMPTS // 3 + 1, seed=3, max_tokens=MAX_TOKENS)
+    ids = []
+    for it in items:
+        p = tok.encode(it.prompt) if it.prompt is not None else tok.apply_chat_template(it.messages)
+        if len(p) < 600:
+            ids.append(p)
+    assert len(ids) >= N_PROMPTS
+    return ids[:N_PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def plain(target, prompts):
+    model, _ = target
+    return {tuple(p): _plain_with_gaps(model, p, MAX_TOKENS) for p in prompts}
+
+
+@pytest.fixture(scope="module")
+def batch_noise(target, prompts, plain):
+    """Largest |logit difference| between a verified chain row and the same position decoded alone."""
+    model, _ = target
+    worst = 0.0
+    for p in prompts[:10]:
+        toks, _, rows = plain[tuple(p)]
+        cache = model.new_cache()
+        model.prefill(cache, p)
+        out = model.forward(cache, toks[:16])  # row i predicts the token after toks[i]
+        worst = max(worst, max(float((out.logits[i] - rows[i + 1]).abs().max()) for i in range(15)))
+    print(f"\nllama.cpp batch noise (max |verified row - one-token row|): {worst:.4f}")
+    return worst
+
+
+def _check_lossless(model, tok, prompts, plain, noise, engine) -> tuple[int, int]:
+    """(diverged prompts, draft tokens accepted on the others); fails on a divergence at a top-2 gap above the
+    noise. (After a near-tie divergence a scripted draft no longer follows the output, so those are not counted.)"""
+    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    diverged = accepted = 0
+    for p in prompts:
+        ref, gaps, _ = plain[tuple(p)]
+        g = engine.generate(p, params)
+        i = first_divergence(ref, g.tokens)
+        if i is None:
+            accepted += g.stats.accepted
+            continue
+        diverged += 1
+        assert i < len(ref) and gaps[i] <= 2 * noise + 1e-4, \
+            f"diverged at token {i} where the top-2 gap is {gaps[i]:.3f} (batch noise {noise:.3f})"
+    return diverged, accepted
+
+
+@pytest.mark.parametrize("mode", ["all", "none", ("mismatch", 2), "tree"], ids=str)
+def test_scripted_drafts_equal_plain_decoding(target, prompts, plain, batch_noise, mode):
+    model, tok = target
+    refs = {k: v[0] for k, v in plain.items()}
+    eng = Engine(model, tok, [ScriptedSpeculator(refs, mode, model.vocab_size)], FixedController(6))
+    diverged, accepted = _check_lossless(model, tok, prompts[:8], plain, batch_noise, eng)
+    print(f"\nscripted {mode}: {diverged}/8 prompts diverged (near ties only), {accepted} tokens accepted")
+    assert (accepted == 0) if mode == "none" else (accepted > 8 or diverged > 4)
+
+
+def test_adaptive_system_equals_plain_decoding_on_30_prompts(target, prompts, plain, batch_noise):
+    from adaspec.system import build_engine
+
+    model, tok = target
+    eng = build_engine(model, tok, "adaptive")
+    try:
+        diverged, accepted = _check_lossless(model, tok, prompts, plain, batch_noise, eng)
+    finally:
+        eng.close()
+    print(f"\nadaptive: {diverged}/{len(prompts)} prompts diverged from plain decoding (near ties only), "
+          f"{accepted} draft tokens accepted")
+    assert accepted > 0
+
+
+def test_tree_verification_and_rollback_leave_no_trace(target, prompts, plain):
+    """Decoding after a tree with rejected branches continues exactly as if the tree had never been drafted."""
+    model, _ = target
+    p = prompts[0]
+    toks, _, rows = plain[tuple(p)]
+    cache = model.new_cache()
+    model.prefill(cache, p)
+    wrong = (toks[1] + 7) % model.vocab_size
+    # root, a wrong first child with a child of its own, then the right chain
+    out = model.forward(cache, [toks[0], wrong, 11, toks[1], toks[2]], [-1, 0, 1, 0, 3])
+    assert torch.equal(out.logits[3], rows[2]) or float((out.logits[3] - rows[2]).abs().max()) < 1e-3
+    cache.commit([0, 3, 4])
+    assert cache.length == len(p) + 3
+    nxt = model.forward(cache, [toks[3]])
+    cache.commit([0])
+    assert float((nxt.logits[0] - rows[4]).abs().max()) < 1e-3
+    # a rejected chain tail, then plain steps
+    model.forward(cache, [toks[4], 5, 6, 7])
+    cache.commit([0])
+    nxt = model.forward(cache, [toks[5]])
+    assert float((nxt.logits[0] - rows[6]).abs().max()) < 1e-3
+    cache.commit([0])
+    # truncate back and decode again
+    cache.truncate(len(p) + 1)
+    again = model.forward(cache, [toks[1]])
+    assert float((again.logits[0] - rows[2]).abs().max()) < 1e-3
+
+
+def test_uncommitted_forward_is_dropped_by_the_next_one(target, prompts, plain):
+    model, _ = target
+    p = prompts[1]
+    toks, _, rows = plain[tuple(p)]
+    cache = model.new_cache()
+    model.prefill(cache, p)
+    model.forward(cache, [toks[0], 3, 4], [-1, 0, 0])  # never committed
+    out = model.forward(cache, [toks[0]])
+    assert float((out.logits[0] - rows[1]).abs().max()) < 1e-3
+
+
+def test_sequences_of_dropped_caches_are_reused(target):
+    model, _ = target
+    for _ in range(300):  # more than llama.cpp's 256 sequence ids
+        c = model.new_cache()
+        model.prefill(c, [1, 2, 3])
+        del c
+        gc.collect()
+
+
+def test_context_limit_is_a_clear_error(target):
+    model, _ = target
+    cache = model.new_cache()
+    with pytest.raises(ValueError, match="exceed the context"):
+        model.prefill(cache, [5] * (model.max_context + 1))
+
+
+def test_hidden_states_and_capabilities(target, prompts):
+    model, _ = target
+    assert model.capabilities.trees and model.capabilities.hidden_states
+    out = model.prefill(model.new_cache(), prompts[0])
+    assert out.logits.shape == (1, model.vocab_size) and out.hidden.shape == (1, model.hidden_size)
+    assert torch.isfinite(out.hidden).all()
+
+
+def test_tokenizer_from_the_gguf(target):
+    _, tok = target
+    text = "Hello, world! Ünïcödé 😀 def f(x):\n    return x"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert "hi" in chat and chat.startswith("<|im_start|>")
+    assert tok.eos_token_ids and all(0 <= t < tok.vocab_size for t in tok.eos_token_ids)
+    with pytest.raises(ValueError):
+        tok.encode("\ud800")  # a lone surrogate is not encodable text
+
+
+def test_seeded_sampling_equals_plain_sampling(target, prompts, plain):
+    """Seeded speculative sampling gives the tokens plain sampling gives with the same seed."""
+    model, tok = target
+    refs = {k: v[0] for k, v in plain.items()}
+    base = Engine(model, tok)
+    eng = Engine(model, tok, [ScriptedSpeculator(refs, "all", model.vocab_size)], FixedController(4))
+    kw = dict(max_tokens=16, temperature=0.8, top_p=0.95, ignore_eos=True)
+    for s, p in enumerate(prompts[:6]):
+        assert base.generate(p, SamplingParams(seed=s, **kw)).tokens == eng.generate(p, SamplingParams(seed=s, **kw)).tokens
+
+
+def test_speculative_sampling_follows_the_target_distribution(target, prompts):
+    """A token decided by verifying a draft is distributed as the target's softmax at that position.
+
+    The first token comes from the prefill; the second is verified against the greedy draft. Among samples whose
+    first token is the greedy one, the second must follow softmax(logits after prompt + that token): checked on
+    three buckets (the drafted token, the next four, the rest), each within 4 standard errors.
+    """
+    from adaspec.verify import target_probs
+
+    model, tok = target
+    p = prompts[2][-60:]
+    greedy = _plain_with_gaps(model, p, 4)[0]
+    eng = Engine(model, tok, [ScriptedSpeculator({tuple(p): greedy}, "all", model.vocab_size)], FixedController(3))
+    temp = 0.8
+    cache = model.new_cache()
+    model.prefill(cache, p)
+    row = model.forward(cache, [greedy[0]]).logits  # [1, vocab]: the position after the greedy first token
+    cache.commit([0])
+    probs = target_probs(row, SamplingParams(temperature=temp))[0].double()
+    order = torch.argsort(probs, descending=True)
+    assert int(order[0]) == greedy[1]
+    buckets = [order[:1], order[1:5], order[5:]]
+    expect = torch.stack([probs[b].sum() for b in buckets])
+    counts = torch.zeros(3, dtype=torch.float64)
+    n = 0
+    for s in range(500):
+        out = eng.generate(p, SamplingParams(max_tokens=2, temperature=temp, seed=5000 + s, ignore_eos=True)).tokens
+        if out[0] != greedy[0]:
+            continue
+        n += 1
+        counts[next(i for i, b in enumerate(buckets) if (b == out[1]).any())] += 1
+    assert n >= 100, f"only {n} samples started with the greedy token"
+    freq = counts / n
+    se = (expect * (1 - expect) / n).sqrt()
+    assert ((freq - expect).abs() <= 4 * se + 1e-9).all(), f"bucket frequencies {freq.tolist()} vs {expect.tolist()}"
+
+
+def test_files_llama_cpp_cannot_run_get_clear_errors(tmp_path):
+    from adaspec.model.loader import ModelLoadError, load_target
+
+    text = tmp_path / "notes.gguf"
+    text.write_text("not a model")
+    with pytest.raises(ModelLoadError, match="GGUF"):
+        load_target(text, backend="llamacpp")
+    import gguf
+    import numpy as np
+
+    odd = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(odd), "no-such-architecture")
+    w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="no-such-architecture"):
+        load_target(odd, backend="llamacpp")
+    with pytest.raises(ModelLoadError, match="no-such-architecture"):
+        load_target(odd)  # auto sends unknown architectures to llama.cpp, which names what it rejected
