@@ -187,9 +187,9 @@ def state_file(draw):
     meta.update(draw(st.dictionaries(st.sampled_from(["namespaces", "calibrated"]),
                                      st.lists(st.sampled_from(["default", "a", ""]), max_size=2) | json_values)))
     if how == "json":
-        payload = json.dumps(draw(json_values | st.dictionaries(st.sampled_from(["default", "x"]), st.fixed_dictionaries(
-            {"version": st.sampled_from([1, 2])}, optional={"budgets": json_values, "calibration": json_values})))
-                             ).encode()
+        controller_like = st.dictionaries(st.sampled_from(["default", "x"]), st.fixed_dictionaries(
+            {"version": st.sampled_from([1, 2])}, optional={"budgets": json_values, "calibration": json_values}))
+        payload = json.dumps(draw(json_values | controller_like)).encode()
     else:
         payload = _npz(draw(suffix_payloads))
     return name, pack(payload, meta)

@@ -11,7 +11,8 @@ A request goes: key -> namespace (``auth``), body -> validated request
 characters), a place in the queue (429 when full), then messages -> chat
 template -> token ids, checks against the context and the ``max_tokens`` cap,
 and a ``Job`` for the engine thread (``scheduler``). Tokenizing comes last
-because it is the expensive part: a burst of huge prompts is refused first. Updates come back through an ``asyncio.Queue``; a client that
+because it is the expensive part: a burst of huge prompts is refused first.
+Updates come back through an ``asyncio.Queue``; a client that
 disconnects (detected by polling while a non-streaming request runs, or by the
 streaming response being cancelled) cancels its job.
 

@@ -16,11 +16,12 @@ it: per-step token counts and inter-token timing reveal whether a guessed
 continuation was in the cache, which is the side channel shown for speculative
 decoding in "When Speculation Spills Secrets" (2024) and for vLLM's shared
 prefix cache in CVE-2025-46570 (fixed there with a server-set ``cache_salt``).
-The server therefore sets the engine namespace itself, from the key: an HMAC
-of the key under a secret of this server (kept in the state directory, so one
-tenant's learned state survives restarts), which never shapes another
-tenant's drafts. The namespace id appears in ``/metrics`` and in the state
-files; without the secret nobody can test a guessed key against it. Without keys all traffic is one tenant (``default``);
+The server therefore sets the engine namespace itself, from the key, so one
+tenant's learned state never shapes another tenant's drafts. The id is an HMAC
+of the key under a secret of this server, kept in the state directory so a
+tenant's learned state survives restarts; it appears in ``/metrics`` and in
+the state files, and without the secret nobody can test a guessed key against
+it. Without keys all traffic is one tenant (``default``);
 ``--shared-namespace`` puts every key into one shared namespace on purpose
 (one organisation, several keys), trading that isolation for faster learning.
 """
