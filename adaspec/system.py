@@ -47,7 +47,7 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
         head = HeadSpeculator.for_target(model, required=True)
         specs, controller = [head], FixedController(4)
     else:
-        from .control.adaptive import AdaptiveController
+        from .control.namespaced import NamespacedController
 
         specs = [SuffixSpeculator(), PromptLookupSpeculator()]
         head = HeadSpeculator.for_target(model)
@@ -55,7 +55,7 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
             specs.append(head)
             if shared_learning:
                 specs.append(OnlineHeadSpeculator.for_target(model))
-        controller = AdaptiveController()
+        controller = NamespacedController()
     engine = Engine(model, tokenizer, specs, controller)
     if state_dir is not None:
         _attach_state(engine, Path(state_dir))
@@ -66,31 +66,25 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
 
 
 def _attach_state(engine: Engine, directory: Path) -> None:
-    """Restore every component's learned state from ``directory`` and give the engine a ``snapshot()``."""
+    """Restore every component's learned state from ``directory`` and give the engine a ``snapshot()``.
+
+    Each component keeps one file, ``<name>.state``. Temporary files of a snapshot that a crash interrupted are
+    deleted first; a damaged or mis-shaped file is moved aside with a warning and its component starts clean
+    (``store.restore``)."""
+    from .spec.store import Persistent, remove_temporaries
+
     directory.mkdir(parents=True, exist_ok=True)
-    files = []  # (component, path): components that save/load one file
-    dirs = []  # components that keep their own entries in the directory
-    for s in engine.speculators:
-        if callable(getattr(s, "save_state", None)):
-            dirs.append(s)
-        elif callable(getattr(s, "save", None)):
-            files.append((s, directory / f"{s.name}.state"))
-    if callable(getattr(engine.controller, "save", None)):
-        files.append((engine.controller, directory / "controller.json"))
+    for p in remove_temporaries(directory):
+        log.warning("removed %s, left by an interrupted snapshot", p.name)
+    files = [(s, directory / f"{s.name}.state") for s in engine.speculators if isinstance(s, Persistent)]
+    if isinstance(engine.controller, Persistent):
+        files.append((engine.controller, directory / "controller.state"))
     for obj, path in files:
-        if path.exists():
-            try:
-                obj.load(path)
-            except (ValueError, OSError) as e:
-                log.warning("ignoring unreadable learned state %s: %s", path.name, e)
-    for s in dirs:
-        s.load_state(directory)
+        obj.load(path, engine.model.vocab_size)
 
     def snapshot() -> None:
         for obj, path in files:
             obj.save(path)
-        for s in dirs:
-            s.save_state(directory)
 
     engine.snapshot = snapshot  # type: ignore[attr-defined]
     engine.on_close.insert(0, snapshot)

@@ -12,7 +12,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args,message", [
     (["generate", "hi", "--max-tokens", "0"], "max_tokens must be a positive integer"),
-    (["generate", "hi", "--temperature", "-1"], "temperature must be >= 0"),
+    (["generate", "hi", "--temperature", "-1"], "temperature must be 0 or at least"),
     (["generate", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
     (["generate", "hi", "--model", "/definitely/not/here"], "does not exist"),
     (["generate", "hi", "--max-tokens", "ten"], "invalid int value"),

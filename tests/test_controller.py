@@ -440,22 +440,28 @@ def test_controller_summary_predicted_vs_realised():
 
 
 def test_controller_state_save_load(tmp_path):
+    from adaspec.control.namespaced import NamespacedController
+
     truth = Truth(15)
     config = AdaptiveConfig(calibration=CalibrationConfig(max_refit_interval=1))  # no stale fit to compare
-    ctrl = AdaptiveController(config, timer=lambda: 0.0)
+    make = lambda costs: AdaptiveController(config, costs, timer=lambda: 0.0)  # noqa: E731
+    ctrl = NamespacedController(make)
     drive(ctrl, [Scripted("s", truth, 0.3, 0.9, seed=7)], truth, gpu_cost, 200)
-    path = tmp_path / "state" / "controller.json"
+    path = tmp_path / "state" / "controller.state"
     ctrl.save(path)
-    assert not list(path.parent.glob("*.tmp"))
-    fresh = AdaptiveController(config, timer=lambda: 0.0)
-    fresh.load(path)
+    assert not list(path.parent.glob(".*.tmp"))
+    fresh = NamespacedController(make)
+    assert fresh.load(path)
     d = Draft.chain([1, 2], [0.9, 0.9], "s")
-    assert np.allclose(fresh.calibrator.calibrate("s", d).probs, ctrl.calibrator.calibrate("s", d).probs)
+    cal = lambda c: c.controller("default").calibrator.calibrate("s", d).probs  # noqa: E731
+    assert np.allclose(cal(fresh), cal(ctrl))
+    assert not np.allclose(cal(fresh), cal(NamespacedController(make)))
     path.write_text("{not json")
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert not NamespacedController(make).load(path)
+    assert not path.exists() and list(path.parent.glob("controller.state.bad-*"))
     with pytest.raises(ValueError):
-        fresh.load(path)
-    with pytest.raises(ValueError):
-        fresh.load_state_dict({"version": 99})
+        AdaptiveController().load_state_dict({"version": 99})
 
 
 def test_controller_without_trees_verifies_chains_only():

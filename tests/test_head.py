@@ -325,16 +325,51 @@ def test_online_state_round_trip(target, tmp_path):
         for p in spec._train.parameters():
             p.add_(1.0)
     spec.publish()
-    spec.save_state(tmp_path)
+    path = tmp_path / "head_online.state"
+    spec.save(path)
     fresh = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False))
-    assert fresh.load_state(tmp_path)
+    assert fresh.load(path)
     for k, v in spec.head.state_dict().items():
         assert torch.equal(fresh.head.state_dict()[k], v)
     assert fresh.version == spec.version
     other = OnlineHeadSpeculator(random_head(target, vocab=32), online=OnlineConfig(background=False))
-    assert not other.load_state(tmp_path)  # another draft vocabulary: not loaded
-    assert OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False)).load_state(
-        tmp_path / "empty") is False
+    assert not other.load(path)  # another draft vocabulary: not loaded
+    assert path.exists()  # a valid file of another head is left alone
+    assert OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False)).load(
+        tmp_path / "missing.state") is False
+
+
+@pytest.mark.parametrize("damage", ["nan-weight", "wrong-shape", "missing-weight", "negative-counter"])
+def test_online_state_of_the_wrong_shape_is_moved_aside(target, tmp_path, damage):
+    """A well-formed container whose weights do not fit this head, or are not finite, is never loaded."""
+    import warnings
+
+    from adaspec.spec.store import arrays_from_bytes, arrays_to_bytes, load_blob, save_blob
+
+    spec = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False))
+    path = tmp_path / "head_online.state"
+    spec.save(path)
+    payload, meta = load_blob(path)
+    arrays = arrays_from_bytes(payload)
+    name = sorted(arrays)[0]
+    if damage == "nan-weight":
+        arrays[name] = np.full_like(arrays[name], np.nan)
+    elif damage == "wrong-shape":
+        arrays[name] = np.zeros((3,) + arrays[name].shape, dtype=np.float32)
+    elif damage == "missing-weight":
+        del arrays[name]
+    else:
+        meta["updates"] = -1
+    save_blob(path, arrays_to_bytes(arrays), meta)
+    fresh = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False))
+    before = {k: v.clone() for k, v in fresh.head.state_dict().items()}
+    with pytest.warns(RuntimeWarning, match="damaged"):
+        assert fresh.load(path) is False
+    assert not path.exists() and list(tmp_path.glob("head_online.state.bad-*"))
+    assert all(torch.equal(before[k], v) for k, v in fresh.head.state_dict().items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fresh.load(path) is False  # moved aside: nothing left to warn about
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ class ServerProcess:
 
     def __init__(self, args: list[str], backend: str = "real", env: dict | None = None, tmp: Path | None = None):
         self.port = _free_port()
+        self.args = args
         self.url = f"http://127.0.0.1:{self.port}"
         base = ([sys.executable, "-m", "adaspec.serve"] if backend == "real"
                 else [sys.executable, str(Path(__file__).resolve())])
@@ -160,6 +161,14 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def namespace(self, key: str) -> str:
+        """The namespace id this server gives ``key`` (an HMAC under the secret in its state directory)."""
+        from adaspec.serve.auth import SECRET_FILE, namespace_for_key, tenant_secret
+
+        state_dir = Path(self.args[self.args.index("--state-dir") + 1])
+        assert (state_dir / SECRET_FILE).exists()
+        return namespace_for_key(key, tenant_secret(state_dir))
 
     def output(self) -> str:
         self.log.flush()
@@ -494,9 +503,7 @@ def _check_metrics_count_speculation(srv: ServerProcess, key: str, model: str, p
     assert d("adaspec:spec_decode_lookahead_sum") == stats["drafted"]
     assert sum(d("adaspec:spec_decode_steps_total", speculator=k) for k in stats["chosen"]) == steps
     assert after[("process_resident_memory_bytes", ())] > 10e6
-    from adaspec.serve.auth import namespace_for_key
-
-    assert after[("adaspec:learned_state_size", (("namespace", namespace_for_key(key)), ("speculator", "suffix")))] > 0
+    assert after[("adaspec:learned_state_size", (("namespace", srv.namespace(key)), ("speculator", "suffix")))] > 0
 
 
 def test_metrics_parse_and_count_speculation(fake_server):
@@ -524,9 +531,7 @@ def test_learned_state_survives_kill9(fake_fleet):
     wait_for(lambda: metric(srv.url, "adaspec:learned_state_snapshots_total", result="ok") >= ok0 + 2,
              what="a snapshot after the traffic")
     srv = fake_fleet.replace(signal.SIGKILL)
-    from adaspec.serve.auth import namespace_for_key
-
-    restored = metric(srv.url, "adaspec:learned_state_size", speculator="suffix", namespace=namespace_for_key(KEY_B))
+    restored = metric(srv.url, "adaspec:learned_state_size", speculator="suffix", namespace=srv.namespace(KEY_B))
     assert restored > 0, "nothing restored"
     after_kill = _fake_stats(srv, prompt)
     assert after_kill["mean_accepted"] >= warm["mean_accepted"], (warm, after_kill)

@@ -51,14 +51,10 @@ exactly; only speed is at stake.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -460,35 +456,19 @@ class AdaptiveController:
                     "budgets": {n: st.budget for n, st in self._specs.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``, all of it or nothing: raises ValueError for another version, a wrong shape,
+        or numbers that are negative or not finite."""
         version = state.get("version") if isinstance(state, dict) else None
         if version != STATE_VERSION:
-            raise ValueError(f"controller state has version {version}, expected {STATE_VERSION}")
+            raise ValueError(f"controller state has version {version!r}, expected {STATE_VERSION}")
+        budgets = state.get("budgets", {})
+        if not isinstance(budgets, dict) or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and np.isfinite(b) for b in budgets.values()):
+            raise ValueError("controller budgets must map speculator names to finite numbers")
         with self._lock:
-            self.calibrator.load_state_dict(state.get("calibration", {}))
-            for name, b in state.get("budgets", {}).items():
+            self.calibrator.load_state_dict(state.get("calibration", {}))  # validates before it changes anything
+            for name, b in budgets.items():
                 self._state(name).budget = min(max(float(b), self.config.min_budget), self.config.max_budget)
-
-    def save(self, path: str | Path) -> None:
-        """Write the learned state atomically (temp file, fsync, rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.state_dict(), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def load(self, path: str | Path) -> None:
-        try:
-            state = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"cannot read controller state {path}: {e}") from e
-        self.load_state_dict(state)
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -351,14 +351,30 @@ class Calibrator:
                 for name, t in self._tables.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore learned counts; a table whose shape does not match the config is rejected."""
+        """Restore learned counts, all tables or none: raises ValueError for a table of another shape (another
+        config) or with negative or non-finite counts."""
         shape = self.shape
+        if not isinstance(state, dict):
+            raise ValueError(f"calibration state must be an object, not {type(state).__name__}")
+        tables = {}
         for name, s in state.items():
-            arrs = [np.asarray(s[k], dtype=np.float64) for k in ("hit", "tried", "conf")]
+            if not isinstance(s, dict):
+                raise ValueError(f"calibration state for {name!r} must be an object")
+            try:
+                arrs = [np.asarray(s[k], dtype=np.float64) for k in ("hit", "tried", "conf")]
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"calibration state for {name!r} is unreadable: {e!r}") from None
             if any(a.shape != shape for a in arrs):
                 raise ValueError(f"calibration state for {name!r} has shape {arrs[0].shape}, expected {shape}")
+            if not all(np.all(np.isfinite(a)) and np.all(a >= 0) for a in arrs):
+                raise ValueError(f"calibration state for {name!r} holds negative or non-finite counts")
+            steps = s.get("steps", 0)
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                raise ValueError(f"calibration state for {name!r}: steps must be a non-negative integer")
+            tables[name] = (arrs, steps)
+        for name, (arrs, steps) in tables.items():
             t = self._table(name)
             t.hit, t.tried, t.conf = arrs
             t.fast_hit, t.fast_tried = np.zeros(shape), np.zeros(shape)
-            t.steps = int(s.get("steps", 0))
+            t.steps = steps
             t.calibrated, t.fitted_at = None, -1

@@ -5,7 +5,8 @@ model is loaded and the learned state restored. SIGTERM or Ctrl-C drains:
 admissions stop (``/health`` 503 ``draining``, generation routes 503), running
 requests get ``--drain-timeout`` seconds to finish and are cancelled after
 that, then the engine thread stops and the learned state is saved. A second
-signal exits at once (the learned state then is as of the last snapshot).
+signal exits at once, with status 128 + the signal number as a shell reports
+a process killed by it (the learned state then is as of the last snapshot).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from typing import Callable, Sequence
 import uvicorn
 
 from .app import EngineBundle, ServerConfig, ServerState, create_app, load_bundle
-from .auth import describe, keys_from_env
 from ..cli import add_backend_arg
+from .auth import ENV_METRICS_KEY, describe, keys_from_env
 
 log = logging.getLogger("adaspec.serve")
 
@@ -68,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=[], metavar="KEY",
                    help="accepted bearer key (repeatable; also $ADASPEC_API_KEYS, comma-separated); "
                         "none = no authentication")
+    p.add_argument("--metrics-key", default=None, metavar="KEY",
+                   help="bearer key /metrics requires (also $ADASPEC_METRICS_KEY); none = /metrics is open")
     p.add_argument("--state-dir", default=None, metavar="DIR",
                    help="learned state: restored at start, snapshotted on an interval and at shutdown")
     p.add_argument("--shared-namespace", action="store_true",
@@ -124,7 +127,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                             api_keys=keys, shared_namespace=args.shared_namespace, max_active=args.max_active,
                             max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
                             snapshot_interval=args.snapshot_interval, drain_timeout=args.drain_timeout,
-                            served_model_name=args.served_model_name)
+                            served_model_name=args.served_model_name,
+                            metrics_key=args.metrics_key or os.environ.get(ENV_METRICS_KEY) or None)
     except ValueError as e:
         raise UsageError(str(e)) from None
 
@@ -148,7 +152,8 @@ def cmd_serve(args: argparse.Namespace, loader: Callable[[ServerConfig], EngineB
 
 def run(cfg: ServerConfig, host: str, port: int, access_log: bool = False, log_level: str = "info",
         loader: Callable[[ServerConfig], EngineBundle] = load_bundle) -> int:
-    """Serve until a signal; 0 after a clean drain, 1 if the model could not be loaded."""
+    """Serve until a signal; 0 after a clean drain, 1 if the model could not be loaded, 128 + the signal number
+    when a second signal cut the drain short."""
     app = create_app(cfg, loader)
     state = app.state.adaspec
     config = uvicorn.Config(app, host=host, port=port, lifespan="on", access_log=access_log, log_level=log_level,
@@ -165,6 +170,9 @@ def run(cfg: ServerConfig, host: str, port: int, access_log: bool = False, log_l
     if failed:
         print(f"adaspec serve: error: could not load the model: {failed[0]}", file=sys.stderr)
         return 1
+    if server.forced_by is not None:
+        log.warning("stopped by a second signal without draining")
+        return 128 + server.forced_by
     return 0
 
 
@@ -178,12 +186,16 @@ class _DrainingServer(uvicorn.Server):
         self._drain_asked = False
         self._deadline: float | None = None
         self._cancelled = False
+        self.forced_by: int | None = None
+        """The signal that forced an exit without draining, if one did."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Only flags here: a signal handler must not take locks the interrupted code may hold.
         if self._drain_asked or self.state.status not in ("ready", "draining"):
             self.should_exit = True
             self.force_exit = self._drain_asked
+            if self._drain_asked:
+                self.forced_by = int(sig)
             return
         self._drain_asked = True
 

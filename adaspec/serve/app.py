@@ -7,9 +7,12 @@ shape (see ``errors``); bad input is a 400 naming its parameter, never a 422
 or a 500.
 
 A request goes: key -> namespace (``auth``), body -> validated request
-(``schemas``), messages -> chat template -> token ids, checks against the
-context and the ``max_tokens`` cap, then a ``Job`` for the engine thread
-(``scheduler``). Updates come back through an ``asyncio.Queue``; a client that
+(``schemas``) and the checks that need no tokenizer (model, prompt length in
+characters), a place in the queue (429 when full), then messages -> chat
+template -> token ids, checks against the context and the ``max_tokens`` cap,
+and a ``Job`` for the engine thread (``scheduler``). Tokenizing comes last
+because it is the expensive part: a burst of huge prompts is refused first.
+Updates come back through an ``asyncio.Queue``; a client that
 disconnects (detected by polling while a non-streaming request runs, or by the
 streaming response being cancelled) cancels its job.
 
@@ -42,7 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Engine
 from ..verify import SamplingParams
 from . import errors
-from .auth import KeyRing
+from .auth import KeyRing, bearer_matches, tenant_secret
 from .errors import APIError, bad_request
 from .metrics import ServerMetrics
 from .scheduler import Job, NotAccepting, QueueFull, Scheduler, SchedulerConfig, Update
@@ -87,6 +90,8 @@ class ServerConfig:
     """Model id in the API; None = the tokenizer's name, else the model file's stem."""
     max_body_bytes: int = 4 << 20
     """Largest request body accepted (413 beyond)."""
+    metrics_key: str | None = None
+    """Bearer key ``/metrics`` requires; None = open (for a scraper on a private network)."""
 
     @property
     def isolated_tenants(self) -> bool:
@@ -164,7 +169,7 @@ class ServerState:
         self.cfg = cfg
         self.loader = loader
         self.metrics = ServerMetrics()
-        self.keys = KeyRing.build(cfg.api_keys, cfg.shared_namespace)
+        self.keys = KeyRing.build(cfg.api_keys, cfg.shared_namespace, tenant_secret(cfg.state_dir))
         self.bundle: EngineBundle | None = None
         self.scheduler: Scheduler | None = None
         self.status = "loading"  # loading | ready | draining | failed | stopped
@@ -301,8 +306,12 @@ def create_app(cfg: ServerConfig, loader: Callable[[ServerConfig], EngineBundle]
             body["running"], body["waiting"] = state.scheduler.counts()
         return JSONResponse(body, status_code=200 if ok else 503)
 
+    metrics_keys = (cfg.metrics_key.encode("utf-8"),) if cfg.metrics_key else None
+
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
+    async def metrics(request: Request) -> PlainTextResponse:
+        if metrics_keys is not None and not bearer_matches(request.headers.get("authorization"), metrics_keys):
+            raise errors.unauthorized()
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
@@ -361,10 +370,38 @@ def _install_error_handlers(app: FastAPI, state: ServerState) -> None:
                            "invalid_request_error" if exc.status_code < 500 else "internal_error", None, None)
         return err.response()
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return errors.internal_error().response()
+    app.add_middleware(_InternalErrors)
+
+
+class _InternalErrors:
+    """Turns an unexpected exception into the OpenAI-shaped 500 and keeps the connection open.
+
+    (An ``Exception`` handler would run in Starlette's outermost middleware, which sends the 500 and then
+    re-raises, so the server closes the keep-alive connection and the client's next request on it fails.)
+    """
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            if started:  # the response is half sent: this connection cannot carry another one
+                raise
+            log.exception("unhandled error on %s %s", scope.get("method"), _short(scope.get("path", "")))
+            await errors.internal_error().response()(scope, receive, send)
 
 
 def _short(path: str) -> str:
@@ -384,7 +421,7 @@ class _Prepared:
     model_name: str
 
 
-async def _read_json(request: Request, limit: int) -> Any:
+async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(413, f"The request body is larger than {limit} bytes.", "invalid_request_error", None,
@@ -396,24 +433,63 @@ async def _read_json(request: Request, limit: int) -> Any:
             raise APIError(413, f"The request body is larger than {limit} bytes.", "invalid_request_error", None,
                            "request_too_large")
         chunks.append(chunk)
-    raw = b"".join(chunks)
+    return b"".join(chunks)
+
+
+def _decode_json(raw: bytes) -> Any:
+    """The body as JSON that is also valid Unicode text; a 400 for anything else, never a parser crash."""
     if not raw.strip():
         raise bad_request("The request body is empty; send a JSON object.", None, "invalid_json")
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        data = json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as e:
         where = f" (line {e.lineno}, column {e.colno})" if isinstance(e, json.JSONDecodeError) else ""
         raise bad_request(f"The request body is not valid JSON{where}.", None, "invalid_json") from None
+    except RecursionError:
+        raise bad_request("The request body nests arrays or objects too deeply.", None, "invalid_json") from None
+    try:  # JSON can escape lone surrogates ("\ud800"), which are not text: no tokenizer or response can hold them
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("The request body holds a lone surrogate escape (such as \\ud800), which is not valid "
+                          "Unicode text.", None, "invalid_json") from None
+    return data
 
 
 def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _prepare(state: ServerState, bundle: EngineBundle, data: Any, chat: bool) -> _Prepared:
-    req = parse_body(ChatCompletionRequest if chat else CompletionRequest, data)
+PROMPT_CHARS_PER_TOKEN = 16
+"""Text prompts longer than this many characters per token of model context are refused before tokenizing.
+Natural text runs at 3-5 characters per token, so such a prompt cannot fit the context in practice; the check
+keeps a burst of huge prompts from costing a tokenizer pass each before their 400."""
+
+
+def _parse(state: ServerState, bundle: EngineBundle, raw: bytes, chat: bool) -> Any:
+    """Body -> validated request, with every check that needs no tokenizer."""
+    req = parse_body(ChatCompletionRequest if chat else CompletionRequest, _decode_json(raw))
     if req.model not in state.served_names():
         raise errors.model_not_found(req.model, bundle.model_name)
+    context = bundle.engine.model.max_context
+    chars, limit = req.prompt_chars(), context * PROMPT_CHARS_PER_TOKEN
+    if chars > limit:
+        raise APIError(400, f"The prompt is {chars} characters long; this server accepts at most {limit} "
+                            f"({PROMPT_CHARS_PER_TOKEN} per token of the model's {context}-token context).",
+                       "invalid_request_error", "messages" if chat else "prompt", "context_length_exceeded")
+    return req
+
+
+def _tokenize(encode: Callable[[], Any], param: str) -> list[int]:
+    """Run a tokenizer on the client's text: what the tokenizer cannot take is the client's error (400)."""
+    try:
+        return [int(t) for t in encode()]
+    except (ValueError, TypeError, UnicodeError) as e:
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise bad_request(f"The text cannot be tokenized: {msg}", param) from None
+
+
+def _prepare(state: ServerState, bundle: EngineBundle, req: Any, chat: bool) -> _Prepared:
+    """Validated request -> token ids and sampling parameters (tokenizes: run it after admission)."""
     model = bundle.engine.model
     tok = bundle.tokenizer
     if chat:
@@ -423,7 +499,7 @@ def _prepare(state: ServerState, bundle: EngineBundle, data: Any, chat: bool) ->
     else:
         p = req.prompt_value()
         if isinstance(p, str):
-            prompt_ids = [int(t) for t in tok.encode(p)]
+            prompt_ids = _tokenize(lambda: tok.encode(p), "prompt")
         else:
             bad = next((t for t in p if not 0 <= t < model.vocab_size), None)
             if bad is not None:
@@ -464,10 +540,11 @@ def _render_chat(tok: Any, messages: list[dict[str, str]]) -> list[int]:
     try:
         ids = tok.apply_chat_template(messages)
     except Exception as e:
-        # Template errors (e.g. "roles must alternate") are the client's; the message comes from the template.
+        # Template errors (e.g. "roles must alternate") and text the tokenizer cannot take are the client's; the
+        # message comes from the template or the tokenizer.
         from jinja2 import TemplateError
 
-        if isinstance(e, (TemplateError, ValueError)):
+        if isinstance(e, (TemplateError, ValueError, TypeError, UnicodeError)):
             msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             raise bad_request(f"The chat template cannot render these messages: {msg}", "messages") from None
         raise
@@ -501,14 +578,16 @@ _POLL_S = 0.25  # how often a waiting request checks whether its client is still
 async def _generate(state: ServerState, request: Request, chat: bool):
     namespace = state.authenticate(request)
     bundle, scheduler = state.require_ready()
-    data = await _read_json(request, state.cfg.max_body_bytes)
-    prep = await asyncio.to_thread(_prepare, state, bundle, data, chat)  # tokenizing a long prompt takes a while
+    raw = await _read_body(request, state.cfg.max_body_bytes)
+    req = await asyncio.to_thread(_parse, state, bundle, raw, chat)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     channel = _Channel(asyncio.get_running_loop())
-    job = Job(rid, prep.prompt_ids, prep.params, namespace, channel.put, stream=prep.stream,
-              want_stats=prep.want_stats)
     try:
-        scheduler.submit(job)
+        with scheduler.reserve() as place:  # the 429 comes before the tokenizer runs
+            prep = await asyncio.to_thread(_prepare, state, bundle, req, chat)  # a long prompt takes a while
+            job = Job(rid, prep.prompt_ids, prep.params, namespace, channel.put, stream=prep.stream,
+                      want_stats=prep.want_stats)
+            scheduler.submit(job, place)
     except QueueFull:
         raise errors.queue_full(state.cfg.max_queue) from None
     except NotAccepting:

@@ -18,6 +18,9 @@ requests would need a batched (ragged, per-sequence KV) forward first.
 
 Admission is bounded: at most ``max_active`` requests run and ``max_queue`` wait;
 ``submit`` raises ``QueueFull`` beyond that (the server answers 429). A consumer
+that must do expensive work before it can submit (tokenizing a long prompt)
+takes a place first with ``reserve``, so a burst beyond the bound is refused
+before any of that work is done. A consumer
 that goes away calls ``cancel``: a waiting request is dropped at once, a
 running one is finished as cancelled at its next turn (its speculators then
 learn from it as an unfinished request). Everything the engine touches,
@@ -62,6 +65,24 @@ class QueueFull(Exception):
 
 class NotAccepting(Exception):
     """The scheduler is draining or stopped."""
+
+
+class Reservation:
+    """A place in the waiting queue held by ``Scheduler.reserve`` until ``submit`` uses it or the ``with`` block
+    it opens ends."""
+
+    def __init__(self, scheduler: "Scheduler"):
+        self._scheduler = scheduler
+        self.held = True
+
+    def release(self) -> None:
+        self._scheduler._release(self)
+
+    def __enter__(self) -> "Reservation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 @dataclass
@@ -110,6 +131,7 @@ class Scheduler:
         self._waiting: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._tasks: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
+        self._reserved = 0  # places held by reservations not yet submitted
         self._accepting = True
         self._stopping = False
         self._final: Callable[[], None] | None = None
@@ -118,16 +140,40 @@ class Scheduler:
 
     # -- consumer side ------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> None:
+    def reserve(self) -> Reservation:
+        """Hold a place for a job about to be submitted; raises ``QueueFull`` or ``NotAccepting`` as ``submit``
+        would. Use it as a context manager: an unused place is given back when the block ends."""
         with self._cond:
-            if not self._accepting:
-                raise NotAccepting()
-            free_slots = self.config.max_active - len(self._active)
-            if len(self._waiting) >= self.config.max_queue + max(0, free_slots):
-                raise QueueFull()
+            self._check_room()
+            self._reserved += 1
+        return Reservation(self)
+
+    def submit(self, job: Job, reservation: Reservation | None = None) -> None:
+        """Queue ``job``, in the place ``reservation`` holds if given (it then cannot be refused for room)."""
+        with self._cond:
+            if reservation is not None and reservation.held:
+                if not self._accepting:
+                    raise NotAccepting()
+                reservation.held = False
+                self._reserved -= 1
+            else:
+                self._check_room()
             self._waiting.append(job)
             self.metrics.waiting.set(len(self._waiting))
             self._cond.notify_all()
+
+    def _check_room(self) -> None:
+        if not self._accepting:
+            raise NotAccepting()
+        free_slots = self.config.max_active - len(self._active)
+        if len(self._waiting) + self._reserved >= self.config.max_queue + max(0, free_slots):
+            raise QueueFull()
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._cond:
+            if reservation.held:
+                reservation.held = False
+                self._reserved -= 1
 
     def cancel(self, job: Job, reason: str = "client disconnected") -> None:
         """Stop a request: dropped now if waiting, finished as cancelled at its next turn if running."""

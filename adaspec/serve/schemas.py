@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..verify.sampling import MIN_TEMPERATURE
 from .errors import APIError, bad_request
 
 MAX_STOP = 16
@@ -74,8 +75,9 @@ class _Sampling(_Strict):
             raise bad_request("logit_bias is not supported.", "logit_bias", "unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
-        if self.temperature is not None and not 0 <= self.temperature <= 2:
-            raise bad_request("temperature must be between 0 and 2.", "temperature")
+        if self.temperature is not None and not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature <= 2):
+            raise bad_request(f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:.3g} and 2.",
+                              "temperature")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise bad_request("top_p must be greater than 0 and at most 1.", "top_p")
         if self.top_k is not None and self.top_k < -1:
@@ -121,6 +123,11 @@ class CompletionRequest(_Sampling):
             raise bad_request("Only best_of=1 is supported.", "best_of", "unsupported_value")
         if self.suffix:
             raise bad_request("suffix is not supported.", "suffix", "unsupported_parameter")
+
+    def prompt_chars(self) -> int:
+        """Characters of text in the prompt (0 for token ids): checked before the prompt is tokenized."""
+        p = self.prompt
+        return len(p) if isinstance(p, str) else sum(len(x) for x in p if isinstance(x, str))
 
     def prompt_value(self) -> str | list[int]:
         """The single prompt: text or token ids."""
@@ -197,6 +204,16 @@ class ChatCompletionRequest(_Sampling):
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def prompt_chars(self) -> int:
+        """Characters of text in the messages: checked before they are rendered and tokenized."""
+        total = 0
+        for m in self.messages:
+            if isinstance(m.content, str):
+                total += len(m.content)
+            elif m.content is not None:
+                total += sum(len(part.text or "") for part in m.content)
+        return total
 
     def chat_messages(self) -> list[dict[str, str]]:
         """Messages as plain ``{"role", "content"}`` dicts for the chat template (``developer`` becomes ``system``)."""

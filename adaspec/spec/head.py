@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import DecodeContext, Draft, StepOutcome
-from .store import AtomicStore, arrays_from_bytes, write_atomic
+from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, restore, save_blob, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -764,35 +764,50 @@ class OnlineHeadSpeculator(HeadSpeculator):
 
     # -- persistence -------------------------------------------------------------------------
 
-    STATE_NAME = "head_online"
+    STATE_KIND = "adaspec.head_online"
 
-    def save_state(self, directory: str | os.PathLike) -> None:
-        """Write the serving weights atomically (a checksummed entry of the learned-state store)."""
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the serving weights atomically to ``path`` (a checksummed container around an ``.npz``)."""
         head = self._serving
         arrays = {k: v.detach().float().numpy() for k, v in head.state_dict().items()}
-        meta = {"config": asdict(head.cfg), "version": self.version, "updates": self.updates, "resets": self.resets,
-                "static_sha256": self.info.get("weights_sha256"),
+        meta = {"kind": self.STATE_KIND, "config": asdict(head.cfg), "version": self.version,
+                "updates": self.updates, "resets": self.resets, "static_sha256": self.info.get("weights_sha256"),
                 "draft_vocab_sha256": _vocab_hash(head.vocab_ids)}
-        AtomicStore(directory).write_arrays(self.STATE_NAME, arrays, meta)
+        save_blob(path, arrays_to_bytes(arrays), meta)
 
-    def load_state(self, directory: str | os.PathLike) -> bool:
-        """Resume from ``save_state``; False (and the static weights) when nothing matching is stored."""
-        got = AtomicStore(directory).read_with_meta(self.STATE_NAME)
-        if got is None:
-            return False
-        payload, meta = got
+    def load(self, path: str | os.PathLike, vocab_size: int | None = None) -> bool:
+        """Resume from ``save``; False (and the static weights) when nothing matching is stored. A file of another
+        static head is left alone; a damaged one (wrong arrays, shapes or non-finite weights) is moved aside."""
+        matched: list[bool] = []
+        restore(path, lambda payload, meta: matched.append(self._load_payload(payload, meta)), "online head")
+        return bool(matched and matched[0])
+
+    def _load_payload(self, payload: bytes, meta: dict) -> bool:
+        if meta.get("kind") != self.STATE_KIND:
+            raise StoreCorruptError(f"not an online head state: {meta.get('kind')!r}")
         if (meta.get("config") != asdict(self.static.cfg)
                 or meta.get("draft_vocab_sha256") != _vocab_hash(self.static.vocab_ids)
                 or meta.get("static_sha256") != self.info.get("weights_sha256")):
-            log.warning("stored online head in %s belongs to another static head; starting from static", directory)
+            log.warning("stored online head belongs to another static head; starting from static")
             return False
+        counters = [meta.get(k, 0) for k in ("version", "updates", "resets")]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counters):
+            raise StoreCorruptError("version, updates and resets must be non-negative integers")
         arrays = arrays_from_bytes(payload)
-        state = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in arrays.items()}
+        expected = self._train.state_dict()
+        if set(arrays) != set(expected):
+            raise StoreCorruptError(f"weights {sorted(arrays)} do not match the head's {sorted(expected)}")
+        state = {}
+        for k, v in arrays.items():
+            if v.shape != tuple(expected[k].shape) or not np.issubdtype(v.dtype, np.floating):
+                raise StoreCorruptError(f"weight {k!r} has shape {v.shape} and type {v.dtype}, expected "
+                                        f"{tuple(expected[k].shape)} floats")
+            if not np.all(np.isfinite(v)):
+                raise StoreCorruptError(f"weight {k!r} holds non-finite numbers")
+            state[k] = torch.from_numpy(np.array(v, dtype=np.float32))
         self._train.load_state_dict(state)
         self._opt = torch.optim.Adam(self._train.parameters(), lr=self.online.lr)
-        self.version = int(meta.get("version", 0))
-        self.updates = int(meta.get("updates", 0))
-        self.resets = int(meta.get("resets", 0))
+        self.version, self.updates, self.resets = counters
         self._serving = self._train.clone_frozen()
         return True
 

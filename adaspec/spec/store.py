@@ -13,6 +13,14 @@ short file, an unparsable header, a length or a checksum mismatch raises
 Writes are atomic: the bytes go to a temporary file in the destination
 directory, are flushed and fsync'ed, ``os.replace``d over the destination and
 the directory is fsync'ed, so a crash leaves either the old or the new file.
+A crash between the temporary file's creation and the rename leaves the
+temporary file behind; :func:`remove_temporaries` deletes those at start-up.
+
+Restoring (:func:`restore`) is the one way learned state comes back: the
+container is checked, then the component's own loader validates the schema
+(shapes, ranges, finite numbers) before it changes anything. A file that fails
+either check is moved aside (:func:`quarantine`, kept for inspection, never
+read again) with a warning, and the component starts clean.
 
 Array payloads use numpy's ``.npz`` container read with ``allow_pickle=False``,
 so loading a file never executes code from it.
@@ -27,9 +35,10 @@ import os
 import re
 import struct
 import tempfile
+import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -43,11 +52,26 @@ class StoreCorruptError(ValueError):
     """A stored blob is truncated, damaged or of an unknown version."""
 
 
+@runtime_checkable
+class Persistent(Protocol):
+    """A component with learned state kept in one file of the state directory."""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the learned state atomically (:func:`save_blob`)."""
+
+    def load(self, path: str | os.PathLike, vocab_size: int | None = None) -> bool:
+        """Restore from ``save`` through :func:`restore` (True); a missing or damaged file leaves the component
+        clean (False). ``vocab_size`` bounds the token ids a state file may hold."""
+
+
+_TMP_SUFFIX = ".tmp"
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Replace ``path`` by ``data`` so that a crash leaves the old or the new content, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -61,6 +85,65 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files :func:`write_atomic` left in ``directory`` when a crash stopped it before the
+    rename (``.<name>.<random>.tmp``); returns them. Call it only while nothing writes to the directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in directory.glob(f".*{_TMP_SUFFIX}"):
+        if p.is_file():
+            try:
+                p.unlink()
+                removed.append(p)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
+def quarantine(path: str | os.PathLike) -> Path | None:
+    """Move a damaged state file aside to ``<name>.bad-<UTC time>`` (kept for inspection, never read again);
+    the new path, or None when there was nothing to move."""
+    path = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest = path.with_name(f"{path.name}.bad-{stamp}")
+    n = 1
+    while dest.exists():
+        dest, n = path.with_name(f"{path.name}.bad-{stamp}-{n}"), n + 1
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    _fsync_dir(path.parent)
+    return dest
+
+
+def restore(path: str | os.PathLike, apply: Callable[[bytes, dict], None], what: str) -> bool:
+    """Hand the checksummed state file at ``path`` to ``apply(payload, meta)``; True if it was applied.
+
+    ``apply`` should validate everything before it changes anything and raise :class:`StoreCorruptError` for
+    content of the wrong shape. A missing file is False. A damaged one (container or schema, or anything
+    ``apply`` raises) is moved aside with a ``RuntimeWarning`` naming ``what``, the file and the reason, and is
+    False: the caller resets the component to a clean state.
+    """
+    try:
+        got = load_blob(path)
+        if got is None:
+            return False
+        apply(*got)
+        return True
+    except Exception as e:  # whatever a damaged file makes a loader raise, it must not stop the server
+        try:
+            moved = quarantine(path)
+        except OSError:  # unreadable and immovable (permissions): left in place, still not loaded
+            moved = None
+        kept = f"; moved to {moved.name}" if moved is not None else ""
+        warnings.warn(f"{what}: ignoring damaged learned state {path}: {e}{kept}; starting clean", RuntimeWarning,
+                      stacklevel=2)
+        return False
 
 
 def _fsync_dir(directory: Path) -> None:

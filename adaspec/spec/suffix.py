@@ -75,6 +75,7 @@ change the output: verification is lossless.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from collections import OrderedDict, deque
@@ -85,7 +86,7 @@ import numpy as np
 
 from .base import DecodeContext, Draft, StepOutcome
 from .ngram import PAD, ContextBuffer, match_lengths
-from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, load_blob, pack, unpack, write_atomic
+from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack, restore, unpack, write_atomic
 
 STATE_KIND = "adaspec.suffix"
 STATE_VERSION = 1
@@ -781,24 +782,20 @@ class SuffixSpeculator:
         """Write the learned state atomically to ``path``."""
         write_atomic(path, self.state_bytes())
 
-    def load(self, path) -> bool:
+    def load(self, path, vocab_size: int | None = None) -> bool:
         """Replace the learned state by the one at ``path`` (True). A missing file changes nothing (False); a
-        damaged one warns and leaves the state empty (False)."""
-        try:
-            got = load_blob(path)
-            if got is None:
-                return False
-            self._load_payload(*got)
-            return True
-        except StoreCorruptError as e:
-            warnings.warn(f"suffix speculator: ignoring damaged state file {path}: {e}; starting empty",
-                          RuntimeWarning, stacklevel=2)
-            self.clear()
+        damaged one, or one holding token ids outside ``vocab_size``, is moved aside with a warning and the state
+        starts empty (False)."""
+        if not os.path.lexists(path):
             return False
+        if restore(path, lambda payload, meta: self._load_payload(payload, meta, vocab_size), "suffix speculator"):
+            return True
+        self.clear()
+        return False
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _load_payload(self, payload: bytes, meta: dict) -> None:
+    def _load_payload(self, payload: bytes, meta: dict, vocab_size: int | None = None) -> None:
         if meta.get("kind") != STATE_KIND or meta.get("state_version") != STATE_VERSION:
             raise StoreCorruptError(f"not a suffix state of version {STATE_VERSION}: {meta.get('kind')!r} "
                                     f"v{meta.get('state_version')!r}")
@@ -812,9 +809,12 @@ class SuffixSpeculator:
                 tok, lengths, seqs = arrays[f"tokens_{i}"], arrays[f"lengths_{i}"], arrays[f"seqs_{i}"]
             except KeyError as e:
                 raise StoreCorruptError(f"missing array {e}") from e
-            if (tok.ndim != 1 or lengths.ndim != 1 or seqs.shape != lengths.shape or lengths.min(initial=0) < 0
-                    or int(lengths.sum()) != len(tok) or (len(tok) and (tok.min() < 0 or tok.max() >= 2**31))
-                    or not np.issubdtype(tok.dtype, np.integer)):
+            top = 2**31 if vocab_size is None else vocab_size
+            if (tok.ndim != 1 or lengths.ndim != 1 or seqs.shape != lengths.shape
+                    or not all(np.issubdtype(a.dtype, np.integer) for a in (tok, lengths, seqs))
+                    or lengths.min(initial=0) < 0 or int(lengths.sum()) != len(tok)
+                    or (len(tok) and (tok.min() < 0 or tok.max() >= top))
+                    or seqs.min(initial=0) < 0 or seqs.max(initial=0) >= 2**62):
                 raise StoreCorruptError(f"inconsistent arrays for namespace {ns!r}")
             cuts = np.cumsum(lengths)[:-1]
             loaded.append((ns, np.split(tok.astype(np.int32), cuts) if len(lengths) else [], seqs.tolist()))
@@ -827,7 +827,11 @@ class SuffixSpeculator:
             hits, expected = arrays.get(f"cal_hits_{i}"), arrays.get(f"cal_expected_{i}")
             if hits is None or expected is None:
                 raise StoreCorruptError(f"missing calibration arrays for namespace {ns!r}")
-            if hits.shape == expected.shape == shape and np.all(hits >= 0) and np.all(expected >= 0):
+            if not (np.issubdtype(hits.dtype, np.number) and np.issubdtype(expected.dtype, np.number)
+                    and np.all(np.isfinite(hits)) and np.all(np.isfinite(expected))
+                    and np.all(hits >= 0) and np.all(expected >= 0)):
+                raise StoreCorruptError(f"calibration of namespace {ns!r} holds negative or non-finite numbers")
+            if hits.shape == expected.shape == shape:
                 cals.append((ns, hits.astype(np.float64), expected.astype(np.float64)))
             else:  # saved with other levels/bins: start that correction afresh
                 warnings.warn(f"suffix speculator: confidence correction of {ns!r} has shape {hits.shape}, "

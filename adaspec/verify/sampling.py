@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+MIN_TEMPERATURE = torch.finfo(torch.float32).max / torch.finfo(torch.float64).max
+"""Smallest positive temperature the sampler computes with (about 1.9e-270): ``target_probs`` divides float32
+logits by the temperature in float64, and below this a finite logit can overflow to infinity, which turns the
+softmax into NaN. Temperatures this small already sample the argmax; 0 selects the greedy path."""
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,8 +43,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (self.temperature == 0 or MIN_TEMPERATURE <= self.temperature < float("inf")):
+            raise ValueError(f"temperature must be 0 or at least {MIN_TEMPERATURE:.3g}, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
