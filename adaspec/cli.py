@@ -72,7 +72,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = build_engine(model, tok, "plain" if args.no_spec else args.mode, state_dir=args.state_dir)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
-    prompt_ids = tok.encode(args.prompt) if args.raw else tok.apply_chat_template(messages)
+    raw = args.raw
+    if not raw and not tok.chat_template:
+        print("adaspec: the model has no chat template; the prompt is used as raw text", file=sys.stderr)
+        raw = True
+    try:
+        prompt_ids = tok.encode(args.prompt) if raw else tok.apply_chat_template(messages)
+    except ValueError as e:
+        raise CliError(str(e)) from None
     shown = 0
     for req, _ in engine.stream(prompt_ids, params):
         if args.stream:

@@ -42,7 +42,8 @@ class RequestStats:
     step_drafted: list[int] = field(default_factory=list)  # per step: draft nodes verified
     prefill_s: float = 0.0
     propose_s: float = 0.0
-    verify_s: float = 0.0
+    verify_s: float = 0.0  # target forwards + acceptance + commit
+    forward_s: float = 0.0  # target forwards alone (after the prefill)
     wall_s: float = 0.0
 
     @property
@@ -59,6 +60,13 @@ class RequestStats:
         return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
+    def overhead_share(self) -> float:
+        """Share of the decoding time (after the prefill) not spent in target forwards: proposing, control,
+        acceptance, bookkeeping, detokenizing and stop strings."""
+        t = self.wall_s - self.prefill_s
+        return max(0.0, t - self.forward_s) / t if t > 0 else 0.0
+
+    @property
     def decode_tok_s(self) -> float:
         """Tokens per second after the first token (excludes prefill)."""
         t = self.wall_s - self.prefill_s
@@ -69,7 +77,7 @@ class RequestStats:
         d["chosen"] = dict(self.chosen)
         del d["step_emitted"], d["step_drafted"]
         d.update(mean_accepted=self.mean_accepted, acceptance_rate=self.acceptance_rate, tok_s=self.tok_s,
-                 decode_tok_s=self.decode_tok_s)
+                 decode_tok_s=self.decode_tok_s, overhead_share=self.overhead_share)
         return d
 
 
@@ -173,6 +181,7 @@ class Engine:
         t = self.clock()
         out = self.model.forward(req.cache, [ctx.tokens[-1]] + draft.tokens.tolist(),
                                  [-1] + (draft.parents + 1).tolist() if not draft.is_chain else None)
+        st.forward_s += self.clock() - t
         verdict = verify(out.logits, draft, req.params, req.generator, position=len(ctx.tokens))
         # 3. commit the pending token and the accepted path; the rest is rolled back
         req.cache.commit([0] + [a + 1 for a in verdict.accepted])

@@ -63,10 +63,21 @@ def prompts(target):
     return ids[:N_PROMPTS]
 
 
+class _PlainOutputs(dict):
+    """Plain decoding of each prompt, computed on first use."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def __missing__(self, key: tuple) -> tuple:
+        self[key] = _plain_with_gaps(self.model, list(key), MAX_TOKENS)
+        return self[key]
+
+
 @pytest.fixture(scope="module")
-def plain(target, prompts):
-    model, _ = target
-    return {tuple(p): _plain_with_gaps(model, p, MAX_TOKENS) for p in prompts}
+def plain(target):
+    return _PlainOutputs(target[0])
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +85,7 @@ def batch_noise(target, prompts, plain):
     """Largest |logit difference| between a verified chain row and the same position decoded alone."""
     model, _ = target
     worst = 0.0
-    for p in prompts[:10]:
+    for p in prompts[:6]:
         toks, _, rows = plain[tuple(p)]
         cache = model.new_cache()
         model.prefill(cache, p)
@@ -105,73 +116,89 @@ def _check_lossless(model, tok, prompts, plain, noise, engine) -> tuple[int, int
 @pytest.mark.parametrize("mode", ["all", "none", ("mismatch", 2), "tree"], ids=str)
 def test_scripted_drafts_equal_plain_decoding(target, prompts, plain, batch_noise, mode):
     model, tok = target
-    refs = {k: v[0] for k, v in plain.items()}
+    refs = {tuple(p): plain[tuple(p)][0] for p in prompts[:6]}
     eng = Engine(model, tok, [ScriptedSpeculator(refs, mode, model.vocab_size)], FixedController(6))
-    diverged, accepted = _check_lossless(model, tok, prompts[:8], plain, batch_noise, eng)
-    print(f"\nscripted {mode}: {diverged}/8 prompts diverged (near ties only), {accepted} tokens accepted")
-    assert (accepted == 0) if mode == "none" else (accepted > 8 or diverged > 4)
+    diverged, accepted = _check_lossless(model, tok, prompts[:6], plain, batch_noise, eng)
+    print(f"\nscripted {mode}: {diverged}/6 prompts diverged (near ties only), {accepted} tokens accepted")
+    assert (accepted == 0) if mode == "none" else (accepted > 6 or diverged > 3)
 
 
-def test_adaptive_system_equals_plain_decoding_on_30_prompts(target, prompts, plain, batch_noise):
+@pytest.mark.parametrize("n", [10, pytest.param(N_PROMPTS, marks=pytest.mark.slow)])
+def test_adaptive_system_equals_plain_decoding(target, prompts, plain, batch_noise, n):
     from adaspec.system import build_engine
 
     model, tok = target
     eng = build_engine(model, tok, "adaptive")
     try:
-        diverged, accepted = _check_lossless(model, tok, prompts, plain, batch_noise, eng)
+        diverged, accepted = _check_lossless(model, tok, prompts[:n], plain, batch_noise, eng)
     finally:
         eng.close()
-    print(f"\nadaptive: {diverged}/{len(prompts)} prompts diverged from plain decoding (near ties only), "
+    print(f"\nadaptive: {diverged}/{n} prompts diverged from plain decoding (near ties only), "
           f"{accepted} draft tokens accepted")
     assert accepted > 0
 
 
-def test_tree_verification_and_rollback_leave_no_trace(target, prompts, plain):
-    """Decoding after a tree with rejected branches continues exactly as if the tree had never been drafted."""
+@pytest.fixture(scope="module")
+def short(target, prompts, plain):
+    """A prompt of 120 tokens, its plain decoding, and the batch noise there (0 where llama.cpp's kernels give
+    batched rows equal to one-token rows, as its CPU flash attention does below 256 cells)."""
     model, _ = target
-    p = prompts[0]
+    p = prompts[0][:120]
     toks, _, rows = plain[tuple(p)]
+    cache = model.new_cache()
+    model.prefill(cache, p)
+    out = model.forward(cache, toks[:8])
+    noise = max(float((out.logits[i] - rows[i + 1]).abs().max()) for i in range(7))
+    print(f"\nbatch noise at 120 tokens of context: {noise:.4f}")
+    return p, toks, rows, noise + 1e-3
+
+
+def test_tree_verification_and_rollback_leave_no_trace(target, short):
+    """Decoding after a tree with rejected branches continues as if the tree had never been drafted."""
+    model, _ = target
+    p, toks, rows, tol = short
     cache = model.new_cache()
     model.prefill(cache, p)
     wrong = (toks[1] + 7) % model.vocab_size
     # root, a wrong first child with a child of its own, then the right chain
     out = model.forward(cache, [toks[0], wrong, 11, toks[1], toks[2]], [-1, 0, 1, 0, 3])
-    assert torch.equal(out.logits[3], rows[2]) or float((out.logits[3] - rows[2]).abs().max()) < 1e-3
+    assert float((out.logits[3] - rows[2]).abs().max()) <= tol
     cache.commit([0, 3, 4])
     assert cache.length == len(p) + 3
     nxt = model.forward(cache, [toks[3]])
     cache.commit([0])
-    assert float((nxt.logits[0] - rows[4]).abs().max()) < 1e-3
+    assert float((nxt.logits[0] - rows[4]).abs().max()) <= tol
     # a rejected chain tail, then plain steps
     model.forward(cache, [toks[4], 5, 6, 7])
     cache.commit([0])
     nxt = model.forward(cache, [toks[5]])
-    assert float((nxt.logits[0] - rows[6]).abs().max()) < 1e-3
+    assert float((nxt.logits[0] - rows[6]).abs().max()) <= tol
     cache.commit([0])
     # truncate back and decode again
     cache.truncate(len(p) + 1)
     again = model.forward(cache, [toks[1]])
-    assert float((again.logits[0] - rows[2]).abs().max()) < 1e-3
+    assert float((again.logits[0] - rows[2]).abs().max()) <= tol
 
 
-def test_uncommitted_forward_is_dropped_by_the_next_one(target, prompts, plain):
+def test_uncommitted_forward_is_dropped_by_the_next_one(target, short):
     model, _ = target
-    p = prompts[1]
-    toks, _, rows = plain[tuple(p)]
+    p, toks, rows, tol = short
     cache = model.new_cache()
     model.prefill(cache, p)
     model.forward(cache, [toks[0], 3, 4], [-1, 0, 0])  # never committed
     out = model.forward(cache, [toks[0]])
-    assert float((out.logits[0] - rows[1]).abs().max()) < 1e-3
+    assert float((out.logits[0] - rows[1]).abs().max()) <= tol
 
 
 def test_sequences_of_dropped_caches_are_reused(target):
     model, _ = target
-    for _ in range(300):  # more than llama.cpp's 256 sequence ids
+    for _ in range(300):  # more than llama.cpp's 256 sequence ids; each cache is dropped when `c` is rebound
         c = model.new_cache()
         model.prefill(c, [1, 2, 3])
-        del c
-        gc.collect()
+    del c
+    gc.collect()
+    model.new_cache()
+    assert len(model._free) >= 250
 
 
 def test_context_limit_is_a_clear_error(target):
@@ -204,49 +231,55 @@ def test_tokenizer_from_the_gguf(target):
 def test_seeded_sampling_equals_plain_sampling(target, prompts, plain):
     """Seeded speculative sampling gives the tokens plain sampling gives with the same seed."""
     model, tok = target
-    refs = {k: v[0] for k, v in plain.items()}
+    refs = {tuple(p): plain[tuple(p)][0] for p in prompts[:4]}
     base = Engine(model, tok)
     eng = Engine(model, tok, [ScriptedSpeculator(refs, "all", model.vocab_size)], FixedController(4))
     kw = dict(max_tokens=16, temperature=0.8, top_p=0.95, ignore_eos=True)
-    for s, p in enumerate(prompts[:6]):
+    for s, p in enumerate(prompts[:4]):
         assert base.generate(p, SamplingParams(seed=s, **kw)).tokens == eng.generate(p, SamplingParams(seed=s, **kw)).tokens
 
 
 def test_speculative_sampling_follows_the_target_distribution(target, prompts):
     """A token decided by verifying a draft is distributed as the target's softmax at that position.
 
-    The first token comes from the prefill; the second is verified against the greedy draft. Among samples whose
-    first token is the greedy one, the second must follow softmax(logits after prompt + that token): checked on
-    three buckets (the drafted token, the next four, the rest), each within 4 standard errors.
+    The first token comes from the prefill; the second is verified against a drafted chain. Given the first
+    token, the second must follow softmax(logits after prompt + that token / T): counted in three buckets of that
+    distribution (its top token, the next four, the rest), each within 4 standard errors of the expected count.
     """
     from adaspec.verify import target_probs
 
     model, tok = target
-    p = prompts[2][-60:]
+    p = prompts[2][-24:]
     greedy = _plain_with_gaps(model, p, 4)[0]
     eng = Engine(model, tok, [ScriptedSpeculator({tuple(p): greedy}, "all", model.vocab_size)], FixedController(3))
     temp = 0.8
-    cache = model.new_cache()
-    model.prefill(cache, p)
-    row = model.forward(cache, [greedy[0]]).logits  # [1, vocab]: the position after the greedy first token
-    cache.commit([0])
-    probs = target_probs(row, SamplingParams(temperature=temp))[0].double()
-    order = torch.argsort(probs, descending=True)
-    assert int(order[0]) == greedy[1]
-    buckets = [order[:1], order[1:5], order[5:]]
-    expect = torch.stack([probs[b].sum() for b in buckets])
-    counts = torch.zeros(3, dtype=torch.float64)
-    n = 0
-    for s in range(500):
-        out = eng.generate(p, SamplingParams(max_tokens=2, temperature=temp, seed=5000 + s, ignore_eos=True)).tokens
-        if out[0] != greedy[0]:
-            continue
-        n += 1
-        counts[next(i for i, b in enumerate(buckets) if (b == out[1]).any())] += 1
-    assert n >= 100, f"only {n} samples started with the greedy token"
-    freq = counts / n
-    se = (expect * (1 - expect) / n).sqrt()
-    assert ((freq - expect).abs() <= 4 * se + 1e-9).all(), f"bucket frequencies {freq.tolist()} vs {expect.tolist()}"
+    conditional: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # first token -> (bucket probs, bucket of id)
+
+    def buckets_after(x0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if x0 not in conditional:
+            cache = model.new_cache()
+            model.prefill(cache, p)
+            probs = target_probs(model.forward(cache, [x0]).logits, SamplingParams(temperature=temp))[0].double()
+            order = torch.argsort(probs, descending=True)
+            bucket = torch.full((model.vocab_size,), 2, dtype=torch.long)
+            bucket[order[:1]], bucket[order[1:5]] = 0, 1
+            conditional[x0] = (torch.stack([probs[bucket == b].sum() for b in range(3)]), bucket)
+        return conditional[x0]
+
+    n = 300
+    counts, expect, var = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), \
+        torch.zeros(3, dtype=torch.float64)
+    drafted = 0
+    for s in range(n):
+        g = eng.generate(p, SamplingParams(max_tokens=3, temperature=temp, seed=5000 + s, ignore_eos=True))
+        probs, bucket = buckets_after(g.tokens[0])
+        counts[bucket[g.tokens[1]]] += 1
+        expect += probs
+        var += probs * (1 - probs)
+        drafted += g.stats.drafted > 0
+    assert drafted == n  # every second token was decided by verification
+    assert ((counts - expect).abs() <= 4 * var.sqrt() + 1e-9).all(), f"bucket counts {counts.tolist()} vs " \
+        f"expected {expect.tolist()}"
 
 
 def test_files_llama_cpp_cannot_run_get_clear_errors(tmp_path):
@@ -270,3 +303,24 @@ def test_files_llama_cpp_cannot_run_get_clear_errors(tmp_path):
         load_target(odd, backend="llamacpp")
     with pytest.raises(ModelLoadError, match="no-such-architecture"):
         load_target(odd)  # auto sends unknown architectures to llama.cpp, which names what it rejected
+
+
+def test_backend_choice_is_stated(tmp_path):
+    import torch as _torch
+
+    from adaspec import kernels
+    from adaspec.model.loader import ModelLoadError, bundled_gguf_path, choose_backend
+
+    cpu = _torch.device("cpu")
+    backend, why = choose_backend(bundled_gguf_path(), cpu)
+    assert (backend == "torch") == kernels.available() and why
+    assert choose_backend(bundled_gguf_path(), cpu, backend="llamacpp") == ("llamacpp", "asked for")
+    assert choose_backend(bundled_gguf_path(), cpu, precision="fp32")[0] == "torch"
+    (tmp_path / "config.json").write_text("{}")
+    assert choose_backend(tmp_path, cpu)[0] == "torch"
+    with pytest.raises(ModelLoadError, match="needs a .gguf file"):
+        choose_backend(tmp_path, cpu, backend="llamacpp")
+    with pytest.raises(ModelLoadError, match="precision"):
+        choose_backend(bundled_gguf_path(), cpu, precision="int4", backend="llamacpp")
+    with pytest.raises(ModelLoadError, match="unknown backend"):
+        choose_backend(bundled_gguf_path(), cpu, backend="vllm")

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from adaspec.model.base import ForwardOutput  # noqa: E402
+from adaspec.model.base import Capabilities, ForwardOutput  # noqa: E402
 
 # -- the stand-in model -------------------------------------------------------------------------------
 
@@ -63,6 +63,7 @@ class FakeModel:
     hidden_size = 4
     max_context = FAKE_CONTEXT
     device = torch.device("cpu")
+    capabilities = Capabilities(trees=True, hidden_states=False, rows_exact=True)
 
     def __init__(self, forward_s: float = 0.0):
         self.forward_s = forward_s

@@ -11,6 +11,9 @@ adaptation shows along the stream. Configurations:
 - ``oracle``: drafts the plain output itself (the ceiling of this hardware);
 - peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
 
+``--backend both`` runs every adaspec configuration on the torch backend and again, named ``<config>@llamacpp``,
+on the llama.cpp backend, in the same loop; each backend's outputs are checked against its own plain decoding.
+
 Background learners (the online head) run only while their own configuration decodes, within their busy-time
 duty cycle, so no configuration is timed while another one learns. Peers decode greedily and skip sampled
 requests.
@@ -74,17 +77,30 @@ def _peer_threads() -> int:
     return int(os.environ.get("ADASPEC_THREADS", "2"))
 
 
-def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]:
+BACKEND_SUFFIX = "@llamacpp"  # names the configurations that run on the second backend of `--backend both`
+
+
+def _base_config(config: str) -> str:
+    return config.removesuffix(BACKEND_SUFFIX)
+
+
+def _plain_of(config: str) -> str:
+    """The plain configuration whose output ``config`` must reproduce (the one on the same backend)."""
+    return "adaspec-plain" + (BACKEND_SUFFIX if config.endswith(BACKEND_SUFFIX) else "")
+
+
+def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> list[RequestRecord]:
     """Run every request of ``plan`` through every configuration; one record per (configuration, request).
 
-    Every adaspec record says whether its output equals ``adaspec-plain``'s: greedy requests, and sampled ones
-    too, since seeded sampling gives the same tokens with or without speculation. Peers decode greedily, so they
-    run the greedy requests only.
+    Configurations named ``<config>@llamacpp`` run on ``second_model``. Every adaspec record says whether its
+    output equals the plain output of its backend: greedy requests, and sampled ones too, since seeded sampling
+    gives the same tokens with or without speculation. Peers decode greedily, so they run the greedy requests only.
     """
     from .peers import PeerConfig, make_peers
 
     modes = {"adaspec-plain": "plain", "ngram": "ngram", "suffix": "suffix", "head": "head", "adaspec": "adaptive"}
-    engines = {c: build_engine(model, tok, modes[c]) for c in plan.configs if c in modes}
+    engines = {c: build_engine(second_model if c.endswith(BACKEND_SUFFIX) else model, tok, modes[_base_config(c)])
+               for c in plan.configs if _base_config(c) in modes}
     oracle = OracleSpeculator()
     if "oracle" in plan.configs:
         from ..control.base import FixedController
@@ -108,9 +124,10 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]
                 ids = tok.encode(item.prompt) if item.prompt is not None else tok.apply_chat_template(messages)
                 rid = f"{item.id}/t{turn}" if item.user_turns else item.id
                 params = SamplingParams(max_tokens=item.max_tokens, temperature=item.temperature, seed=item.seed)
-                reference = None
+                references: dict[str, list[int]] = {}
                 for config in plan.configs:
                     eng = engines[config]
+                    reference = references.get(_plain_of(config))
                     if config == "oracle" and reference is not None:
                         oracle.add(ids, reference)
                     for s in learners[config]:
@@ -118,20 +135,21 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]
                     g = eng.generate(ids, params, request_id=f"{config}:{rid}")
                     for s in learners[config]:
                         s.pause()
+                    if config == _plain_of(config):
+                        references[config] = g.tokens
                     if config == "adaspec-plain":
-                        reference = g.tokens
                         answers.append(g.text)
                         if item.temperature == 0:
                             traces.write(json.dumps({"id": rid, "domain": item.domain, "prompt_ids": ids,
                                                      "output_ids": g.tokens}) + "\n")
-                    checked = reference is not None and config != "adaspec-plain"
+                    checked = reference is not None and config != _plain_of(config)
                     records.append(RequestRecord.from_stats(config, item, index, g.stats, request_id=rid,
                                                             matches_reference=g.tokens == reference if checked
                                                             else None))
                 for name, peer in (peers.peers.items() if peers and item.temperature == 0 else ()):
                     if name.startswith("hf") and n % plan.hf_every:
                         continue
-                    res = peer.generate(ids, item.max_tokens, reference)
+                    res = peer.generate(ids, item.max_tokens, references.get("adaspec-plain"))
                     records.append(RequestRecord.from_peer(item, index, res, request_id=rid))
                 index += 1
     finally:
@@ -143,9 +161,9 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path) -> list[RequestRecord]
     return records
 
 
-def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None) -> dict[str, dict[int, float]]:
-    """c(k) in seconds for the cost plot: adaspec chains and trees, and llama.cpp's chains timed in the same loop
-    when that peer runs (and can run) in this benchmark."""
+def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None, second=None) -> dict[str, dict[int, float]]:
+    """c(k) in seconds for the cost plot: adaspec chains and trees (on each backend of the run), and llama.cpp's
+    chains timed in the same loop when that peer runs (and can run) in this benchmark."""
     from .costs import LlamaCppCosts, measure_costs
     from .peers import PeerUnavailable, bundled_gguf, missing_packages
 
@@ -158,11 +176,15 @@ def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None) -> dict[st
         except (PeerUnavailable, OSError, ValueError) as e:
             print(f"llama.cpp cost curve skipped: {e}")
     try:
-        m = measure_costs(model, ks=ks, reps=5, context_len=context, peer=peer)
+        m = measure_costs(model, ks=ks, reps=5, context_len=context, peer=peer,
+                          others={"llamacpp": second} if second is not None else None)
     finally:
         if peer is not None:
             peer.close()
-    out = {"adaspec chain": m["verify"], "adaspec tree": m["tree"]}
+    out = {f"adaspec chain ({model.backend})": m["verify"], f"adaspec tree ({model.backend})": m["tree"]}
+    for name, r in m.get("backends", {}).items():
+        out[f"adaspec chain ({name})"] = {k: v / 1e3 for k, v in r["verify_ms"].items()}
+        out[f"adaspec tree ({name})"] = {k: v / 1e3 for k, v in r["tree_ms"].items()}
     if "llama_cpp" in m:
         out["llama.cpp chain"] = m["llama_cpp"]["verify"]
     return out
@@ -184,6 +206,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default: runs/bench-<scenario>-<time>)")
     ap.add_argument("--model", default=None, help="model path (default: the bundled model)")
+    ap.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp", "both"],
+                    help="target backend of the adaspec configurations; both = each configuration on torch and, "
+                         f"named <config>{BACKEND_SUFFIX}, on llama.cpp, in the same loop (default auto)")
     ap.add_argument("--no-costs", action="store_true", help="skip the c(k) cost curve")
     ap.add_argument("--from-run", default=None, metavar="RUN_JSON",
                     help="run nothing: write the table and plots of a saved run.json (into --out, else beside it)")
@@ -208,22 +233,42 @@ def run(args: argparse.Namespace) -> int:
                available_modes()]
     out = Path(args.out or f"runs/bench-{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    model, tok = load_target(args.model)
+    model, tok = load_target(args.model, backend="torch" if args.backend == "both" else args.backend)
+    print(f"backend {model.backend}: {model.backend_reason}")
+    second = None
+    if args.backend == "both":
+        second = load_target(args.model, backend="llamacpp")[0]
+        configs += [c + BACKEND_SUFFIX for c in configs if c != "oracle"]
     items = default_plan(args.scenario, args.full, args.seed, args.max_tokens)
     plan = BenchPlan(args.scenario, items, configs, peers, args.hf_every or (1 if args.full else 4))
     costs = None
     if not args.no_costs:
-        costs = cost_curves(model, "llama.cpp" in peers, args.model)
+        costs = cost_curves(model, "llama.cpp" in peers, args.model, second)
     t0 = time.perf_counter()
-    records = run_bench(model, tok, plan, out)
+    records = run_bench(model, tok, plan, out, second)
     meta = {"scenario": args.scenario, "full": args.full, "configs": configs, "peers": peers, "seed": args.seed,
             "requests": len(items), "seconds": time.perf_counter() - t0, "model": tok.name,
-            "device": str(model.device), "hf_every": plan.hf_every}
+            "device": str(model.device), "hf_every": plan.hf_every, "backend": model.backend,
+            "backend_reason": model.backend_reason, "second_backend": second.backend if second else None}
     files = write_report(records, out, _report_config(args.full), costs=costs, meta=meta,
                          title=f"adaspec bench: {args.scenario}")
     print(files.markdown.read_text())
+    _print_overhead(records)
     print(f"wrote {files.markdown}, {files.json}, " + ", ".join(str(p) for p in files.plots.values()))
     return 0
+
+
+def _print_overhead(records: Sequence[RequestRecord]) -> None:
+    """Median share of decoding time outside target forwards, per adaspec configuration."""
+    import statistics
+
+    shares: dict[str, list[float]] = {}
+    for r in records:
+        if r.overhead_share is not None:
+            shares.setdefault(r.config, []).append(r.overhead_share)
+    if shares:
+        print("per-step overhead (median share of decode time outside target forwards): " +
+              ", ".join(f"{c} {100 * statistics.median(v):.1f}%" for c, v in shares.items()))
 
 
 def _report_config(full: bool) -> ReportConfig:

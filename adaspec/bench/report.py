@@ -70,6 +70,7 @@ class RequestRecord:
     matches_reference: bool | None = None  # output == the reference greedy output, when checked
     step_emitted: list[int] = field(default_factory=list)  # per verification step: tokens emitted (accepted + 1)
     step_drafted: list[int] = field(default_factory=list)  # per verification step: draft tokens verified
+    overhead_share: float | None = None  # share of decode time outside target forwards (adaspec configs)
 
     @property
     def tok_s(self) -> float:
@@ -99,7 +100,8 @@ class RequestRecord:
                    prompt_tokens=stats.prompt_tokens, output_tokens=stats.output_tokens, wall_seconds=stats.wall_s,
                    ttft_seconds=stats.prefill_s, forwards=stats.forwards, drafted=stats.drafted,
                    accepted=stats.accepted, speculator_mix=dict(stats.chosen), matches_reference=matches_reference,
-                   step_emitted=list(step_emitted), step_drafted=list(step_drafted))
+                   step_emitted=list(step_emitted), step_drafted=list(step_drafted),
+                   overhead_share=getattr(stats, "overhead_share", None))
 
     @classmethod
     def from_peer(cls, item: Any, index: int, result: Any, request_id: str | None = None) -> "RequestRecord":

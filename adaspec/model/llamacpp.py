@@ -69,16 +69,12 @@ def _lib():
 
 def gguf_architecture(path: str | os.PathLike) -> str:
     """``general.architecture`` of a GGUF file (read from its header only)."""
-    from gguf import GGUFReader
+    from .gguf_header import GGUFHeaderError, read_header
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # gguf raises ValueError/struct errors/... on a malformed file
-        raise LlamaCppError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
-    f = reader.fields.get("general.architecture")
-    if f is None:
-        raise LlamaCppError(f"{str(path)!r} has no general.architecture field")
-    return str(f.contents())
+        return read_header(path).architecture
+    except GGUFHeaderError as e:
+        raise LlamaCppError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -147,6 +143,17 @@ class LlamaCppModel:
         self.want_hidden = True  # set False when nothing reads hidden states (saves copying them)
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _free_native, L, self._model, self._ctx, self._batch)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Decode a few tokens once, so the first request does not pay llama.cpp's graph setup."""
+        seq = self._free.pop()
+        try:
+            for n in (1, 8):
+                self._decode([0] * n, list(range(n)), [(seq,)] * n, [True] * n, hidden=self.want_hidden)
+                self._L.llama_memory_seq_rm(self._mem, seq, -1, -1)
+        finally:
+            self._free.append(seq)
 
     def _arch_or_unknown(self) -> str:
         try:

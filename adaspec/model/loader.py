@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .gguf_header import GGUFHeaderError, read_header
 from .llama import LlamaConfig, LlamaModel
 from .quant import PRECISIONS, GGUFBlocks, INT4_KINDS
 from .tokenizer import Tokenizer
@@ -143,18 +144,14 @@ def choose_backend(src: Path, device: torch.device, precision: str = "auto", bac
 
 def _gguf_summary(path: Path) -> tuple[str, frozenset[str]]:
     """(architecture, block types of the layer projections) from a GGUF header."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(str(path))
-    except Exception as e:  # gguf raises ValueError/struct errors/... on a malformed file
-        raise ModelLoadError(f"{str(path)!r} is not a readable GGUF file: {e}") from None
-    f = reader.fields.get("general.architecture")
-    arch = str(f.contents()) if f is not None else "unknown"
-    kinds = frozenset(t.tensor_type.name for t in reader.tensors
-                      if t.name.startswith("blk.") and t.name.split(".")[2] in _GGUF_LAYER_NAMES
-                      and not t.name.split(".")[2].endswith("norm"))
-    return arch, kinds
+        header = read_header(path)
+    except GGUFHeaderError as e:
+        raise ModelLoadError(str(e)) from None
+    kinds = frozenset(kind for name, kind in header.tensor_types.items()
+                      if name.startswith("blk.") and name.split(".")[2] in _GGUF_LAYER_NAMES
+                      and not name.split(".")[2].endswith("norm"))
+    return header.architecture, kinds
 
 
 def load_target(path: str | os.PathLike | None = None, device: str | None = None, precision: str = "auto",

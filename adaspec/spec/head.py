@@ -441,13 +441,23 @@ class HeadSpeculator:
             if required:
                 raise ValueError(f"no draft head checkpoint {directory / name}.json") from None
             return None
-        try:
-            fp = target_fingerprint(model)
-        except ValueError:  # a backend without an exposed embedding cannot share it with a head
+        want = meta.get("target", {}).get("fingerprint", {})
+        if not model.capabilities.hidden_states:
             if required:
-                raise
+                raise ValueError("this target backend gives no hidden states; a draft head needs them")
             return None
-        if not fingerprint_matches(meta.get("target", {}).get("fingerprint", {}), fp):
+        dims = {"vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+                "num_layers": getattr(getattr(model, "cfg", None), "num_layers", -1)}
+        # dimensions first, decided without touching the weights; then a few embedding values
+        same = not any(want.get(k) != v for k, v in dims.items())
+        if same:
+            try:
+                same = fingerprint_matches(want, target_fingerprint(model))
+            except ValueError:  # a backend without an exposed embedding cannot share it with a head
+                if required:
+                    raise
+                return None
+        if not same:
             msg = (f"the draft head {name} was trained for {meta.get('target', {}).get('name', 'another model')}, "
                    "not this target; train one with `adaspec train-static` or run without the head")
             if required:
