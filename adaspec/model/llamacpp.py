@@ -21,12 +21,13 @@ that see it, so a token shared by several sequences is computed and stored once.
   is a prefix of some leaf's path, whose sequence has exactly those cells) and
   drops the scratch sequences, which frees every rejected cell.
 
-Numerics: llama.cpp picks matrix kernels by batch size for some weight types
-(tinyBLAS for Q4_0/Q8_0/float weights, repacked Q4_0/Q4_K/IQ4_NL layouts, AMX),
-so a verified row may differ slightly from the same position decoded alone.
-Speculative greedy output then equals plain greedy output of this backend except
-where the top-2 logits are within that noise (measured and tested in
-tests/test_llamacpp.py). The torch backend is the bit-exact one.
+Numerics: with flash attention on (llama.cpp's CPU default, set here) a verified row equals the same position
+decoded alone bit for bit while the sequence spans fewer than 256 KV cells; past that the one-row attention
+takes another path and rows differ by rounding (up to ~1 logit on the bundled model). Some weight types also
+get batch-size-dependent matmul kernels. So speculative greedy output equals plain greedy output of this
+backend except at near-ties (measured in tests/test_llamacpp.py). Rejected tree cells below accepted ones are
+parked in a per-cache sequence until the cache is dropped: a later token would otherwise fill the hole and sit
+before older positions, changing the order the attention sums in. The torch backend is the bit-exact one.
 """
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ class LlamaCppModel:
         cp.pooling_type = L.LLAMA_POOLING_TYPE_NONE
         cp.kv_unified = True
         cp.no_perf = True
-        cp.flash_attn_type = int(os.environ.get("ADASPEC_LLAMA_FA", "-1"))
+        cp.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED  # faster on CPU, and row exact on short contexts
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             L.llama_model_free(self._model)
