@@ -89,6 +89,16 @@ def _plain_of(config: str) -> str:
     return "adaspec-plain" + (BACKEND_SUFFIX if config.endswith(BACKEND_SUFFIX) else "")
 
 
+def _prompt_ids(tok, prompt: str | None, messages) -> list[int]:
+    """Raw prompts as they are; chats through the model's template, or as plain text for a model without one
+    (a base model): the turns' contents separated by blank lines."""
+    if prompt is not None:
+        return tok.encode(prompt)
+    if not tok.chat_template:
+        return tok.encode("\n\n".join(m["content"] for m in messages))
+    return tok.apply_chat_template(messages)
+
+
 def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> list[RequestRecord]:
     """Run every request of ``plan`` through every configuration; one record per (configuration, request).
 
@@ -121,7 +131,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
             answers: list[str] = []
             for turn in range(item.n_turns):
                 messages = workloads.turn_messages(item, answers) if item.user_turns else item.messages
-                ids = tok.encode(item.prompt) if item.prompt is not None else tok.apply_chat_template(messages)
+                ids = _prompt_ids(tok, item.prompt, messages)
                 rid = f"{item.id}/t{turn}" if item.user_turns else item.id
                 params = SamplingParams(max_tokens=item.max_tokens, temperature=item.temperature, seed=item.seed)
                 references: dict[str, list[int]] = {}
@@ -235,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_target(args.model, backend="torch" if args.backend == "both" else args.backend)
     print(f"backend {model.backend}: {model.backend_reason}")
+    if not tok.chat_template:
+        print("the model has no chat template: chat requests are sent as plain text")
     second = None
     if args.backend == "both":
         second = load_target(args.model, backend="llamacpp")[0]
