@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -53,6 +52,7 @@ import torch
 from .control.base import Controller, FixedController
 from .control.costs import parse_cost_curve
 from .engine import Engine
+from .files import write_atomic
 from .model.base import Capabilities, ForwardOutput
 from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
 from .verify import SamplingParams
@@ -122,15 +122,8 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 
 def save_traces(path: str | Path, traces: Iterable[Trace]) -> None:
-    """Write traces as JSONL (atomically: temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for t in traces:
-            f.write(json.dumps(t.to_json()) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """Write traces as JSONL (atomically, :func:`adaspec.files.write_atomic`)."""
+    write_atomic(path, "".join(json.dumps(t.to_json()) + "\n" for t in traces), world_readable=True)
 
 
 # -- time ------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..spec.store import write_atomic
+from ..files import write_atomic
 
 
 @dataclass
@@ -408,10 +408,6 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"))
-
-
 def save_run(path: str | os.PathLike, records: Sequence[RequestRecord], meta: Mapping[str, Any] | None = None,
              summary: Sequence[SummaryRow] | None = None,
              costs: Mapping[str, Mapping[int, float]] | None = None) -> Path:
@@ -422,7 +418,7 @@ def save_run(path: str | os.PathLike, records: Sequence[RequestRecord], meta: Ma
     if costs is not None:
         blob["costs"] = {b: {str(k): v for k, v in c.items()} for b, c in costs.items()}
     path = Path(path)
-    _atomic_write(path, json.dumps(_clean(blob), indent=1))
+    write_atomic(path, json.dumps(_clean(blob), indent=1))
     return path
 
 
@@ -469,6 +465,6 @@ def write_report(records: Sequence[RequestRecord], out_dir: str | os.PathLike, c
           f"draft cost {cfg.draft_share:.0%} of c(1) per speculating step.", ""]
     md += [f"![{k}]({p.name})" for k, p in plots.items()]
     md_path = out / "summary.md"
-    _atomic_write(md_path, "\n".join(md) + "\n")
+    write_atomic(md_path, "\n".join(md) + "\n")
     json_path = save_run(out / "run.json", records, {**dict(meta or {}), "report_config": asdict(cfg)}, rows, costs)
     return ReportFiles(md_path, json_path, plots)

@@ -75,7 +75,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from ..spec.store import write_atomic
+from ..files import cache_root, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -396,15 +396,6 @@ def parse_sharegpt(path: str | os.PathLike) -> tuple[list[Conversation], ArraySc
     return convs, scan
 
 
-def cache_dir() -> Path:
-    """``$ADASPEC_CACHE_DIR``, else ``~/.cache/adaspec``."""
-    return Path(os.environ.get("ADASPEC_CACHE_DIR") or Path.home() / ".cache" / "adaspec")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"))
-
-
 def load_sharegpt(path: str | os.PathLike | None = None, use_cache: bool = True) -> tuple[list[Conversation], LoadInfo]:
     """Parse (or read from the cache) and classify ShareGPT.
 
@@ -414,7 +405,7 @@ def load_sharegpt(path: str | os.PathLike | None = None, use_cache: bool = True)
     p = Path(path) if path is not None else sharegpt_path()
     st = p.stat()
     key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CLASSIFIER_VERSION}".encode()).hexdigest()[:16]
-    cached = cache_dir() / f"sharegpt-{key}.json"
+    cached = cache_root() / f"sharegpt-{key}.json"
     t0 = time.perf_counter()
     if use_cache and cached.exists():
         try:
@@ -430,7 +421,7 @@ def load_sharegpt(path: str | os.PathLike | None = None, use_cache: bool = True)
     seconds = time.perf_counter() - t0
     if use_cache:
         try:
-            _atomic_write_text(cached, json.dumps({"scan": asdict(scan), "conversations": [
+            write_atomic(cached, json.dumps({"scan": asdict(scan), "conversations": [
                 {"id": c.id, "turns": c.turns, "domain": c.domain, "opening": c.opening} for c in convs]}))
         except OSError as e:
             log.warning("could not write the ShareGPT cache %s: %s", cached, e)

@@ -53,8 +53,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..files import write_atomic
 from .base import DecodeContext, Draft, StepOutcome
-from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, restore, save_blob, write_atomic
+from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, restore, save_blob
 
 log = logging.getLogger(__name__)
 
@@ -368,14 +369,6 @@ def fingerprint_matches(a: dict, b: dict, tol: float = 2e-2) -> bool:
     return pa.shape == pb.shape and pa.size > 0 and bool(np.allclose(pa, pb, atol=tol, rtol=0.0))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """``store.write_atomic``, then world-readable: a checkpoint is package data (mkstemp creates 0600)."""
-    write_atomic(path, data)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def save_checkpoint(directory: str | os.PathLike, name: str, head: DraftHead, meta: dict) -> None:
     """``<name>.safetensors`` (head weights in fp16 + the draft vocabulary) and ``<name>.json``, both atomic."""
     from safetensors.torch import save
@@ -385,10 +378,10 @@ def save_checkpoint(directory: str | os.PathLike, name: str, head: DraftHead, me
         tensors["draft_vocab"] = head.vocab_ids.to(torch.int64).contiguous()
     blob = save(tensors)
     d = Path(directory)
-    _write_atomic(d / f"{name}.safetensors", blob)
+    write_atomic(d / f"{name}.safetensors", blob, world_readable=True)
     info = {"config": asdict(head.cfg), "weights_sha256": hashlib.sha256(blob).hexdigest(),
             "draft_vocab_size": None if head.vocab_ids is None else int(head.vocab_ids.numel()), **meta}
-    _write_atomic(d / f"{name}.json", (json.dumps(info, indent=1) + "\n").encode())
+    write_atomic(d / f"{name}.json", json.dumps(info, indent=1) + "\n", world_readable=True)
 
 
 def load_checkpoint(directory: str | os.PathLike, name: str, embed: torch.Tensor,

