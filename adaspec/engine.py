@@ -18,6 +18,7 @@ import torch
 
 from .control.base import Controller, FixedController, StepFeedback
 from .model.base import ForwardOutput, TargetModel
+from .model.tokenizer import IncrementalDetokenizer
 from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
 from .verify import SamplingParams, verify
 
@@ -97,6 +98,8 @@ class Request:
     text: str = ""  # decoded output, cut before a stop string once one is seen
     started: float = 0.0
     ended: bool = False
+    detok: IncrementalDetokenizer | None = None  # decodes ``output`` a few tokens at a time
+    settled: str = ""  # the text ``detok`` has emitted (complete characters; never changes once emitted)
 
     @property
     def finished(self) -> bool:
@@ -153,6 +156,8 @@ class Engine:
         req = Request(rid, namespace, params, ctx, cache, gen, RequestStats(prompt_tokens=len(prompt), forwards=1),
                       started=t0)
         req.stats.prefill_s = self.clock() - t0
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer)
         self._emit(req, first)
         for s in self.speculators:
             s.begin(ctx)
@@ -245,10 +250,14 @@ class Engine:
                 req.finish_reason = "length"
                 break
         req.stats.output_tokens = len(req.output)
-        if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output)
+        if req.detok is not None:
+            # only text that can hold a stop string not seen before is searched: one ending in the new text
+            checked = len(req.settled)
+            new, pending = req.detok.advance(req.output)
+            req.settled += new
+            req.text = req.settled + pending
             for s in req.params.stop:
-                cut = req.text.find(s)
+                cut = req.text.find(s, max(0, checked - len(s) + 1))
                 if cut >= 0:
                     req.text = req.text[:cut]
                     req.finish_reason = "stop"
