@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -20,6 +21,7 @@ from .control.base import Controller, FixedController, StepFeedback
 from .model.base import ForwardOutput, TargetModel
 from .model.tokenizer import IncrementalDetokenizer
 from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
+from .spec.store import Persistent
 from .verify import SamplingParams, verify
 
 _ids = itertools.count()
@@ -123,11 +125,26 @@ class Engine:
         self.controller = controller if controller is not None else FixedController()
         self.clock = clock
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.on_close: list[Callable[[], None]] = []  # e.g. save learned state
+        self.on_close: list[Callable[[], None]] = []  # e.g. stop a speculator's learner thread
+        self.state_files: list[tuple[Persistent, Path]] = []  # (component, its file): what ``snapshot`` saves
+        self._closed = False
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether ``snapshot`` saves anything (``system.build_engine`` was given a state directory)."""
+        return bool(self.state_files)
+
+    def snapshot(self) -> None:
+        """Save every component's learned state to its file, each atomically."""
+        for component, path in self.state_files:
+            component.save(path)
 
     def close(self) -> None:
-        """Run the close hooks (idempotent)."""
+        """Save the learned state, then run the close hooks (idempotent)."""
         hooks, self.on_close = self.on_close, []
+        if not self._closed:
+            self._closed = True
+            self.snapshot()
         for hook in hooks:
             hook()
 

@@ -54,7 +54,7 @@ from .control.costs import parse_cost_curve
 from .engine import Engine
 from .files import write_atomic
 from .model.base import Capabilities, ForwardOutput
-from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
+from .spec.base import DecodeContext, Draft, Speculator, SpeculatorBase, StepOutcome
 from .verify import SamplingParams
 
 __all__ = ["Trace", "load_traces", "save_traces", "VirtualClock", "ReplayCache", "ReplayTarget", "CostCurve",
@@ -320,7 +320,7 @@ class ReplayTarget:
 
 
 @dataclass
-class ChargedSpeculator:
+class ChargedSpeculator(SpeculatorBase):
     """Wraps a speculator so that each proposal advances the virtual clock by a fixed cost."""
 
     inner: Speculator

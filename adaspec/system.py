@@ -59,14 +59,13 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
     engine = Engine(model, tokenizer, specs, controller)
     if state_dir is not None:
         _attach_state(engine, Path(state_dir))
-    for s in specs:
-        if callable(getattr(s, "close", None)):
-            engine.on_close.append(s.close)
+    engine.on_close.extend(s.close for s in specs)
     return engine
 
 
 def _attach_state(engine: Engine, directory: Path) -> None:
-    """Restore every component's learned state from ``directory`` and give the engine a ``snapshot()``.
+    """Restore every component's learned state from ``directory`` and list its files in ``engine.state_files``
+    (what ``engine.snapshot()`` saves).
 
     Each component keeps one file, ``<name>.state``. Temporary files of a snapshot that a crash interrupted are
     deleted first; a damaged or mis-shaped file is moved aside with a warning and its component starts clean
@@ -81,10 +80,4 @@ def _attach_state(engine: Engine, directory: Path) -> None:
         files.append((engine.controller, directory / "controller.state"))
     for obj, path in files:
         obj.load(path, engine.model.vocab_size)
-
-    def snapshot() -> None:
-        for obj, path in files:
-            obj.save(path)
-
-    engine.snapshot = snapshot  # type: ignore[attr-defined]
-    engine.on_close.insert(0, snapshot)
+    engine.state_files = files

@@ -110,7 +110,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
     peers = make_peers(plan.peers, PeerConfig(n_threads=_peer_threads())) if plan.peers else None
     # background learners work only while their own configuration decodes (within their duty cycle), so that
     # they take no CPU time from the configuration being timed next
-    learners = {c: [s for s in e.speculators if callable(getattr(s, "pause", None))] for c, e in engines.items()}
+    learners = {c: list(e.speculators) for c, e in engines.items()}
     for s in (s for ls in learners.values() for s in ls):
         s.pause()
     records: list[RequestRecord] = []

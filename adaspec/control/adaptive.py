@@ -60,7 +60,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from ..spec.base import DecodeContext, Draft
-from .base import StepFeedback
+from .base import Controller, StepFeedback
 from .calibration import CalibrationConfig, Calibrator
 from .costs import CostConfig, CostModel
 
@@ -271,7 +271,7 @@ class _RequestSummary:
 # -- the controller ------------------------------------------------------------------------------------
 
 
-class AdaptiveController:
+class AdaptiveController(Controller):
     """Chooses speculators, budgets and drafts by expected tokens per second, learning costs and
     calibration online. ``AdaptiveController()`` is the production default; no argument is required."""
 

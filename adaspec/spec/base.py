@@ -22,7 +22,7 @@ path probabilities ``[0.9, 0.45, 0.05]``, score ``1.4``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -168,12 +168,29 @@ class Speculator(Protocol):
     def end(self, ctx: DecodeContext, finished: bool) -> None:
         """The request is over; ``ctx.tokens`` holds the final output. ``finished`` is False if it was cancelled."""
 
+    def stats(self) -> dict:
+        """What the speculator has learned, for reports and metrics; ``{"namespaces": {ns: {"tokens": n}}}``
+        gives the size of each namespace's learned state. ``{}`` when it learns nothing."""
+        ...
 
-@dataclass
+    def pause(self) -> None:
+        """Hold any background work (a learner thread) until ``resume``; side-by-side timings use it."""
+
+    def resume(self) -> None:
+        """Let background work run again."""
+
+    def close(self) -> None:
+        """Release threads and resources (idempotent); the engine's ``close`` calls it."""
+
+
 class SpeculatorBase:
-    """Convenience base with no-op hooks."""
+    """The :class:`Speculator` protocol with no-op hooks: subclasses override what they use."""
 
-    name: str = field(default="base")
+    name: str = "base"
+
+    def __init__(self, name: str | None = None):
+        if name is not None:
+            self.name = name
 
     def begin(self, ctx: DecodeContext) -> None:
         pass
@@ -185,4 +202,16 @@ class SpeculatorBase:
         pass
 
     def end(self, ctx: DecodeContext, finished: bool) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {}
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def close(self) -> None:
         pass

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import write_atomic
-from .base import DecodeContext, Draft, StepOutcome
+from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
 from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, restore, save_blob
 
 log = logging.getLogger(__name__)
@@ -406,7 +406,7 @@ def load_checkpoint(directory: str | os.PathLike, name: str, embed: torch.Tensor
 # Speculators
 # ---------------------------------------------------------------------------------------------
 
-class HeadSpeculator:
+class HeadSpeculator(SpeculatorBase):
     """The static draft head as a speculator: drafts from ``ctx.hidden``; learns nothing."""
 
     name = "head"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import DecodeContext, Draft, StepOutcome
+from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
 
 _GATHER_MAX = 256  # candidates above this are narrowed token by token before one vectorised gather
 
@@ -134,7 +134,7 @@ class PromptLookupConfig:
 
 
 @dataclass
-class PromptLookupSpeculator:
+class PromptLookupSpeculator(SpeculatorBase):
     """Prompt-lookup (n-gram) speculator over the request's own context; see the module docstring."""
 
     config: PromptLookupConfig = field(default_factory=PromptLookupConfig)

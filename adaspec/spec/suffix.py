@@ -84,7 +84,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .base import DecodeContext, Draft, StepOutcome
+from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
 from .ngram import PAD, ContextBuffer, match_lengths
 from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack, restore, unpack, write_atomic
 
@@ -669,7 +669,7 @@ class _RequestView:
     buf: ContextBuffer
     pending: tuple[int, TreeNodes] | None = None  # (context length when proposed, nodes)
 
-class SuffixSpeculator:
+class SuffixSpeculator(SpeculatorBase):
     """Adaptive suffix speculator; see the module docstring. Thread-safe (one lock)."""
 
     def __init__(self, config: SuffixConfig | None = None, name: str = "suffix"):
