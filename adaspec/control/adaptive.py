@@ -121,13 +121,6 @@ def normalise_siblings(draft: Draft) -> Draft:
     return draft.with_probs(draft.probs * scale[draft.parents + 1])
 
 
-def _path_probs(parents: list[int], probs: list[float]) -> np.ndarray:
-    out = [0.0] * len(parents)
-    for i, p in enumerate(parents):
-        out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
-    return np.asarray(out)
-
-
 def best_prefix(draft: Draft, chain_cost: np.ndarray, tree_cost: np.ndarray,
                 sunk: float) -> tuple[np.ndarray, int, float, float]:
     """The best-first prefix of ``draft`` with the highest expected rate.
@@ -145,7 +138,7 @@ def best_prefix(draft: Draft, chain_cost: np.ndarray, tree_cost: np.ndarray,
         cum = np.cumsum(np.cumprod(draft.probs))  # [n] E for keeping 1..n nodes
         cost = chain_cost[2 : n + 2] + sunk
     else:
-        pp = _path_probs(draft.parents.tolist(), draft.probs.tolist())  # [n]
+        pp = draft.path_probs  # [n]
         order = np.lexsort((np.arange(n), -pp))  # by path probability, ancestors first on ties
         cum = np.cumsum(pp[order])
         ks = np.arange(1, n + 1)

@@ -47,7 +47,7 @@ import numpy as np
 
 from ..spec.base import Draft
 
-__all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes", "node_depths",
+__all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes",
            "pool_adjacent_violators"]
 
 
@@ -76,39 +76,10 @@ class CalibrationConfig:
 
 
 def label_nodes(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which nodes of ``draft`` the step's emitted tokens decide, and whether each was accepted.
-
-    Returns ``(index, accepted)``: node indices in draft order and a bool array of
-    the same length. See the module docstring for the rule.
-    """
-    idx, hit, _ = _label(draft, emitted)
+    """Which nodes of ``draft`` the step's emitted tokens decide, and whether each was accepted
+    (:meth:`Draft.label` without the depths)."""
+    idx, hit, _ = draft.label(emitted)
     return idx, hit
-
-
-def node_depths(draft: Draft) -> np.ndarray:
-    """``draft.depths``, without the Python loop for chains."""
-    return np.arange(1, len(draft) + 1) if draft.is_chain else draft.depths
-
-
-def _label(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    m = len(emitted)
-    tokens = draft.tokens.tolist()
-    parents = draft.parents.tolist()
-    on_path = [False] * len(tokens)  # node's full path equals the emitted prefix
-    depth = [0] * len(tokens)
-    emitted = [int(t) for t in emitted]
-    idx: list[int] = []
-    hit: list[bool] = []
-    dep: list[int] = []
-    for i, p in enumerate(parents):
-        depth[i] = 1 if p < 0 else depth[p] + 1
-        if depth[i] > m or (p >= 0 and not on_path[p]):
-            continue
-        on_path[i] = tokens[i] == emitted[depth[i] - 1]
-        idx.append(i)
-        hit.append(on_path[i])
-        dep.append(depth[i])
-    return np.asarray(idx, dtype=np.int64), np.asarray(hit, dtype=bool), np.asarray(dep, dtype=np.int64)
 
 
 def _clean(conf: np.ndarray) -> np.ndarray:
@@ -248,11 +219,11 @@ class Calibrator:
         """``draft`` with its probs replaced by calibrated ones (tokens, tree, source unchanged)."""
         if not len(draft):
             return draft
-        return draft.with_probs(self.probability(name, draft.probs, node_depths(draft)))
+        return draft.with_probs(self.probability(name, draft.probs, draft.depths))
 
     def observe(self, name: str, draft: Draft, emitted: list[int] | np.ndarray) -> int:
         """Learn from one step's outcome for ``name``'s proposal; returns how many nodes were labelled."""
-        idx, hit, depth = _label(draft, emitted)
+        idx, hit, depth = draft.label(emitted)
         if not len(idx):
             return 0
         t = self._table(name)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -73,18 +73,21 @@ class Draft:
     @cached_property
     def depths(self) -> np.ndarray:
         """Depth of every node: 1 for children of the pending token."""
-        d = np.zeros(len(self), dtype=np.int64)
-        for i, p in enumerate(self.parents):
+        if self.is_chain:
+            return np.arange(1, len(self) + 1)
+        d = [0] * len(self)
+        for i, p in enumerate(self.parents.tolist()):
             d[i] = 1 if p < 0 else d[p] + 1
-        return d
+        return np.asarray(d, dtype=np.int64)
 
     @cached_property
     def path_probs(self) -> np.ndarray:
-        """Probability that every node on the path to node i is accepted."""
-        out = np.zeros(len(self))
-        for i, p in enumerate(self.parents):
-            out[i] = self.probs[i] * (1.0 if p < 0 else out[p])
-        return out
+        """Probability that every node on the path to node i is accepted (the product of ``probs`` down to it)."""
+        probs = self.probs.tolist()
+        out = [0.0] * len(probs)
+        for i, p in enumerate(self.parents.tolist()):
+            out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
+        return np.asarray(out, dtype=np.float64)
 
     @property
     def score(self) -> float:
@@ -107,6 +110,27 @@ class Draft:
             kids.setdefault(int(p), []).append(i)
         return kids
 
+    def follow(self, want: Callable[[int, int], int | None]) -> list[int]:
+        """The path of nodes, root first, that goes down to the child holding ``want(node, depth)`` at each
+        step (``node`` = -1 and ``depth`` = 0 at the pending token) while there is one; ``want`` returning None
+        stops. The verifier follows the target's choices this way, the replay simulator a recorded output."""
+        kids = self.children()
+        tokens = self.tokens.tolist()
+        path: list[int] = []
+        node = -1
+        while True:
+            token = want(node, len(path))
+            nxt = None if token is None else next((c for c in kids.get(node, ()) if tokens[c] == token), None)
+            if nxt is None:
+                return path
+            path.append(nxt)
+            node = nxt
+
+    def label(self, truth: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:func:`label_nodes` of this draft as arrays: ``(index, accepted, depth)``."""
+        idx, hit, depth = label_nodes(self.tokens.tolist(), self.parents.tolist(), truth)
+        return np.asarray(idx, dtype=np.int64), np.asarray(hit, dtype=bool), np.asarray(depth, dtype=np.int64)
+
     def path_to(self, i: int) -> list[int]:
         """Node indices from the root down to node ``i`` inclusive."""
         path = []
@@ -114,6 +138,35 @@ class Draft:
             path.append(i)
             i = int(self.parents[i])
         return path[::-1]
+
+
+def label_nodes(tokens: Sequence[int], parents: Sequence[int],
+                truth: Sequence[int]) -> tuple[list[int], list[bool], list[int]]:
+    """The draft nodes that the tokens which followed (``truth``) decide, whether each was right, and its depth.
+
+    A node is decided when its parent lies on the path that equals ``truth`` (the root's children always) and
+    ``truth`` reaches its depth; it is right when its token is the one ``truth`` holds there. Nodes below a
+    wrong one, or deeper than ``truth``, are left out: nothing says whether they would have been accepted.
+
+    Worked example: tokens ``[7, 8, 9]``, parents ``[-1, 0, -1]``, truth ``[7, 5]``: node 0 (7) is right,
+    node 1 (8, child of 0) is wrong, node 2 (9) is wrong -> ``([0, 1, 2], [True, False, False], [1, 2, 1])``.
+    """
+    truth = [int(t) for t in truth]
+    depth_of = {-1: 0}  # nodes on the true path -> their depth
+    idx: list[int] = []
+    hit: list[bool] = []
+    dep: list[int] = []
+    for i, (tok, par) in enumerate(zip(tokens, parents)):
+        d = depth_of.get(par)
+        if d is None or d >= len(truth):
+            continue
+        right = tok == truth[d]
+        idx.append(i)
+        hit.append(right)
+        dep.append(d + 1)
+        if right:
+            depth_of[i] = d + 1
+    return idx, hit, dep
 
 
 @dataclass

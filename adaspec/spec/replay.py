@@ -27,18 +27,7 @@ THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # path-pr
 
 def accept_greedy(draft: Draft, truth: Sequence[int]) -> list[int]:
     """Indices of the draft nodes on the path that equals ``truth`` (root first)."""
-    kids = draft.children()
-    path: list[int] = []
-    node = -1
-    tokens = draft.tokens.tolist()
-    while len(path) < len(truth):
-        want = truth[len(path)]
-        nxt = next((c for c in kids.get(node, ()) if tokens[c] == want), None)
-        if nxt is None:
-            break
-        path.append(nxt)
-        node = nxt
-    return path
+    return draft.follow(lambda node, depth: truth[depth] if depth < len(truth) else None)
 
 
 def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespace: str = "default",
@@ -89,7 +78,7 @@ def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespa
             draft = draft.prefix(budget)
             truth = output[pos:]
             path = accept_greedy(draft, truth)
-            _calibrate(draft, path, cal_p, cal_hit)
+            _calibrate(draft, truth, cal_p, cal_hit)
             cut_at_tau.append(_cuts(draft, path, thresholds))
             emitted = [int(draft.tokens[j]) for j in path]
             if len(emitted) < len(truth):
@@ -158,17 +147,12 @@ def _frontier(cuts: list[list[tuple[int, int]]], thresholds: Sequence[float], fo
     return res
 
 
-def _calibrate(draft: Draft, path: list[int], probs: list[float], hits: list[bool]) -> None:
-    """Record (prob, accepted) for every node whose parent was reached: the root's children and the
-    children of accepted nodes."""
-    if not len(draft):
-        return
-    reached = {-1, *path}
-    on_path = set(path)
-    for j, (par, p) in enumerate(zip(draft.parents.tolist(), draft.probs.tolist())):
-        if par in reached:
-            probs.append(p)
-            hits.append(j in on_path)
+def _calibrate(draft: Draft, truth: Sequence[int], probs: list[float], hits: list[bool]) -> None:
+    """Record (prob, accepted) for every node whose parent was reached (:meth:`Draft.label`): a node past the
+    end of the recorded output counts as rejected (the output ended there)."""
+    idx, hit, _ = draft.label(list(truth) + [-1] * len(draft))
+    probs.extend(draft.probs[idx].tolist())
+    hits.extend(hit.tolist())
 
 
 def _bins(probs: list[float], hits: list[bool], n: int) -> list[list[float]]:

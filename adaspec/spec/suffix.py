@@ -84,7 +84,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
+from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes
 from .ngram import PAD, ContextBuffer, match_lengths
 from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack, restore, unpack, write_atomic
 
@@ -641,22 +641,8 @@ class Calibration:
 
 
 def draft_verdicts(tokens: Sequence[int], parents: Sequence[int], truth: Sequence[int]) -> tuple[list[int], list[bool]]:
-    """Draft nodes whose parent lies on the true path (and whose own truth is known), and whether each is right.
-
-    Worked example: tokens ``[7, 8, 9]``, parents ``[-1, 0, -1]``, truth ``[7, 5]``:
-    node 0 (7) is right, node 1 (8, child of 0) is wrong, node 2 (9) is wrong.
-    """
-    depth_of = {-1: 0}  # nodes on the true path -> their depth
-    tested, hits = [], []
-    for i, (tok, par) in enumerate(zip(tokens, parents)):
-        d = depth_of.get(par)
-        if d is None or d >= len(truth):
-            continue
-        tested.append(i)
-        right = tok == truth[d]
-        hits.append(right)
-        if right:
-            depth_of[i] = d + 1
+    """:func:`~adaspec.spec.base.label_nodes` without the depths (the calibration keys on its own levels)."""
+    tested, hits, _ = label_nodes(tokens, parents, truth)
     return tested, hits
 
 
