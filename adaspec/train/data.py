@@ -12,7 +12,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from ..bench.workloads import conversation_from_record, iter_json_array, sharegpt_path
+from ..bench.workloads import conversation_from_record, sharegpt_path
+from ..jsonstream import iter_json_array
 
 
 @dataclass
