@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -36,14 +37,14 @@ def results_table(title: str) -> Table:
     return table
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import _load
+def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple]) -> int:
+    """The demo on the model ``load(args)`` returns (the command line passes its loader, which reports errors)."""
     from .system import build_engine
     from .verify import SamplingParams
 
     console = Console()
     with console.status("loading the model"):
-        model, tok = _load(args)
+        model, tok = load(args)
     plain = build_engine(model, tok, "plain")
     ada = build_engine(model, tok, "adaptive")
     params = SamplingParams(max_tokens=args.max_tokens)

@@ -20,8 +20,8 @@ import torch
 from .control.base import Controller, FixedController, StepFeedback
 from .model.base import ForwardOutput, TargetModel
 from .model.tokenizer import IncrementalDetokenizer
-from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
-from .spec.store import Persistent
+from .speculators.base import DecodeContext, Draft, Speculator, StepOutcome
+from .store import Persistent
 from .verify import SamplingParams, verify
 
 _ids = itertools.count()

@@ -54,7 +54,7 @@ from .control.costs import parse_cost_curve
 from .engine import Engine
 from .files import write_atomic
 from .model.base import Capabilities, ForwardOutput
-from .spec.base import DecodeContext, Draft, Speculator, SpeculatorBase, StepOutcome
+from .speculators.base import DecodeContext, Draft, Speculator, SpeculatorBase, StepOutcome
 from .verify import SamplingParams
 
 __all__ = ["Trace", "load_traces", "save_traces", "VirtualClock", "ReplayCache", "ReplayTarget", "CostCurve",
@@ -371,13 +371,13 @@ def _available_speculators() -> dict[str, Callable[[], Speculator]]:
     """Model-free speculators that can run in a replay (those needing hidden states cannot)."""
     found: dict[str, Callable[[], Speculator]] = {}
     try:
-        from .spec.suffix import SuffixSpeculator
+        from .speculators.suffix import SuffixSpeculator
 
         found["suffix"] = SuffixSpeculator
     except ImportError:
         pass
     try:
-        from .spec.ngram import PromptLookupSpeculator
+        from .speculators.ngram import PromptLookupSpeculator
 
         found["ngram"] = PromptLookupSpeculator
     except ImportError:
@@ -386,7 +386,7 @@ def _available_speculators() -> dict[str, Callable[[], Speculator]]:
 
 
 def _oracle(env: SimEnv) -> Speculator:
-    from .spec.oracle import OracleSpeculator
+    from .speculators.oracle import OracleSpeculator
 
     oracle = OracleSpeculator()
     for t in env.traces:

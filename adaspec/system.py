@@ -20,7 +20,7 @@ FIXED_LOOKAHEAD = 8
 
 def available_modes(model=None) -> tuple[str, ...]:
     """The modes that can run: "head" needs a trained draft head for the target."""
-    from .spec.head import CHECKPOINT_DIR, SHIPPED_NAME
+    from .speculators.head import CHECKPOINT_DIR, SHIPPED_NAME
 
     has_head = (Path(CHECKPOINT_DIR) / f"{SHIPPED_NAME}.json").exists()
     return tuple(m for m in MODES if m != "head" or has_head)
@@ -33,9 +33,9 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
     weights from every namespace (the server does that when tenants are isolated)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    from .spec.head import HeadSpeculator, OnlineHeadSpeculator
-    from .spec.ngram import PromptLookupSpeculator
-    from .spec.suffix import SuffixSpeculator
+    from .speculators.head import HeadSpeculator, OnlineHeadSpeculator
+    from .speculators.ngram import PromptLookupSpeculator
+    from .speculators.suffix import SuffixSpeculator
 
     if mode == "plain":
         specs, controller = [], FixedController(0)
@@ -70,7 +70,7 @@ def _attach_state(engine: Engine, directory: Path) -> None:
     Each component keeps one file, ``<name>.state``. Temporary files of a snapshot that a crash interrupted are
     deleted first; a damaged or mis-shaped file is moved aside with a warning and its component starts clean
     (``store.restore``)."""
-    from .spec.store import Persistent, remove_temporaries
+    from .store import Persistent, remove_temporaries
 
     directory.mkdir(parents=True, exist_ok=True)
     for p in remove_temporaries(directory):

@@ -6,7 +6,7 @@ import torch
 from adaspec.control.base import FixedController
 from adaspec.engine import Engine, stable_text
 from adaspec.model.llama import LlamaConfig, LlamaModel
-from adaspec.spec.oracle import OracleSpeculator
+from adaspec.speculators.oracle import OracleSpeculator
 from adaspec.verify import SamplingParams
 
 from lossless import ScriptedSpeculator, assert_greedy_equivalent
@@ -78,7 +78,7 @@ def test_seeded_sampling_equals_plain_sampling_with_the_same_seed(model, plain, 
 
 def test_seeded_speculative_sampling_follows_the_target_distribution():
     """Gumbel-coupled verification samples each position from the target distribution."""
-    from adaspec.spec.base import Draft
+    from adaspec.speculators.base import Draft
     from adaspec.verify import verify, target_probs
 
     logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3]])

@@ -11,9 +11,9 @@ import torch
 from adaspec.control.base import FixedController
 from adaspec.engine import Engine
 from adaspec.model.llama import LlamaConfig, LlamaModel
-from adaspec.spec.base import DecodeContext
-from adaspec.spec.draft_model import DraftModelConfig, DraftModelSpeculator
-from adaspec.spec.head import (DraftConfig, DraftHead, HeadConfig, HeadSpeculator, OnlineConfig,
+from adaspec.speculators.base import DecodeContext
+from adaspec.speculators.draft_model import DraftModelConfig, DraftModelSpeculator
+from adaspec.speculators.head import (DraftConfig, DraftHead, HeadConfig, HeadSpeculator, OnlineConfig,
                                OnlineHeadSpeculator, distill_loss, draft_with_head, LMHead, load_checkpoint,
                                save_checkpoint, target_fingerprint)
 from adaspec.train.data import Sequence_
@@ -344,7 +344,7 @@ def test_online_state_of_the_wrong_shape_is_moved_aside(target, tmp_path, damage
     """A well-formed container whose weights do not fit this head, or are not finite, is never loaded."""
     import warnings
 
-    from adaspec.spec.store import arrays_from_bytes, arrays_to_bytes, load_blob, save_blob
+    from adaspec.store import arrays_from_bytes, arrays_to_bytes, load_blob, save_blob
 
     spec = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False))
     path = tmp_path / "head_online.state"

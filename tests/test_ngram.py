@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from adaspec.spec.base import DecodeContext, Draft, StepOutcome
-from adaspec.spec.ngram import ContextBuffer, PromptLookupConfig, PromptLookupSpeculator, match_lengths
-from adaspec.spec.replay import replay
+from adaspec.speculators.base import DecodeContext, Draft, StepOutcome
+from adaspec.speculators.ngram import ContextBuffer, PromptLookupConfig, PromptLookupSpeculator, match_lengths
+from adaspec.speculators.replay import replay
 
 
 def ctx(tokens, rid="r", prompt_len=None):

@@ -33,7 +33,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..spec.oracle import OracleSpeculator
+from ..speculators.oracle import OracleSpeculator
 from ..system import build_engine, available_modes
 from ..verify import SamplingParams
 from . import workloads

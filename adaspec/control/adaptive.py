@@ -59,7 +59,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..spec.base import DecodeContext, Draft
+from ..speculators.base import DecodeContext, Draft
 from .base import Controller, StepFeedback
 from .calibration import CalibrationConfig, Calibrator
 from .costs import CostConfig, CostModel

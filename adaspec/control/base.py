@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
-from ..spec.base import DecodeContext, Draft, StepOutcome
+from ..speculators.base import DecodeContext, Draft, StepOutcome
 
 
 @dataclass

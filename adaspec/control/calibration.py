@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..spec.base import Draft
+from ..speculators.base import Draft
 
 __all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes",
            "pool_adjacent_violators"]

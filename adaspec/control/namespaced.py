@@ -23,8 +23,8 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Mapping, Sequence
 
-from ..spec.base import DecodeContext, Draft
-from ..spec.store import StoreCorruptError, restore, save_blob
+from ..speculators.base import DecodeContext, Draft
+from ..store import StoreCorruptError, restore, save_blob
 from .adaptive import AdaptiveController
 from .base import Controller, StepFeedback
 from .costs import CostModel

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..spec.base import Draft
+from ..speculators.base import Draft
 from .sampling import SamplingParams, target_probs
 
 

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 
 from ..files import write_atomic
 from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
-from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, restore, save_blob
+from ..store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, restore, save_blob
 
 log = logging.getLogger(__name__)
 

@@ -86,7 +86,7 @@ import numpy as np
 
 from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes
 from .ngram import PAD, ContextBuffer, match_lengths
-from .store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack, restore, unpack, write_atomic
+from ..store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack, restore, unpack, write_atomic
 
 STATE_KIND = "adaspec.suffix"
 STATE_VERSION = 1
@@ -641,7 +641,7 @@ class Calibration:
 
 
 def draft_verdicts(tokens: Sequence[int], parents: Sequence[int], truth: Sequence[int]) -> tuple[list[int], list[bool]]:
-    """:func:`~adaspec.spec.base.label_nodes` without the depths (the calibration keys on its own levels)."""
+    """:func:`~adaspec.speculators.base.label_nodes` without the depths (the calibration keys on its own levels)."""
     tested, hits, _ = label_nodes(tokens, parents, truth)
     return tested, hits
 

@@ -41,8 +41,8 @@ from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..files import fsync_dir
-from ..files import remove_temporaries, write_atomic  # noqa: F401  (re-exported: the store's write path)
+from .files import fsync_dir
+from .files import remove_temporaries, write_atomic  # noqa: F401  (re-exported: the store's write path)
 
 MAGIC = b"ADASPEC\0"
 CONTAINER_VERSION = 1

@@ -225,7 +225,7 @@ def _llama_cpp_cost(n: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m adaspec.spec.replay --traces 1000 --budget 8``: ShareGPT first turns through the
+    """``python -m adaspec.speculators.replay --traces 1000 --budget 8``: ShareGPT first turns through the
     model-free speculators (prompt lookup, SuffixDecoding's rule, the adaptive suffix mixture)."""
     import argparse
 
