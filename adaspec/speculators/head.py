@@ -12,16 +12,12 @@ emb(x̂_{t+2}))`` and so on. It has no attention, so a draft *tree* costs one
 batched head step per depth and a request needs no per-request state: the
 engine's ``ctx.hidden`` is all a proposal starts from.
 
-Body (measured on a 2-core EPYC, 1 torch thread, d=576): input RMSNorms on both
-halves, a fusing projection ``2d -> d``, ``num_blocks`` pre-norm SiLU-gated MLP
-blocks with a residual, and an output RMSNorm (2.4M parameters). The LM head is
-not part of the head: the target's embedding is shared. The full-vocabulary LM
-head (49152 x 576) costs 15 ms per row in fp32 and 4.5 ms in int8 on this CPU; a
-reduced draft vocabulary (the 8192 tokens the target predicts most often on the
-training data) with an int8 fbgemm kernel costs 0.45 ms. A head step then costs
-about 2 ms (body 1.5 ms), a chain of 4 about 8 ms. Tokens outside the reduced
-vocabulary can never be proposed; the README in ``adaspec/checkpoints`` states
-what that costs in acceptance (nothing measurable for the shipped head).
+Body: input RMSNorms on both halves, a fusing projection ``2d -> d``, ``num_blocks``
+pre-norm SiLU-gated MLP blocks with a residual, and an output RMSNorm. The LM head
+is the target's (tied) embedding restricted to a reduced draft vocabulary (the
+tokens the target predicts most often on the training data) with an int8 kernel,
+which makes a head step a fraction of a target forward on CPU; tokens outside it
+can never be proposed (``adaspec/checkpoints/README.md`` gives the figures).
 
 Online learning (Online Speculative Decoding, Liu et al. 2024): every
 verification step yields training pairs for free. With ``H_0`` the hidden state

@@ -12,8 +12,7 @@ there. Worked example with ``max_ngram=3``::
 
 Confidence (``Draft.probs``): one conditional acceptance probability per match
 length ``n``, the same for every token of the draft. It starts at a fixed
-prior (:attr:`PromptLookupConfig.prior`, measured by trace replay on ShareGPT
-answers) and is then counted from this speculator's own verified drafts:
+prior (:attr:`PromptLookupConfig.prior`) and is then counted from this speculator's own verified drafts:
 ``p_n = (accepted_n + s * prior_n) / (tried_n + s)`` where ``tried`` counts
 draft tokens whose parent was accepted and ``s`` is the prior's strength.
 """

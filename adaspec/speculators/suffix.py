@@ -34,8 +34,7 @@ Scoring (``scoring="mixture"``, the default)
     counts. Below a draft node of depth ``t`` an occurrence's match length is
     ``m + t`` (if the path is accepted, the occurrence matched it too), so
     confidence grows along a path that keeps agreeing with one source.
-    ``Draft.probs`` is ``P_top(child)``, a conditional probability; ``beta=8``
-    makes it calibrated on ShareGPT replay.
+    ``Draft.probs`` is ``P_top(child)``, a conditional probability.
 
     Worked example: occurrences with continuations ``[5, 6]`` (m=4), ``[5, 7]``
     (m=1), ``[8]`` (m=1), unit weights, levels ``(1, 4)``, beta 1. Root: level 0
