@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_run_bench)
 
     # subcommands whose modules parse their own arguments
-    for name, module, text in (("bench-costs", "adaspec.bench.costs", "time target forwards of k tokens, c(k)"),
+    for name, module, text in (("bench-costs", "adaspec.bench.cost_curve", "time target forwards of k tokens, c(k)"),
                                ("bench-load", "adaspec.bench.load", "load a running server with concurrent clients"),
                                ("train-static", "adaspec.train.static", "train the static draft head")):
         x = sub.add_parser(name, help=text, add_help=False)

@@ -164,7 +164,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
 def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None, second=None) -> dict[str, dict[int, float]]:
     """c(k) in seconds for the cost plot: adaspec chains and trees (on each backend of the run), and llama.cpp's
     chains timed in the same loop when that peer runs (and can run) in this benchmark."""
-    from .costs import LlamaCppCosts, measure_costs
+    from .cost_curve import LlamaCppCosts, measure_costs
     from .peers import PeerUnavailable, bundled_gguf, missing_packages
 
     ks, context = (1, 2, 4, 8, 12, 16, 24, 32), 100

@@ -603,7 +603,7 @@ def build_tree(s: _Sorted, m: np.ndarray, w: np.ndarray, levels: np.ndarray, bet
     return TreeNodes(tok[chosen], where[pidx[chosen]], p[chosen], raw[chosen], top[chosen], bins[chosen])
 
 
-class Calibration:
+class ConfidenceCorrection:
     """Online correction of draft confidences: observed / expected accepted tokens per (level, bin) cell.
 
     A node tested against the true continuation (its parent was on the true
@@ -663,7 +663,7 @@ class SuffixSpeculator(SpeculatorBase):
         self._lock = threading.RLock()
         self._requests: OrderedDict[str, _RequestView] = OrderedDict()
         self._indexes: OrderedDict[str, SuffixIndex] = OrderedDict()
-        self._calibrations: OrderedDict[str, Calibration] = OrderedDict()
+        self._calibrations: OrderedDict[str, ConfidenceCorrection] = OrderedDict()
         self._seq = 0
         c = self.config
         self._levels = np.asarray(c.levels, dtype=np.int64)
@@ -865,11 +865,11 @@ class SuffixSpeculator(SpeculatorBase):
         view.buf.sync(ctx.tokens)
         return view
 
-    def _calibration(self, namespace: str) -> Calibration:
+    def _calibration(self, namespace: str) -> ConfidenceCorrection:
         cal = self._calibrations.get(namespace)
         if cal is None:
             c = self.config
-            cal = self._calibrations[namespace] = Calibration(len(c.levels), c.calibration_bins,
+            cal = self._calibrations[namespace] = ConfidenceCorrection(len(c.levels), c.calibration_bins,
                                                               c.calibration_strength, c.calibration_memory)
             while len(self._calibrations) > c.max_namespaces:
                 self._calibrations.popitem(last=False)
@@ -914,7 +914,7 @@ class SuffixSpeculator(SpeculatorBase):
                 glob = Rows(m, w, continuations(index.buf, ends, depth, True))
         return local, glob
 
-    def _propose(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, calib: Calibration | None,
+    def _propose(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, calib: ConfidenceCorrection | None,
                  budget: int) -> tuple[Draft, TreeNodes]:
         c = self.config
         depth = min(budget, c.max_draft_depth)
