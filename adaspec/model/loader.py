@@ -60,8 +60,8 @@ def bundled_gguf_path() -> Path:
     it is missing."""
     try:
         return files.bundled_gguf_path()
-    except files.BundledModelMissing as e:
-        raise ModelLoadError(f"no model given and {e} (or pass a GGUF file or a Hugging Face model directory)") from None
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"no model given and {e}; pass a GGUF file or a Hugging Face model directory") from None
 
 
 def resolve_precision(precision: str, device: torch.device, block_kinds: frozenset[str]) -> str:
