@@ -22,7 +22,7 @@ path probabilities ``[0.9, 0.45, 0.05]``, score ``1.4``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
@@ -169,6 +169,55 @@ def label_nodes(tokens: Sequence[int], parents: Sequence[int],
     return idx, hit, dep
 
 
+PAD = 64  # buffers keep at least this many -1 entries past their end (see ContextBuffer)
+
+
+class ContextBuffer:
+    """A request's tokens as a growable int32 array, synchronised with ``DecodeContext.tokens``.
+
+    Syncing appends only the new tail, so the per-step cost is O(new tokens).
+    Every entry past ``n`` is -1 and at least :data:`PAD` of them exist, so a
+    read up to ``PAD`` past the end, or up to ``PAD`` before the start (numpy
+    wraps negative indices to the end), yields -1 ("no token") without bounds
+    checks.
+    """
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self, capacity: int = 256):
+        self.buf = np.full(max(16, capacity) + PAD, -1, dtype=np.int32)
+        self.n = 0
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.buf[: self.n]
+
+    def sync(self, tokens: list[int]) -> None:
+        """Make the buffer equal ``tokens``: appends the new tail when the known part is unchanged (checked at
+        its first, middle and last token), else rebuilds."""
+        n = self.n
+        if len(tokens) < n or (n and (tokens[n - 1] != self.buf[n - 1] or tokens[0] != self.buf[0]
+                                      or tokens[n // 2] != self.buf[n // 2])):
+            self.buf[:n] = -1
+            n = self.n = 0
+        if len(tokens) > n:
+            self.extend(tokens[n:])
+
+    def extend(self, tokens) -> None:
+        new = np.asarray(tokens, dtype=np.int64)
+        if new.ndim != 1:
+            raise ValueError("token ids must be a flat sequence")
+        if len(new) and (new.min() < 0 or new.max() >= 2**31):
+            raise ValueError(f"token ids must lie in [0, 2**31); got {int(new.min())}..{int(new.max())}")
+        need = self.n + len(new)
+        if need + PAD > len(self.buf):
+            grown = np.full(max(need + PAD, 2 * len(self.buf)), -1, dtype=np.int32)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        self.buf[self.n : need] = new
+        self.n = need
+
+
 @dataclass
 class DecodeContext:
     """What a speculator may look at when it proposes: the request and everything committed so far."""
@@ -178,6 +227,15 @@ class DecodeContext:
     tokens: list[int]  # prompt + generated tokens, the last one is the pending token
     prompt_len: int
     hidden: object | None = None  # target's last hidden state that produced the pending token ([d] tensor), if the backend exposes it
+    _array: ContextBuffer | None = field(default=None, init=False, repr=False, compare=False)
+
+    def array(self) -> ContextBuffer:
+        """``tokens`` as a padded int32 array, brought up to date (only the new tail is copied): one per request,
+        shared by the speculators that search the context."""
+        if self._array is None:
+            self._array = ContextBuffer(len(self.tokens) + 256)
+        self._array.sync(self.tokens)
+        return self._array
 
     @property
     def generated(self) -> list[int]:

@@ -83,8 +83,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes
-from .ngram import PAD, ContextBuffer, match_lengths
+from .base import PAD, ContextBuffer, DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes
+from .ngram import match_lengths
 from ..store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack, restore, unpack, write_atomic
 
 STATE_KIND = "adaspec.suffix"
@@ -649,9 +649,8 @@ def draft_verdicts(tokens: Sequence[int], parents: Sequence[int], truth: Sequenc
 
 @dataclass
 class _RequestView:
-    """A live request: its tokens, and the last draft's nodes awaiting their verdict."""
+    """A live request: the last draft's nodes awaiting their verdict."""
 
-    buf: ContextBuffer
     pending: tuple[int, TreeNodes] | None = None  # (context length when proposed, nodes)
 
 class SuffixSpeculator(SpeculatorBase):
@@ -685,8 +684,8 @@ class SuffixSpeculator(SpeculatorBase):
                 self._indexes.move_to_end(ctx.namespace)
             c = self.config
             calib = self._calibration(ctx.namespace) if c.self_calibrate and c.scoring == "mixture" else None
-            draft, nodes = self._propose(view.buf, index, calib, budget)
-            view.pending = (view.buf.n, nodes) if len(nodes) and calib is not None else None
+            draft, nodes = self._propose(ctx.array(), index, calib, budget)
+            view.pending = (len(ctx.tokens), nodes) if len(nodes) and calib is not None else None
             return draft
 
     def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
@@ -703,7 +702,6 @@ class SuffixSpeculator(SpeculatorBase):
                 if tested:
                     self._calibration(ctx.namespace).update(nodes.level[tested], nodes.prob_bin[tested],
                                                             nodes.raw[tested], np.asarray(hits))
-            view.buf.sync(ctx.tokens)
 
     def end(self, ctx: DecodeContext, finished: bool) -> None:
         with self._lock:
@@ -857,12 +855,11 @@ class SuffixSpeculator(SpeculatorBase):
     def _view(self, ctx: DecodeContext) -> "_RequestView":
         view = self._requests.get(ctx.request_id)
         if view is None:
-            view = self._requests[ctx.request_id] = _RequestView(ContextBuffer(len(ctx.tokens) + 256))
+            view = self._requests[ctx.request_id] = _RequestView()
             while len(self._requests) > self.config.max_requests:
                 self._requests.popitem(last=False)
         else:
             self._requests.move_to_end(ctx.request_id)
-        view.buf.sync(ctx.tokens)
         return view
 
     def _calibration(self, namespace: str) -> ConfidenceCorrection:
