@@ -112,7 +112,7 @@ _SYNTAX: dict[str, list[re.Pattern]] = {
                       (r"^[ \t]*[.#]?[\w-]+\s*\{[ \t]*\n\s*[\w-]+\s*:\s*[^;\n]+;", M)),
 }
 
-# Fence tags that name the language correctly often enough to count (see the module docstring).
+# Fence tags that name the language correctly often enough to count (see classify).
 _TAGS: dict[str, str] = {
     **dict.fromkeys(("python", "py", "python3"), "python"),
     **dict.fromkeys(("rust", "rs"), "rust"),
@@ -133,7 +133,7 @@ def _fences(text: str) -> list[tuple[str, str]]:
 
 
 def domain_scores(prompt: str, answer: str = "") -> dict[str, int]:
-    """The per-language scores of rule 2 (module docstring); all zero means "no language evidence"."""
+    """The per-language scores of rule 2 (see classify); all zero means "no language evidence"."""
     fences = _fences(answer)
     code = prompt + "\n" + "\n".join(b for _, b in fences)
     scores = {}
