@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -83,11 +83,7 @@ class Draft:
     @cached_property
     def path_probs(self) -> np.ndarray:
         """Probability that every node on the path to node i is accepted (the product of ``probs`` down to it)."""
-        probs = self.probs.tolist()
-        out = [0.0] * len(probs)
-        for i, p in enumerate(self.parents.tolist()):
-            out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
-        return np.asarray(out, dtype=np.float64)
+        return np.asarray(path_probs(self.parents.tolist(), self.probs.tolist()), dtype=np.float64)
 
     @property
     def score(self) -> float:
@@ -138,6 +134,24 @@ class Draft:
             path.append(i)
             i = int(self.parents[i])
         return path[::-1]
+
+
+def path_probs(parents: Sequence[int], probs: Sequence[float]) -> list[float]:
+    """Per node, the product of ``probs`` down the path from the root to it (parents come before children)."""
+    out = [0.0] * len(probs)
+    for i, p in enumerate(parents):
+        out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
+    return out
+
+
+def token_array(tokens: Iterable[int]) -> np.ndarray:
+    """``tokens`` as a flat int64 array, checked to lie in [0, 2**31) (``ValueError`` otherwise)."""
+    arr = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError("token ids must be a flat sequence")
+    if len(arr) and (arr.min() < 0 or arr.max() >= 2**31):
+        raise ValueError(f"token ids must lie in [0, 2**31); got {int(arr.min())}..{int(arr.max())}")
+    return arr
 
 
 def label_nodes(tokens: Sequence[int], parents: Sequence[int],
@@ -204,11 +218,7 @@ class ContextBuffer:
             self.extend(tokens[n:])
 
     def extend(self, tokens) -> None:
-        new = np.asarray(tokens, dtype=np.int64)
-        if new.ndim != 1:
-            raise ValueError("token ids must be a flat sequence")
-        if len(new) and (new.min() < 0 or new.max() >= 2**31):
-            raise ValueError(f"token ids must lie in [0, 2**31); got {int(new.min())}..{int(new.max())}")
+        new = token_array(tokens)
         need = self.n + len(new)
         if need + PAD > len(self.buf):
             grown = np.full(max(need + PAD, 2 * len(self.buf)), -1, dtype=np.int32)

@@ -79,11 +79,12 @@ import threading
 import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from .base import PAD, ContextBuffer, DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes
+from .base import (PAD, ContextBuffer, DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes, path_probs,
+                   token_array)
 from .ngram import match_lengths
 from ..store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack, restore, unpack, write_atomic
 
@@ -718,7 +719,7 @@ class SuffixSpeculator(SpeculatorBase):
 
     def add(self, namespace: str, tokens: Sequence[int]) -> None:
         """Append one output to the namespace's global history (what ``end`` does)."""
-        arr = _as_tokens(tokens)
+        arr = token_array(tokens).astype(np.int32)
         if not len(arr):
             return
         with self._lock:
@@ -946,26 +947,10 @@ class SuffixSpeculator(SpeculatorBase):
                     continue
                 nodes = build_tree(s, m, ones, np.array([L]), np.zeros(1), limit, tree_depth, c.min_prob, c.tree,
                                    grow=False, count_ended=True)
-                score = _score(nodes.parents.tolist(), nodes.probs.tolist())
+                score = float(sum(path_probs(nodes.parents.tolist(), nodes.probs.tolist())))
                 if score > best[0]:
                     best = (score, nodes, L)
         _, nodes, L = best
         if not len(nodes):
             return Draft.empty(self.name)
         return Draft(nodes.tokens, nodes.parents, nodes.probs, self.name, L)
-
-
-def _score(parents: Sequence[int], probs: Sequence[float]) -> float:
-    path: list[float] = []
-    for p, q in zip(parents, probs):
-        path.append(q * (1.0 if p < 0 else path[p]))
-    return float(sum(path))
-
-
-def _as_tokens(tokens: Iterable[int]) -> np.ndarray:
-    arr = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens, dtype=np.int64)
-    if arr.ndim != 1:
-        raise ValueError("token ids must be a flat sequence")
-    if len(arr) and (arr.min() < 0 or arr.max() >= 2**31):
-        raise ValueError(f"token ids must lie in [0, 2**31); got {int(arr.min())}..{int(arr.max())}")
-    return arr.astype(np.int32)
