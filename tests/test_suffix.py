@@ -11,7 +11,8 @@ import pytest
 from adaspec.speculators.base import DecodeContext, Draft, Speculator, StepOutcome
 from adaspec.speculators.replay import replay
 from adaspec.store import AtomicStore, StoreCorruptError, pack, unpack, write_atomic
-from adaspec.speculators.suffix import SuffixConfig, SuffixIndex, SuffixSpeculator, ngram_keys, query_keys, draft_verdicts
+from adaspec.speculators.suffix import SuffixConfig, SuffixSpeculator, draft_verdicts
+from adaspec.speculators.suffix_index import SuffixIndex, ngram_keys, query_keys
 
 
 def ctx(tokens, rid="r", ns="default", prompt_len=1):
