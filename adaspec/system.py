@@ -20,7 +20,7 @@ FIXED_LOOKAHEAD = 8
 
 def available_modes(model=None) -> tuple[str, ...]:
     """The modes that can run: "head" needs a trained draft head for the target."""
-    from .speculators.head import CHECKPOINT_DIR, SHIPPED_NAME
+    from .speculators.head_model import CHECKPOINT_DIR, SHIPPED_NAME
 
     has_head = (Path(CHECKPOINT_DIR) / f"{SHIPPED_NAME}.json").exists()
     return tuple(m for m in MODES if m != "head" or has_head)

@@ -13,9 +13,9 @@ from adaspec.engine import Engine
 from adaspec.model.llama import LlamaConfig, LlamaModel
 from adaspec.speculators.base import DecodeContext
 from adaspec.speculators.draft_model import DraftModelConfig, DraftModelSpeculator
-from adaspec.speculators.head import (DraftConfig, DraftHead, HeadConfig, HeadSpeculator, OnlineConfig,
-                               OnlineHeadSpeculator, distill_loss, draft_with_head, LMHead, load_checkpoint,
-                               save_checkpoint, target_fingerprint)
+from adaspec.speculators.head import HeadSpeculator, OnlineConfig, OnlineHeadSpeculator
+from adaspec.speculators.head_model import (DraftConfig, DraftHead, HeadConfig, LMHead, distill_loss, draft_with_head,
+                                            load_checkpoint, save_checkpoint, target_fingerprint)
 from adaspec.train.data import Sequence_
 from adaspec.train.static import TrainConfig, evaluate, train_step
 from adaspec.train.teacher import from_sequences

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 
 from ..files import cache_root, write_atomic
-from ..speculators.head import (CHECKPOINT_DIR, SHIPPED_NAME, DraftHead, HeadConfig, distill_loss,
-                         save_checkpoint, shared_weights, target_fingerprint)
+from ..speculators.head_model import (CHECKPOINT_DIR, SHIPPED_NAME, DraftHead, HeadConfig, distill_loss,
+                                     save_checkpoint, shared_weights, target_fingerprint)
 from .data import DataConfig
 from .teacher import TeacherData, build_cache, cache_key, load_split
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..files import write_atomic
-from ..speculators.head import target_fingerprint
+from ..speculators.head_model import target_fingerprint
 from .data import DataConfig, Sequence_, iter_sequences
 
 
