@@ -10,6 +10,8 @@ import argparse
 import sys
 from typing import Sequence
 
+from .args import add_backend_arg
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
@@ -24,13 +26,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="auto (default): on CPU the GGUF's own blocks through adaspec's kernels (gguf), else "
                         "fp32; gguf, fp32 and int4 are lossless under speculation. bf16 / fp16 are LOSSY under "
                         "speculation (kernels chosen by batch size)")
-
-
-def add_backend_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp"],
-                   help="auto (default): adaspec's own kernels for Llama GGUFs they run, llama.cpp for every other "
-                        "GGUF; torch: bit-exact under speculation; llamacpp: every architecture llama.cpp runs, "
-                        "equal to its plain decoding up to its batch noise")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -142,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_run_bench)
 
     # subcommands whose modules parse their own arguments
-    for name, module, text in (("bench-costs", "adaspec.bench.costs", "time target forwards of k tokens, c(k)"),
+    for name, module, text in (("bench-costs", "adaspec.bench.cost_curve", "time target forwards of k tokens, c(k)"),
                                ("bench-load", "adaspec.bench.load", "load a running server with concurrent clients"),
                                ("train-static", "adaspec.train.static", "train the static draft head")):
         x = sub.add_parser(name, help=text, add_help=False)
@@ -153,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return run(args)
+    return run(args, load=_load)
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -24,21 +25,30 @@ PROMPTS = [
 ]
 
 
-def run(args: argparse.Namespace) -> int:
-    from .cli import _load
+def results_table(title: str) -> Table:
+    """The demo's table; two-line headers and a wrapping prompt column keep every figure whole at 80 columns
+    (what rich assumes when stdout is a pipe or a log)."""
+    table = Table(title=title)
+    for col in ("#", "prompt", "tokens", "plain\ntok/s", "adaspec\ntok/s", "speedup", "tokens/\nforward", "identical"):
+        if col == "prompt":
+            table.add_column(col, justify="left", ratio=1, min_width=12, overflow="fold")
+        else:
+            table.add_column(col, justify="right", no_wrap=True)
+    return table
+
+
+def run(args: argparse.Namespace, load: Callable[[argparse.Namespace], tuple]) -> int:
+    """The demo on the model ``load(args)`` returns (the command line passes its loader, which reports errors)."""
     from .system import build_engine
     from .verify import SamplingParams
 
     console = Console()
     with console.status("loading the model"):
-        model, tok = _load(args)
+        model, tok = load(args)
     plain = build_engine(model, tok, "plain")
     ada = build_engine(model, tok, "adaptive")
     params = SamplingParams(max_tokens=args.max_tokens)
-    table = Table(title=f"adaspec demo on {tok.name} ({model.device}), greedy, max {args.max_tokens} tokens")
-    for col in ("#", "prompt", "tokens", "plain tok/s", "adaspec tok/s", "speedup", "tokens/forward", "identical"):
-        table.add_column(col, justify="left" if col == "prompt" else "right", no_wrap=True,
-                         overflow="ellipsis", max_width=34 if col == "prompt" else None)
+    table = results_table(f"adaspec demo on {tok.name} ({model.device}), greedy, max {args.max_tokens} tokens")
     speedups = []
     for i, text in enumerate(PROMPTS, 1):
         ids = tok.apply_chat_template([{"role": "user", "content": text}])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import Counter
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -18,7 +19,9 @@ import torch
 
 from .control.base import Controller, FixedController, StepFeedback
 from .model.base import ForwardOutput, TargetModel
-from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
+from .model.tokenizer import IncrementalDetokenizer
+from .speculators.base import DecodeContext, Draft, Speculator, StepOutcome
+from .store import Persistent
 from .verify import SamplingParams, verify
 
 _ids = itertools.count()
@@ -97,6 +100,8 @@ class Request:
     text: str = ""  # decoded output, cut before a stop string once one is seen
     started: float = 0.0
     ended: bool = False
+    detok: IncrementalDetokenizer | None = None  # decodes ``output`` a few tokens at a time
+    settled: str = ""  # the text ``detok`` has emitted (complete characters; never changes once emitted)
 
     @property
     def finished(self) -> bool:
@@ -120,11 +125,26 @@ class Engine:
         self.controller = controller if controller is not None else FixedController()
         self.clock = clock
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.on_close: list[Callable[[], None]] = []  # e.g. save learned state
+        self.on_close: list[Callable[[], None]] = []  # e.g. stop a speculator's learner thread
+        self.state_files: list[tuple[Persistent, Path]] = []  # (component, its file): what ``snapshot`` saves
+        self._closed = False
+
+    @property
+    def keeps_state(self) -> bool:
+        """Whether ``snapshot`` saves anything (``system.build_engine`` was given a state directory)."""
+        return bool(self.state_files)
+
+    def snapshot(self) -> None:
+        """Save every component's learned state to its file, each atomically."""
+        for component, path in self.state_files:
+            component.save(path)
 
     def close(self) -> None:
-        """Run the close hooks (idempotent)."""
+        """Save the learned state, then run the close hooks (idempotent)."""
         hooks, self.on_close = self.on_close, []
+        if not self._closed:
+            self._closed = True
+            self.snapshot()
         for hook in hooks:
             hook()
 
@@ -153,6 +173,8 @@ class Engine:
         req = Request(rid, namespace, params, ctx, cache, gen, RequestStats(prompt_tokens=len(prompt), forwards=1),
                       started=t0)
         req.stats.prefill_s = self.clock() - t0
+        if self.tokenizer is not None:
+            req.detok = IncrementalDetokenizer(self.tokenizer)
         self._emit(req, first)
         for s in self.speculators:
             s.begin(ctx)
@@ -245,10 +267,14 @@ class Engine:
                 req.finish_reason = "length"
                 break
         req.stats.output_tokens = len(req.output)
-        if self.tokenizer is not None:
-            req.text = self.tokenizer.decode(req.output)
+        if req.detok is not None:
+            # only text that can hold a stop string not seen before is searched: one ending in the new text
+            checked = len(req.settled)
+            new, pending = req.detok.advance(req.output)
+            req.settled += new
+            req.text = req.settled + pending
             for s in req.params.stop:
-                cut = req.text.find(s)
+                cut = req.text.find(s, max(0, checked - len(s) + 1))
                 if cut >= 0:
                     req.text = req.text[:cut]
                     req.finish_reason = "stop"

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections import Counter
@@ -53,8 +52,9 @@ import torch
 from .control.base import Controller, FixedController
 from .control.costs import parse_cost_curve
 from .engine import Engine
+from .files import write_atomic
 from .model.base import Capabilities, ForwardOutput
-from .spec.base import DecodeContext, Draft, Speculator, StepOutcome
+from .speculators.base import DecodeContext, Draft, Speculator, SpeculatorBase, StepOutcome
 from .verify import SamplingParams
 
 __all__ = ["Trace", "load_traces", "save_traces", "VirtualClock", "ReplayCache", "ReplayTarget", "CostCurve",
@@ -122,15 +122,8 @@ def load_traces(path: str | Path) -> list[Trace]:
 
 
 def save_traces(path: str | Path, traces: Iterable[Trace]) -> None:
-    """Write traces as JSONL (atomically: temp file, fsync, rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for t in traces:
-            f.write(json.dumps(t.to_json()) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    """Write traces as JSONL (atomically, :func:`adaspec.files.write_atomic`)."""
+    write_atomic(path, "".join(json.dumps(t.to_json()) + "\n" for t in traces), world_readable=True)
 
 
 # -- time ------------------------------------------------------------------------------------------
@@ -327,7 +320,7 @@ class ReplayTarget:
 
 
 @dataclass
-class ChargedSpeculator:
+class ChargedSpeculator(SpeculatorBase):
     """Wraps a speculator so that each proposal advances the virtual clock by a fixed cost."""
 
     inner: Speculator
@@ -378,13 +371,13 @@ def _available_speculators() -> dict[str, Callable[[], Speculator]]:
     """Model-free speculators that can run in a replay (those needing hidden states cannot)."""
     found: dict[str, Callable[[], Speculator]] = {}
     try:
-        from .spec.suffix import SuffixSpeculator
+        from .speculators.suffix import SuffixSpeculator
 
         found["suffix"] = SuffixSpeculator
     except ImportError:
         pass
     try:
-        from .spec.ngram import PromptLookupSpeculator
+        from .speculators.ngram import PromptLookupSpeculator
 
         found["ngram"] = PromptLookupSpeculator
     except ImportError:
@@ -393,7 +386,7 @@ def _available_speculators() -> dict[str, Callable[[], Speculator]]:
 
 
 def _oracle(env: SimEnv) -> Speculator:
-    from .spec.oracle import OracleSpeculator
+    from .speculators.oracle import OracleSpeculator
 
     oracle = OracleSpeculator()
     for t in env.traces:

@@ -20,7 +20,7 @@ FIXED_LOOKAHEAD = 8
 
 def available_modes(model=None) -> tuple[str, ...]:
     """The modes that can run: "head" needs a trained draft head for the target."""
-    from .spec.head import CHECKPOINT_DIR, SHIPPED_NAME
+    from .speculators.head_model import CHECKPOINT_DIR, SHIPPED_NAME
 
     has_head = (Path(CHECKPOINT_DIR) / f"{SHIPPED_NAME}.json").exists()
     return tuple(m for m in MODES if m != "head" or has_head)
@@ -33,9 +33,9 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
     weights from every namespace (the server does that when tenants are isolated)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    from .spec.head import HeadSpeculator, OnlineHeadSpeculator
-    from .spec.ngram import PromptLookupSpeculator
-    from .spec.suffix import SuffixSpeculator
+    from .speculators.head import HeadSpeculator, OnlineHeadSpeculator
+    from .speculators.ngram import PromptLookupSpeculator
+    from .speculators.suffix import SuffixSpeculator
 
     if mode == "plain":
         specs, controller = [], FixedController(0)
@@ -59,19 +59,18 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
     engine = Engine(model, tokenizer, specs, controller)
     if state_dir is not None:
         _attach_state(engine, Path(state_dir))
-    for s in specs:
-        if callable(getattr(s, "close", None)):
-            engine.on_close.append(s.close)
+    engine.on_close.extend(s.close for s in specs)
     return engine
 
 
 def _attach_state(engine: Engine, directory: Path) -> None:
-    """Restore every component's learned state from ``directory`` and give the engine a ``snapshot()``.
+    """Restore every component's learned state from ``directory`` and list its files in ``engine.state_files``
+    (what ``engine.snapshot()`` saves).
 
     Each component keeps one file, ``<name>.state``. Temporary files of a snapshot that a crash interrupted are
     deleted first; a damaged or mis-shaped file is moved aside with a warning and its component starts clean
     (``store.restore``)."""
-    from .spec.store import Persistent, remove_temporaries
+    from .store import Persistent, remove_temporaries
 
     directory.mkdir(parents=True, exist_ok=True)
     for p in remove_temporaries(directory):
@@ -81,10 +80,4 @@ def _attach_state(engine: Engine, directory: Path) -> None:
         files.append((engine.controller, directory / "controller.state"))
     for obj, path in files:
         obj.load(path, engine.model.vocab_size)
-
-    def snapshot() -> None:
-        for obj, path in files:
-            obj.save(path)
-
-    engine.snapshot = snapshot  # type: ignore[attr-defined]
-    engine.on_close.insert(0, snapshot)
+    engine.state_files = files

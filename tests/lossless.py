@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from adaspec.spec.base import DecodeContext, Draft, SpeculatorBase
+from adaspec.speculators.base import DecodeContext, Draft, SpeculatorBase
 
 TOP2_TOLERANCE = 1e-4
 

@@ -37,3 +37,24 @@ def test_a_file_that_is_not_a_model(tmp_path):
     f.write_bytes(b"\x00" * 64)
     r = run_cli("generate", "hi", "--model", str(f))
     assert r.returncode == 2 and "Traceback" not in r.stderr and "gguf" in r.stderr.lower()
+
+
+def test_python_dash_m_adaspec_runs_the_cli():
+    r = subprocess.run([sys.executable, "-m", "adaspec", "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "generate" in r.stdout
+
+
+def test_demo_table_keeps_every_figure_at_80_columns():
+    import io
+
+    from rich.console import Console
+
+    from adaspec.demo import PROMPTS, results_table
+
+    table = results_table("adaspec demo")
+    for i, text in enumerate(PROMPTS, 1):
+        table.add_row(str(i), text, "128", "123.4", "256.7", "2.08x", "3.21", "yes")
+    out = io.StringIO()
+    Console(file=out, width=80).print(table)
+    assert "…" not in out.getvalue()
+    assert out.getvalue().count("2.08x") == len(PROMPTS) and "Fibonacci" in out.getvalue()

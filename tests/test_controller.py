@@ -14,7 +14,7 @@ from adaspec.control.base import Controller, FixedController, StepFeedback
 from adaspec.control.calibration import (CalibrationConfig, Calibrator, isotonic_rows, label_nodes,
                                          pool_adjacent_violators)
 from adaspec.control.costs import CostModel, Curve, load_cost_curve
-from adaspec.spec.base import DecodeContext, Draft, StepOutcome
+from adaspec.speculators.base import DecodeContext, Draft, StepOutcome
 
 VOCAB = 1000
 
@@ -490,8 +490,8 @@ def test_adaptive_controller_in_the_engine_is_lossless():
     """The real engine, a small random target, real timings: the adaptive controller changes speed only."""
     from adaspec.engine import Engine
     from adaspec.model.llama import LlamaConfig, LlamaModel
-    from adaspec.spec.ngram import PromptLookupSpeculator
-    from adaspec.spec.suffix import SuffixSpeculator
+    from adaspec.speculators.ngram import PromptLookupSpeculator
+    from adaspec.speculators.suffix import SuffixSpeculator
     from adaspec.verify import SamplingParams
 
     cfg = LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,

@@ -29,7 +29,7 @@ def _load_checked(state: Path) -> dict[str, float]:
     """Load every state file the way the server does, failing on any warning; learned tokens per namespace."""
     from adaspec.control.namespaced import NamespacedController
     from adaspec.serve.auth import tenant_secret
-    from adaspec.spec.suffix import SuffixSpeculator
+    from adaspec.speculators.suffix import SuffixSpeculator
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

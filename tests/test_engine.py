@@ -6,7 +6,7 @@ import torch
 from adaspec.control.base import FixedController
 from adaspec.engine import Engine, stable_text
 from adaspec.model.llama import LlamaConfig, LlamaModel
-from adaspec.spec.oracle import OracleSpeculator
+from adaspec.speculators.oracle import OracleSpeculator
 from adaspec.verify import SamplingParams
 
 from lossless import ScriptedSpeculator, assert_greedy_equivalent
@@ -78,7 +78,7 @@ def test_seeded_sampling_equals_plain_sampling_with_the_same_seed(model, plain, 
 
 def test_seeded_speculative_sampling_follows_the_target_distribution():
     """Gumbel-coupled verification samples each position from the target distribution."""
-    from adaspec.spec.base import Draft
+    from adaspec.speculators.base import Draft
     from adaspec.verify import verify, target_probs
 
     logits = torch.tensor([[1.0, 0.2, -0.5, 0.7, 0.0], [0.3, 0.3, 0.3, 0.3, 0.3]])
@@ -125,6 +125,48 @@ def test_stable_text_holds_back_partial_stop_strings(model):
     assert stable_text(req) == "hello y"
     eng.finish(req, cancelled=True)
     assert req.finish_reason == "cancelled"
+
+
+class _Utf8Tokenizer:
+    """Token ids are bytes: some lead and continuation bytes of two-byte characters, the rest ASCII letters, so
+    random outputs hold whole, unfinished and invalid characters (``whole=True``: whole characters only).
+    Records how many ids each decode sees."""
+
+    eos_token_ids = set()
+
+    def __init__(self, whole: bool = False):
+        self.table = {2: "é".encode()} if whole else {0: b"\xc3", 1: b"\xa9", 2: "é".encode()}
+        self.decoded = []
+
+    def decode(self, ids):
+        self.decoded.append(len(ids))
+        return b"".join(self.table.get(i % 8, bytes([ord("a") + i % 26])) for i in ids).decode(errors="replace")
+
+
+@pytest.mark.parametrize("speculate", [False, True])
+@pytest.mark.parametrize("whole", [False, True])
+def test_text_is_decoded_incrementally_and_equals_the_whole_decode(model, plain, speculate, whole):
+    tok = _Utf8Tokenizer(whole)
+    specs = [ScriptedSpeculator(plain, "all", CFG.vocab_size)] if speculate else []
+    eng = Engine(model, tok, speculators=specs, controller=FixedController(4))
+    for p in PROMPTS:
+        tok.decoded.clear()
+        req = eng.start(p, SamplingParams(max_tokens=200, ignore_eos=True))
+        while True:
+            assert req.text == _Utf8Tokenizer(whole).decode(req.output)
+            shown = stable_text(req)
+            assert req.text.startswith(shown)
+            if req.finished:
+                break
+            assert not shown.endswith("\ufffd")
+            eng.step(req)
+        eng.finish(req)
+        if whole:  # each decode sees the last two steps' tokens at most, never the whole output
+            assert max(tok.decoded) <= 10
+        full = req.text
+        for stop in (full[40:42], full[77:80], full[-2:]):  # stop strings that span steps
+            g = eng.generate(p, SamplingParams(max_tokens=200, stop=(stop, "never there"), ignore_eos=True))
+            assert g.finish_reason == "stop" and g.text == full[: full.find(stop)]
 
 
 def test_bad_prompts_are_rejected(model):

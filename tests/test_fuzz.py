@@ -28,7 +28,7 @@ from inprocess import loader_with, serving
 from test_server import FAKE_VOCAB, KEY_A, FakeModel, FakeTokenizer
 
 from adaspec.serve.app import ServerConfig
-from adaspec.spec.store import pack
+from adaspec.store import pack
 
 MODEL = "fake-model"
 SHORT, LONG = 200, 3000  # examples per property: default suite / -m slow

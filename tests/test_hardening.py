@@ -25,7 +25,7 @@ from inprocess import loader_with, serving
 from test_server import FAKE_CONTEXT, KEY_A, KEY_B, FakeModel, FakeTokenizer, ServerProcess, auth, metric, wait_for
 
 from adaspec.serve.app import PROMPT_CHARS_PER_TOKEN, ServerConfig
-from adaspec.spec.store import pack, save_blob
+from adaspec.store import pack, save_blob
 
 MODEL = "fake-model"
 
@@ -344,8 +344,8 @@ def test_controller_learns_per_namespace(per_namespace):
     from adaspec.control.adaptive import AdaptiveController
     from adaspec.control.namespaced import NamespacedController
     from adaspec.engine import Engine
-    from adaspec.spec.ngram import PromptLookupSpeculator
-    from adaspec.spec.suffix import SuffixSpeculator
+    from adaspec.speculators.ngram import PromptLookupSpeculator
+    from adaspec.speculators.suffix import SuffixSpeculator
     from adaspec.verify import SamplingParams
     from test_server import SPEC_FIELDS
 

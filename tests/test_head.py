@@ -11,11 +11,11 @@ import torch
 from adaspec.control.base import FixedController
 from adaspec.engine import Engine
 from adaspec.model.llama import LlamaConfig, LlamaModel
-from adaspec.spec.base import DecodeContext
-from adaspec.spec.draft_model import DraftModelConfig, DraftModelSpeculator
-from adaspec.spec.head import (DraftConfig, DraftHead, HeadConfig, HeadSpeculator, OnlineConfig,
-                               OnlineHeadSpeculator, distill_loss, draft_with_head, LMHead, load_checkpoint,
-                               save_checkpoint, target_fingerprint)
+from adaspec.speculators.base import DecodeContext
+from adaspec.speculators.draft_model import DraftModelConfig, DraftModelSpeculator
+from adaspec.speculators.head import HeadSpeculator, OnlineConfig, OnlineHeadSpeculator
+from adaspec.speculators.head_model import (DraftConfig, DraftHead, HeadConfig, LMHead, distill_loss, draft_with_head,
+                                            load_checkpoint, save_checkpoint, target_fingerprint)
 from adaspec.train.data import Sequence_
 from adaspec.train.static import TrainConfig, evaluate, train_step
 from adaspec.train.teacher import from_sequences
@@ -344,7 +344,7 @@ def test_online_state_of_the_wrong_shape_is_moved_aside(target, tmp_path, damage
     """A well-formed container whose weights do not fit this head, or are not finite, is never loaded."""
     import warnings
 
-    from adaspec.spec.store import arrays_from_bytes, arrays_to_bytes, load_blob, save_blob
+    from adaspec.store import arrays_from_bytes, arrays_to_bytes, load_blob, save_blob
 
     spec = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False))
     path = tmp_path / "head_online.state"

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from adaspec.spec.base import DecodeContext, Draft, StepOutcome
-from adaspec.spec.ngram import ContextBuffer, PromptLookupConfig, PromptLookupSpeculator, match_lengths
-from adaspec.spec.replay import replay
+from adaspec.speculators.base import ContextBuffer, DecodeContext, Draft, StepOutcome
+from adaspec.speculators.ngram import PromptLookupConfig, PromptLookupSpeculator, match_lengths
+from adaspec.speculators.replay import replay
 
 
 def ctx(tokens, rid="r", prompt_len=None):
@@ -74,7 +74,18 @@ def test_per_request_state_and_end():
     spec.observe(a, StepOutcome(Draft.empty(), [], [3]))
     assert spec.propose(a, 2).tokens.tolist() == [3, 8]
     spec.end(a, True)
-    assert "a" not in spec._buffers
+    # the request's token array lives on its context; the speculator holds nothing per request
+    assert a.array().tokens.tolist() == a.tokens
+    assert not any(isinstance(v, dict) and "a" in v for v in vars(spec).values())
+
+
+def test_context_array_follows_the_tokens_and_is_shared():
+    a = ctx([1, 2, 3], rid="a")
+    arr = a.array()
+    a.tokens.extend([4, 5])
+    assert a.array() is arr and arr.tokens.tolist() == [1, 2, 3, 4, 5]
+    a.tokens[:] = [9, 8]  # not an extension (a rollback or a reused context): rebuilt
+    assert a.array().tokens.tolist() == [9, 8] and (a.array().buf[2:] == -1).all()
 
 
 def test_bad_input_is_rejected():

@@ -13,8 +13,8 @@ from adaspec.control.base import FixedController
 from adaspec.engine import Engine
 from adaspec.sim import (ChargedSpeculator, CostCurve, ReplayTarget, Setup, Trace, VirtualClock, compact_vocabulary,
                          default_setups, format_table, load_traces, main, save_traces, simulate)
-from adaspec.spec.base import DecodeContext, Draft, SpeculatorBase
-from adaspec.spec.oracle import OracleSpeculator
+from adaspec.speculators.base import DecodeContext, Draft, SpeculatorBase
+from adaspec.speculators.oracle import OracleSpeculator
 from adaspec.verify import SamplingParams
 
 CPU = {1: 0.013, 2: 0.024, 4: 0.033, 8: 0.057, 16: 0.089}

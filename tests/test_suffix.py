@@ -8,10 +8,11 @@ import warnings
 import numpy as np
 import pytest
 
-from adaspec.spec.base import DecodeContext, Draft, Speculator, StepOutcome
-from adaspec.spec.replay import replay
-from adaspec.spec.store import AtomicStore, StoreCorruptError, pack, unpack, write_atomic
-from adaspec.spec.suffix import SuffixConfig, SuffixIndex, SuffixSpeculator, ngram_keys, query_keys, draft_verdicts
+from adaspec.speculators.base import DecodeContext, Draft, Speculator, StepOutcome
+from adaspec.speculators.replay import replay
+from adaspec.store import AtomicStore, StoreCorruptError, pack, unpack, write_atomic
+from adaspec.speculators.suffix import SuffixConfig, SuffixSpeculator, draft_verdicts
+from adaspec.speculators.suffix_index import SuffixIndex, ngram_keys, query_keys
 
 
 def ctx(tokens, rid="r", ns="default", prompt_len=1):
@@ -412,8 +413,8 @@ def test_replay_twice_learns():
 
 
 def test_replay_accounting_with_an_oracle_and_a_tree():
-    from adaspec.spec.oracle import OracleSpeculator
-    from adaspec.spec.replay import accept_greedy
+    from adaspec.speculators.oracle import OracleSpeculator
+    from adaspec.speculators.replay import accept_greedy
 
     prompt, output = [1, 2, 3], list(range(10, 110))
     oracle = OracleSpeculator()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from adaspec.spec.base import Draft
+from adaspec.speculators.base import Draft
 from adaspec.verify import SamplingParams, target_probs, verify, verify_greedy
 
 V = 6

@@ -234,7 +234,7 @@ def test_humaneval_loads_from_the_installed_package():
 
 @pytest.mark.slow
 def test_real_sharegpt_recovers_the_complete_conversations(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADASPEC_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
     convs, info = W.load_sharegpt()
     assert info.truncated and info.elements > 17_000 and not info.from_cache
     counts = Corpus(convs).domain_counts(openings_only=True)

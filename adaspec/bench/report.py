@@ -1,36 +1,8 @@
 """Reports of a benchmark run: tables, plots, JSON, and the accelerator projection.
 
-A run is a list of ``RequestRecord`` (one per served request and configuration;
-multi-turn conversations give one record per turn). Configurations are compared
-on the *same* requests (``request_id``), so every ratio below is a median of
-per-request ratios, which cancels most of the noise of a shared machine.
-
-Table columns (per configuration, overall and per phase):
-
-* ``tok/s``: median over requests of output tokens / wall seconds (prefill included);
-* ``speedup``: median of tok/s(config) / tok/s(baseline) on the same requests (baseline: adaspec plain);
-* ``vs llama.cpp``: the same ratio against llama.cpp plain;
-* ``of oracle``: the same ratio against the oracle speculator (every draft accepted: the ceiling on this hardware);
-* ``acc/fwd``: output tokens / target forwards, the prefill counted (Spec-Bench's mean accepted tokens; plain = 1.00);
-* ``mix``: share of steps whose verified draft came from each speculator ("none" = no speculation).
-
-Accelerator projection (``project_speedup``)
---------------------------------------------
-On a GPU a forward over k tokens costs about as much as a forward over one
-token until k reaches the point where the matmuls stop being memory-bound. With
-the flat cost model (cost relative to one token, ``K`` = ``flat_k``)::
-
-    ĉ(k) = 1        for k <= K
-    ĉ(k) = k / K    for k >  K
-
-and a draft-cost share δ (drafting time of a speculating step, as a fraction of
-c(1)), a run whose step i verified ``d_i`` draft tokens (plus the pending token,
-so k_i = d_i + 1) and emitted ``e_i`` tokens (accepted + 1) has the projected
-speedup over plain decoding (one token per c(1))::
-
-    S = Σ_i e_i / Σ_i [ ĉ(d_i + 1) + δ · 1{d_i > 0} ]
-
-Example: steps with d = (8, 8, 0) and e = (5, 3, 1) give S = 9 / (3 + 2δ) = 3.0 at δ = 0.
+A run is a list of ``RequestRecord`` (one per served request and configuration; multi-turn conversations give one
+record per turn). Configurations are compared on the *same* requests, so every ratio is a median of per-request
+ratios, which cancels most of the noise of a shared machine (:func:`summarize`; :func:`project_speedup`).
 """
 
 from __future__ import annotations
@@ -45,7 +17,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..spec.store import write_atomic
+from ..files import write_atomic
 
 
 @dataclass
@@ -136,7 +108,7 @@ class ReportConfig:
 # ---------------------------------------------------------------------------------------------
 
 def flat_cost(k: int, flat_k: int = 16) -> float:
-    """ĉ(k): the cost of a forward over k tokens relative to one token (module docstring)."""
+    """ĉ(k): the cost of a forward over k tokens relative to one token (see project_speedup)."""
     if k < 1:
         raise ValueError("a forward verifies at least one token")
     return 1.0 if k <= flat_k else k / flat_k
@@ -144,7 +116,24 @@ def flat_cost(k: int, flat_k: int = 16) -> float:
 
 def project_speedup(step_emitted: Sequence[int], step_drafted: Sequence[int], flat_k: int = 16,
                     draft_share: float = 0.0) -> float:
-    """S = Σ e_i / Σ [ĉ(d_i + 1) + δ·1{d_i > 0}] (module docstring); NaN for no steps."""
+    """The accelerator projection; NaN for no steps.
+
+    On a GPU a forward over k tokens costs about as much as a forward over one
+    token until k reaches the point where the matmuls stop being memory-bound. With
+    the flat cost model (cost relative to one token, ``K`` = ``flat_k``)::
+
+        ĉ(k) = 1        for k <= K
+        ĉ(k) = k / K    for k >  K
+
+    and a draft-cost share δ (drafting time of a speculating step, as a fraction of
+    c(1)), a run whose step i verified ``d_i`` draft tokens (plus the pending token,
+    so k_i = d_i + 1) and emitted ``e_i`` tokens (accepted + 1) has the projected
+    speedup over plain decoding (one token per c(1))::
+
+        S = Σ_i e_i / Σ_i [ ĉ(d_i + 1) + δ · 1{d_i > 0} ]
+
+    Example: steps with d = (8, 8, 0) and e = (5, 3, 1) give S = 9 / (3 + 2δ) = 3.0 at δ = 0.
+    """
     if len(step_emitted) != len(step_drafted):
         raise ValueError("step_emitted and step_drafted must have one entry per step")
     if not step_emitted:
@@ -231,7 +220,17 @@ def _row(config: str, phase: str, rs: Sequence[RequestRecord], by_config: Mappin
 
 
 def summarize(records: Sequence[RequestRecord], cfg: ReportConfig = ReportConfig()) -> list[SummaryRow]:
-    """One row per configuration over the whole run, then one per configuration and phase."""
+    """One row per configuration over the whole run, then one per configuration and phase.
+
+    Table columns (per configuration, overall and per phase):
+
+    * ``tok/s``: median over requests of output tokens / wall seconds (prefill included);
+    * ``speedup``: median of tok/s(config) / tok/s(baseline) on the same requests (baseline: adaspec plain);
+    * ``vs llama.cpp``: the same ratio against llama.cpp plain;
+    * ``of oracle``: the same ratio against the oracle speculator (every draft accepted: the ceiling on this hardware);
+    * ``acc/fwd``: output tokens / target forwards, the prefill counted (Spec-Bench's mean accepted tokens; plain = 1.00);
+    * ``mix``: share of steps whose verified draft came from each speculator ("none" = no speculation).
+    """
     if not records:
         raise ValueError("no records to summarize")
     configs = list(dict.fromkeys(r.config for r in records))
@@ -408,10 +407,6 @@ def _clean(x: Any) -> Any:
     return x
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"))
-
-
 def save_run(path: str | os.PathLike, records: Sequence[RequestRecord], meta: Mapping[str, Any] | None = None,
              summary: Sequence[SummaryRow] | None = None,
              costs: Mapping[str, Mapping[int, float]] | None = None) -> Path:
@@ -422,7 +417,7 @@ def save_run(path: str | os.PathLike, records: Sequence[RequestRecord], meta: Ma
     if costs is not None:
         blob["costs"] = {b: {str(k): v for k, v in c.items()} for b, c in costs.items()}
     path = Path(path)
-    _atomic_write(path, json.dumps(_clean(blob), indent=1))
+    write_atomic(path, json.dumps(_clean(blob), indent=1))
     return path
 
 
@@ -469,6 +464,6 @@ def write_report(records: Sequence[RequestRecord], out_dir: str | os.PathLike, c
           f"draft cost {cfg.draft_share:.0%} of c(1) per speculating step.", ""]
     md += [f"![{k}]({p.name})" for k, p in plots.items()]
     md_path = out / "summary.md"
-    _atomic_write(md_path, "\n".join(md) + "\n")
+    write_atomic(md_path, "\n".join(md) + "\n")
     json_path = save_run(out / "run.json", records, {**dict(meta or {}), "report_config": asdict(cfg)}, rows, costs)
     return ReportFiles(md_path, json_path, plots)

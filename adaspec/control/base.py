@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping, Protocol, Sequence
 
-from ..spec.base import DecodeContext, Draft, StepOutcome
+from ..speculators.base import DecodeContext, Draft, StepOutcome
 
 
 @dataclass
@@ -36,6 +36,9 @@ class StepFeedback:
 
 
 class Controller(Protocol):
+    """The controller protocol (call order in the module docstring). Controllers subclass it explicitly, so
+    they inherit the default of the optional hook."""
+
     def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
         ...
 
@@ -45,9 +48,13 @@ class Controller(Protocol):
     def observe(self, feedback: StepFeedback) -> None:
         ...
 
+    def summary(self, request_id: str) -> dict:
+        """What the controller decided for one request, for its statistics; ``{}`` when it has nothing to say."""
+        return {}
+
 
 @dataclass
-class FixedController:
+class FixedController(Controller):
     """Asks every speculator for ``lookahead`` nodes and takes the highest-scoring proposal as is.
 
     With one speculator this is "that speculator at a fixed lookahead". ``lookahead=0``

@@ -2,41 +2,8 @@
 
 A speculator's ``Draft.probs[i]`` is its own guess that node ``i`` is accepted
 given its parent was. Guesses are biased in ways that differ per speculator and
-drift with the traffic (a suffix tree is overconfident on a new domain, a
-neural head after the target changed), so the controller routes on *calibrated*
-probabilities learned from what verification revealed.
-
-Model. For each speculator the map (raw confidence, depth) -> acceptance
-probability is a table of cells, one per (depth bucket, confidence bin). A
-cell holds exponentially decayed counts of accepted ``a`` and tried ``t`` nodes
-and the estimate is the Beta-posterior mean
-
-    p = (a + k * m) / (t + k)
-
-with prior strength ``k`` and prior mean ``m``: the bin's mean raw confidence at
-depth 1 (trust the speculator until evidence says otherwise) and, at deeper
-buckets, the fitted map of the bucket above (deep cells see little data, so
-they borrow from shallower ones). Within a depth bucket the estimates are then
-made non-decreasing in raw confidence by isotonic regression weighted by the
-data ``t`` (the pool-adjacent-violators solution; cells without data conform
-to the cells with data instead of pulling them), since a more confident guess
-should never be calibrated lower than a less confident one. Decay by ``0.5 ** (1 / half_life)`` per
-observed step makes recent outcomes weigh more, so the map follows drift; an
-abrupt change (a cell's recent outcomes, counted with a short half-life,
-contradicting its long-run rate by several standard errors) drops the cell's
-long history at once.
-
-Labels. After a step the emitted tokens ``e[0..m-1]`` are what the target
-produced (the accepted draft tokens, then the bonus/recovered token). For *any*
-draft of that step, chosen or not, a node at depth ``d`` whose parent path
-equals ``e[:d-1]`` was (or would have been) tried: accepted iff its token is
-``e[d-1]``. Nodes deeper than ``m``, or under a rejected node, are unknown and
-not counted. Under greedy decoding this is exact for counterfactual drafts as
-well; under sampling it scores the event "the target sampled this token", whose
-probability is the one-hot acceptance probability.
-
-Worked example: emitted ``[5, 6, 9]`` and a chain draft ``[5, 6, 7, 8]`` give
-labels accepted, accepted, rejected, unknown.
+drift with the traffic, so the controller routes on *calibrated* probabilities
+learned from what verification revealed (nodes labelled by ``Draft.label``).
 """
 
 from __future__ import annotations
@@ -45,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..spec.base import Draft
+from ..speculators.base import Draft
 
-__all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes", "node_depths",
+__all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes",
            "pool_adjacent_violators"]
 
 
@@ -76,39 +43,10 @@ class CalibrationConfig:
 
 
 def label_nodes(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which nodes of ``draft`` the step's emitted tokens decide, and whether each was accepted.
-
-    Returns ``(index, accepted)``: node indices in draft order and a bool array of
-    the same length. See the module docstring for the rule.
-    """
-    idx, hit, _ = _label(draft, emitted)
+    """Which nodes of ``draft`` the step's emitted tokens decide, and whether each was accepted
+    (:meth:`Draft.label` without the depths)."""
+    idx, hit, _ = draft.label(emitted)
     return idx, hit
-
-
-def node_depths(draft: Draft) -> np.ndarray:
-    """``draft.depths``, without the Python loop for chains."""
-    return np.arange(1, len(draft) + 1) if draft.is_chain else draft.depths
-
-
-def _label(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    m = len(emitted)
-    tokens = draft.tokens.tolist()
-    parents = draft.parents.tolist()
-    on_path = [False] * len(tokens)  # node's full path equals the emitted prefix
-    depth = [0] * len(tokens)
-    emitted = [int(t) for t in emitted]
-    idx: list[int] = []
-    hit: list[bool] = []
-    dep: list[int] = []
-    for i, p in enumerate(parents):
-        depth[i] = 1 if p < 0 else depth[p] + 1
-        if depth[i] > m or (p >= 0 and not on_path[p]):
-            continue
-        on_path[i] = tokens[i] == emitted[depth[i] - 1]
-        idx.append(i)
-        hit.append(on_path[i])
-        dep.append(depth[i])
-    return np.asarray(idx, dtype=np.int64), np.asarray(hit, dtype=bool), np.asarray(dep, dtype=np.int64)
 
 
 def _clean(conf: np.ndarray) -> np.ndarray:
@@ -179,7 +117,33 @@ class _Table:
 
 
 class Calibrator:
-    """Per-speculator map from (raw confidence, depth) to acceptance probability, learned online."""
+    """Per-speculator map from (raw confidence, depth) to acceptance probability, learned online.
+
+    Model. For each speculator the map (raw confidence, depth) -> acceptance
+    probability is a table of cells, one per (depth bucket, confidence bin). A
+    cell holds exponentially decayed counts of accepted ``a`` and tried ``t`` nodes
+    and the estimate is the Beta-posterior mean
+
+        p = (a + k * m) / (t + k)
+
+    with prior strength ``k`` and prior mean ``m``: the bin's mean raw confidence at
+    depth 1 (trust the speculator until evidence says otherwise) and, at deeper
+    buckets, the fitted map of the bucket above (deep cells see little data, so
+    they borrow from shallower ones). Within a depth bucket the estimates are then
+    made non-decreasing in raw confidence by isotonic regression weighted by the
+    data ``t`` (the pool-adjacent-violators solution; cells without data conform
+    to the cells with data instead of pulling them), since a more confident guess
+    should never be calibrated lower than a less confident one. Decay by ``0.5 ** (1 / half_life)`` per
+    observed step makes recent outcomes weigh more, so the map follows drift; an
+    abrupt change (a cell's recent outcomes, counted with a short half-life,
+    contradicting its long-run rate by several standard errors) drops the cell's
+    long history at once.
+
+    Labels (:meth:`Draft.label`): for *any* draft of a step, chosen or not, a node whose parent path equals the
+    emitted tokens was (or would have been) tried, and accepted iff its token is the next emitted one. Under
+    greedy decoding this is exact for counterfactual drafts as well; under sampling it scores the event "the
+    target sampled this token", whose probability is the one-hot acceptance probability.
+    """
 
     def __init__(self, config: CalibrationConfig | None = None):
         self.config = config or CalibrationConfig()
@@ -248,11 +212,11 @@ class Calibrator:
         """``draft`` with its probs replaced by calibrated ones (tokens, tree, source unchanged)."""
         if not len(draft):
             return draft
-        return draft.with_probs(self.probability(name, draft.probs, node_depths(draft)))
+        return draft.with_probs(self.probability(name, draft.probs, draft.depths))
 
     def observe(self, name: str, draft: Draft, emitted: list[int] | np.ndarray) -> int:
         """Learn from one step's outcome for ``name``'s proposal; returns how many nodes were labelled."""
-        idx, hit, depth = _label(draft, emitted)
+        idx, hit, depth = draft.label(emitted)
         if not len(idx):
             return 0
         t = self._table(name)

@@ -3,7 +3,7 @@
 The controller trades expected accepted tokens against time, so it needs c(n),
 the seconds of one target forward over ``n`` tokens (the pending token plus
 ``n - 1`` draft nodes). Its shape decides everything: on a CPU c(n) grows
-quickly with n (REFERENCES: llama.cpp 13 ms at n=1, 57 ms at n=8), on a GPU it
+quickly with n, on a GPU it
 is nearly flat up to dozens of tokens. Nothing here assumes either; the curve
 is measured from the forwards the engine actually runs.
 

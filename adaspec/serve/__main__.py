@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import uvicorn
 
 from .app import EngineBundle, ServerConfig, ServerState, create_app, load_bundle
-from ..cli import add_backend_arg
+from ..args import add_backend_arg
 from .auth import ENV_METRICS_KEY, describe, keys_from_env
 
 log = logging.getLogger("adaspec.serve")

@@ -134,18 +134,14 @@ def load_bundle(cfg: ServerConfig) -> EngineBundle:
 
 
 def _engine_snapshot(engine: Engine) -> Callable[[], object] | None:
-    """``engine.snapshot``: set by ``build_engine`` when it was given a state dir."""
-    fn = getattr(engine, "snapshot", None)
-    return fn if callable(fn) else None
+    """``engine.snapshot`` when the engine keeps learned state (``build_engine`` was given a state dir)."""
+    return engine.snapshot if engine.keeps_state else None
 
 
 def _engine_state_sizes(engine: Engine) -> Callable[[], Mapping[tuple[str, str], float]] | None:
-    """(speculator, namespace) -> learned tokens, from ``engine.state_sizes()`` if the engine has it, else from
-    each speculator's ``stats()["namespaces"][ns]["tokens"]`` (the suffix speculator's report)."""
-    fn = getattr(engine, "state_sizes", None)
-    if callable(fn):
-        return fn
-    specs = [s for s in engine.speculators if callable(getattr(s, "stats", None))]
+    """(speculator, namespace) -> learned tokens, from each speculator's ``stats()["namespaces"][ns]["tokens"]``
+    (the suffix speculator's report); None without speculators."""
+    specs = list(engine.speculators)
     if not specs:
         return None
 

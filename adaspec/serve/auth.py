@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from ..spec.store import StoreCorruptError, restore, save_blob
+from ..store import StoreCorruptError, restore, save_blob
 
 ENV_KEYS = "ADASPEC_API_KEYS"
 ENV_METRICS_KEY = "ADASPEC_METRICS_KEY"

@@ -354,14 +354,12 @@ class Scheduler:
 
     def _stats(self, job: Job) -> dict:
         out = job.req.stats.to_dict()
-        summary = getattr(self.engine.controller, "summary", None)
-        if callable(summary):
-            try:
-                ctl = summary(job.id)
-                if ctl:
-                    out["controller"] = ctl
-            except Exception:
-                log.exception("controller summary failed")
+        try:
+            ctl = self.engine.controller.summary(job.id)
+            if ctl:
+                out["controller"] = ctl
+        except Exception:
+            log.exception("controller summary failed")
         return out
 
     def _deliver_final(self, job: Job, reason: str, error: str | None = None, stats: dict | None = None) -> None:

@@ -12,7 +12,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from ..bench.workloads import conversation_from_record, iter_json_array, sharegpt_path
+from ..jsonstream import iter_json_array
+from ..sharegpt import sharegpt_path, sharegpt_turns
 
 
 @dataclass
@@ -74,10 +75,11 @@ def iter_conversations(path: str | None = None) -> Iterator[tuple[str, list[dict
     """(id, messages) of every complete ShareGPT conversation, in file order."""
     with open(path or sharegpt_path(), encoding="utf-8") as fp:
         for rec in iter_json_array(fp):
-            conv = conversation_from_record(rec)
-            if conv is None:
+            got = sharegpt_turns(rec)
+            if got is None:
                 continue
-            yield conv.id, [{"role": r, "content": t} for r, t in conv.turns]
+            cid, turns, _ = got
+            yield cid, [{"role": r, "content": t} for r, t in turns]
 
 
 def iter_sequences(tokenizer: Any, cfg: DataConfig, heldout: bool, path: str | None = None) -> Iterator[Sequence_]:

@@ -42,8 +42,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..spec.head import (CHECKPOINT_DIR, SHIPPED_NAME, DraftHead, HeadConfig, _write_atomic, distill_loss,
-                         save_checkpoint, shared_weights, target_fingerprint)
+from ..files import cache_root, write_atomic
+from ..speculators.head_model import (CHECKPOINT_DIR, SHIPPED_NAME, DraftHead, HeadConfig, distill_loss,
+                                     save_checkpoint, shared_weights, target_fingerprint)
 from .data import DataConfig
 from .teacher import TeacherData, build_cache, cache_key, load_split
 
@@ -222,7 +223,7 @@ def train(embed: torch.Tensor, train_data: TeacherData, heldout: TeacherData, cf
         buf = io.BytesIO()
         torch.save({"key": key, "head": head.state_dict(), "opt": opt.state_dict(), "step": step,
                     "history": history, "seconds": time.perf_counter() - t_start}, buf)
-        _write_atomic(state_path, buf.getvalue())
+        write_atomic(state_path, buf.getvalue(), world_readable=True)
 
     while step < total:
         epoch, k = divmod(step, steps_per_epoch)
@@ -311,10 +312,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.draft_vocab = args.draft_vocab
     t0 = time.perf_counter()
     model, tokenizer = _load_target(args.target, args.precision)
-    from ..bench.workloads import cache_dir
 
-    root = Path(args.cache_dir) if args.cache_dir else cache_dir() / "teacher"
-    out = Path(args.out) if args.out else (cache_dir() / "quick-head" if args.quick else CHECKPOINT_DIR)
+    root = Path(args.cache_dir) if args.cache_dir else cache_root() / "teacher"
+    out = Path(args.out) if args.out else (cache_root() / "quick-head" if args.quick else CHECKPOINT_DIR)
     directory, manifest = build_cache(model, tokenizer, data_cfg, root, train_tokens, heldout_tokens,
                                       progress=not args.no_progress)
     teacher_s = time.perf_counter() - t0

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from safetensors.torch import load_file, save
 
-from ..spec.head import _write_atomic, target_fingerprint
+from ..files import write_atomic
+from ..speculators.head_model import target_fingerprint
 from .data import DataConfig, Sequence_, iter_sequences
 
 
@@ -107,11 +108,11 @@ def build_split(model: Any, sequences: Iterable[Sequence_], directory: Path, spl
         done = entry["tokens"] + pending >= max_tokens
         if pending >= shard_tokens or done:
             name = f"{split}-{len(entry['shards']):05d}.safetensors"
-            _write_atomic(directory / name, _pack(seqs, feats))
+            write_atomic(directory / name, _pack(seqs, feats), world_readable=True)
             entry = {"shards": entry["shards"] + [name], "sequences": entry["sequences"] + len(seqs),
                      "tokens": entry["tokens"] + pending, "seconds": entry["seconds"] + time.perf_counter() - t0}
             manifest[split] = entry
-            _write_atomic(man_path, json.dumps(manifest, indent=1).encode())
+            write_atomic(man_path, json.dumps(manifest, indent=1), world_readable=True)
             seqs, feats, pending, t0 = [], [], 0, time.perf_counter()
         if done:
             break

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..spec.base import Draft
+from ..speculators.base import Draft
 from .sampling import SamplingParams, target_probs
 
 
@@ -110,17 +110,9 @@ def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
 
 def _follow(best: list[int], draft: Draft) -> Verdict:
     """Walk the draft tree along the target's chosen token of every row ([1 + n]); the last choice is the bonus."""
-    kids = draft.children()
-    tokens = draft.tokens.tolist()
-    accepted: list[int] = []
-    node = -1
-    while True:
-        want = best[node + 1]
-        nxt = next((c for c in kids.get(node, ()) if tokens[c] == want), None)
-        if nxt is None:
-            return Verdict(accepted, [tokens[a] for a in accepted] + [want])
-        accepted.append(nxt)
-        node = nxt
+    accepted = draft.follow(lambda node, depth: best[node + 1])
+    bonus = best[accepted[-1] + 1 if accepted else 0]
+    return Verdict(accepted, [int(draft.tokens[a]) for a in accepted] + [bonus])
 
 
 def verify_tree_sampled(probs: torch.Tensor, draft: Draft, generator: torch.Generator | None) -> Verdict:

@@ -12,71 +12,20 @@ there. Worked example with ``max_ngram=3``::
 
 Confidence (``Draft.probs``): one conditional acceptance probability per match
 length ``n``, the same for every token of the draft. It starts at a fixed
-prior (:attr:`PromptLookupConfig.prior`, measured by trace replay on ShareGPT
-answers) and is then counted from this speculator's own verified drafts:
+prior (:attr:`PromptLookupConfig.prior`) and is then counted from this speculator's own verified drafts:
 ``p_n = (accepted_n + s * prior_n) / (tried_n + s)`` where ``tried`` counts
 draft tokens whose parent was accepted and ``s`` is the prior's strength.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import DecodeContext, Draft, StepOutcome
+from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
 
 _GATHER_MAX = 256  # candidates above this are narrowed token by token before one vectorised gather
-
-
-PAD = 64  # buffers keep at least this many -1 entries past their end (see ContextBuffer)
-
-
-class ContextBuffer:
-    """A request's tokens as a growable int32 array, synchronised with ``DecodeContext.tokens``.
-
-    Syncing appends only the new tail, so the per-step cost is O(new tokens).
-    Every entry past ``n`` is -1 and at least :data:`PAD` of them exist, so a
-    read up to ``PAD`` past the end, or up to ``PAD`` before the start (numpy
-    wraps negative indices to the end), yields -1 ("no token") without bounds
-    checks.
-    """
-
-    __slots__ = ("buf", "n")
-
-    def __init__(self, capacity: int = 256):
-        self.buf = np.full(max(16, capacity) + PAD, -1, dtype=np.int32)
-        self.n = 0
-
-    @property
-    def tokens(self) -> np.ndarray:
-        return self.buf[: self.n]
-
-    def sync(self, tokens: list[int]) -> None:
-        """Make the buffer equal ``tokens``: appends the new tail when the known part is unchanged (checked at
-        its first, middle and last token), else rebuilds."""
-        n = self.n
-        if len(tokens) < n or (n and (tokens[n - 1] != self.buf[n - 1] or tokens[0] != self.buf[0]
-                                      or tokens[n // 2] != self.buf[n // 2])):
-            self.buf[:n] = -1
-            n = self.n = 0
-        if len(tokens) > n:
-            self.extend(tokens[n:])
-
-    def extend(self, tokens) -> None:
-        new = np.asarray(tokens, dtype=np.int64)
-        if new.ndim != 1:
-            raise ValueError("token ids must be a flat sequence")
-        if len(new) and (new.min() < 0 or new.max() >= 2**31):
-            raise ValueError(f"token ids must lie in [0, 2**31); got {int(new.min())}..{int(new.max())}")
-        need = self.n + len(new)
-        if need + PAD > len(self.buf):
-            grown = np.full(max(need + PAD, 2 * len(self.buf)), -1, dtype=np.int32)
-            grown[: self.n] = self.buf[: self.n]
-            self.buf = grown
-        self.buf[self.n : need] = new
-        self.n = need
 
 
 def match_lengths(buf: np.ndarray, ends: np.ndarray, suffix: np.ndarray, max_len: int,
@@ -128,13 +77,10 @@ class PromptLookupConfig:
     matches). Measured by replaying ShareGPT first-turn answers (SmolLM2 tokenizer) through this speculator."""
     prior_strength: float = 20.0
     """How many observed draft tokens the prior is worth."""
-    max_requests: int = 4096
-    """Requests whose buffers are kept; the least recently used one is dropped beyond this (guards against
-    requests that never call ``end``)."""
 
 
 @dataclass
-class PromptLookupSpeculator:
+class PromptLookupSpeculator(SpeculatorBase):
     """Prompt-lookup (n-gram) speculator over the request's own context; see the module docstring."""
 
     config: PromptLookupConfig = field(default_factory=PromptLookupConfig)
@@ -146,20 +92,15 @@ class PromptLookupSpeculator:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {c.min_ngram}, {c.max_ngram}")
         if not c.prior or not all(0.0 < p < 1.0 for p in c.prior):
             raise ValueError("prior must be a non-empty sequence of probabilities in (0, 1)")
-        self._buffers: OrderedDict[str, ContextBuffer] = OrderedDict()
         self._tried = np.zeros(c.max_ngram + 1)
         self._accepted = np.zeros(c.max_ngram + 1)
 
     # -- protocol ------------------------------------------------------------------------------
 
-    def begin(self, ctx: DecodeContext) -> None:
-        self._buffer(ctx)
-
     def propose(self, ctx: DecodeContext, budget: int) -> Draft:
         if budget <= 0:
             return Draft.empty(self.name)
-        buf = self._buffer(ctx)
-        found = self.lookup(buf.tokens, budget)
+        found = self.lookup(ctx.array().tokens, budget)
         if found is None:
             return Draft.empty(self.name)
         n, cont = found
@@ -171,11 +112,6 @@ class PromptLookupSpeculator:
             a = outcome.num_accepted
             self._accepted[d.match_len] += a
             self._tried[d.match_len] += min(a + 1, len(d))
-        if ctx.request_id in self._buffers:
-            self._buffers[ctx.request_id].sync(ctx.tokens)
-
-    def end(self, ctx: DecodeContext, finished: bool) -> None:
-        self._buffers.pop(ctx.request_id, None)
 
     # -- mechanics -----------------------------------------------------------------------------
 
@@ -202,14 +138,3 @@ class PromptLookupSpeculator:
         c = self.config
         prior = c.prior[min(n, len(c.prior)) - 1]
         return float((self._accepted[n] + c.prior_strength * prior) / (self._tried[n] + c.prior_strength))
-
-    def _buffer(self, ctx: DecodeContext) -> ContextBuffer:
-        buf = self._buffers.get(ctx.request_id)
-        if buf is None:
-            buf = self._buffers[ctx.request_id] = ContextBuffer(len(ctx.tokens) + 256)
-            while len(self._buffers) > self.config.max_requests:
-                self._buffers.popitem(last=False)
-        else:
-            self._buffers.move_to_end(ctx.request_id)
-        buf.sync(ctx.tokens)
-        return buf

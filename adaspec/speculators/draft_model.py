@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import DecodeContext, Draft, StepOutcome
+from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
 
 
 @dataclass
@@ -52,7 +52,7 @@ class _Seq:
     tokens: list[int] = field(default_factory=list)  # what the cache has committed
 
 
-class DraftModelSpeculator:
+class DraftModelSpeculator(SpeculatorBase):
     """Any model with the target protocol (``new_cache``/``prefill``/``forward``) as a chain drafter."""
 
     name = "draft_model"

@@ -16,7 +16,7 @@ The command line puts llama.cpp (llama-cpp-python on the same GGUF, same thread
 count, logits for all k rows) beside it in the same run, interleaved, so both
 see the same machine load::
 
-    python -m adaspec.bench.costs --threads 2 --out costs.json
+    python -m adaspec.bench.cost_curve --threads 2 --out costs.json
 
 The JSON holds ``verify`` at the top level, so ``control.costs.load_cost_curve``
 reads it as a recorded curve.
@@ -269,7 +269,7 @@ def _table(res: dict, title: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m adaspec.bench.costs", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m adaspec.bench.cost_curve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: the bundled SmolLM2)")
     ap.add_argument("--precision", default="auto", help="auto, gguf, fp32, int4, bf16, fp16 (default auto)")
     ap.add_argument("--device", default=None)

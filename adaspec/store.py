@@ -34,13 +34,15 @@ import json
 import os
 import re
 import struct
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, runtime_checkable
 
 import numpy as np
+
+from .files import fsync_dir
+from .files import remove_temporaries, write_atomic  # noqa: F401  (re-exported: the store's write path)
 
 MAGIC = b"ADASPEC\0"
 CONTAINER_VERSION = 1
@@ -64,46 +66,6 @@ class Persistent(Protocol):
         clean (False). ``vocab_size`` bounds the token ids a state file may hold."""
 
 
-_TMP_SUFFIX = ".tmp"
-
-
-def write_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that a crash leaves the old or the new content, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def remove_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files :func:`write_atomic` left in ``directory`` when a crash stopped it before the
-    rename (``.<name>.<random>.tmp``); returns them. Call it only while nothing writes to the directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    removed = []
-    for p in directory.glob(f".*{_TMP_SUFFIX}"):
-        if p.is_file():
-            try:
-                p.unlink()
-                removed.append(p)
-            except FileNotFoundError:
-                pass
-    return removed
-
-
 def quarantine(path: str | os.PathLike) -> Path | None:
     """Move a damaged state file aside to ``<name>.bad-<UTC time>`` (kept for inspection, never read again);
     the new path, or None when there was nothing to move."""
@@ -117,7 +79,7 @@ def quarantine(path: str | os.PathLike) -> Path | None:
         os.replace(path, dest)
     except FileNotFoundError:
         return None
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return dest
 
 
@@ -144,19 +106,6 @@ def restore(path: str | os.PathLike, apply: Callable[[bytes, dict], None], what:
         warnings.warn(f"{what}: ignoring damaged learned state {path}: {e}{kept}; starting clean", RuntimeWarning,
                       stacklevel=2)
         return False
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def pack(payload: bytes, meta: Mapping[str, Any] | None = None) -> bytes:

