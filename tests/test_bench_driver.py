@@ -22,6 +22,7 @@ class ByteTokenizer:
 
     name = "bytes"
     eos_token_ids = {0}
+    chat_template = "<role>content per message, then <assistant>"  # what apply_chat_template renders
 
     def encode(self, text: str) -> list[int]:
         return [b + 1 for b in text.encode()]

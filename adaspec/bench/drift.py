@@ -50,6 +50,7 @@ class BenchPlan:
     configs: list[str]
     peers: list[str]
     hf_every: int  # run the (slow) transformers peers on every n-th request only
+    gguf_path: str | None = None  # the model file the peers load (None: the bundled GGUF), the same as adaspec's
 
 
 def default_plan(scenario: str, full: bool, seed: int, max_tokens: int | None) -> list[workloads.WorkItem]:
@@ -117,7 +118,8 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
         from ..engine import Engine
 
         engines["oracle"] = Engine(model, tok, [oracle], FixedController(16))
-    peers = make_peers(plan.peers, PeerConfig(n_threads=_peer_threads())) if plan.peers else None
+    peers = make_peers(plan.peers, PeerConfig(gguf_path=plan.gguf_path, n_threads=_peer_threads())) \
+        if plan.peers else None
     # background learners work only while their own configuration decodes (within their duty cycle), so that
     # they take no CPU time from the configuration being timed next
     learners = {c: list(e.speculators) for c, e in engines.items()}
@@ -179,9 +181,9 @@ def cost_curves(model, with_llama_cpp: bool, gguf: str | None = None, second=Non
 
     ks, context = (1, 2, 4, 8, 12, 16, 24, 32), 100
     peer = None
-    if with_llama_cpp and not missing_packages("llama.cpp"):
+    if with_llama_cpp and not missing_packages("llama.cpp") and (gguf is None or gguf.lower().endswith(".gguf")):
         try:
-            path = gguf if gguf and gguf.endswith(".gguf") else bundled_gguf()
+            path = gguf or bundled_gguf()
             peer = LlamaCppCosts(path, context, threads=_peer_threads())
         except (PeerUnavailable, OSError, ValueError) as e:
             print(f"llama.cpp cost curve skipped: {e}")
@@ -252,7 +254,10 @@ def run(args: argparse.Namespace) -> int:
         second = load_target(args.model, backend="llamacpp")[0]
         configs += [c + BACKEND_SUFFIX for c in configs if c != "oracle"]
     items = default_plan(args.scenario, args.full, args.seed, args.max_tokens)
-    plan = BenchPlan(args.scenario, items, configs, peers, args.hf_every or (1 if args.full else 4))
+    if peers and args.model and not str(args.model).lower().endswith(".gguf"):
+        print(f"peers skipped: they run GGUF files, and {args.model} is not one")
+        peers = []
+    plan = BenchPlan(args.scenario, items, configs, peers, args.hf_every or (1 if args.full else 4), args.model)
     costs = None
     if not args.no_costs:
         costs = cost_curves(model, "llama.cpp" in peers, args.model, second)
