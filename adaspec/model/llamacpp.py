@@ -35,7 +35,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 import weakref
 from dataclasses import dataclass
 from functools import cached_property
@@ -141,8 +140,7 @@ class LlamaCppModel:
         self._released: list[int] = []  # home ids of dropped caches, freed on the decode thread
         self._embeddings_on = False
         self._park_limit = max(64, self.cells // 32)  # parked cells per sequence before holes are simply freed
-        self.want_hidden = True  # set False when nothing reads hidden states (saves copying them)
-        self._lock = threading.Lock()
+        self.want_hidden = True  # hidden states in every output (a draft head needs them); False saves the copy
         self._finalizer = weakref.finalize(self, _free_native, L, self._model, self._ctx, self._batch)
         self._warm_up()
 
@@ -356,7 +354,8 @@ class LlamaCppModel:
                 # Rejected rows before the last accepted one leave holes below accepted cells; a later token
                 # would fill them and sit before older positions, which changes the order llama.cpp's attention
                 # sums in. Parking them keeps every sequence's cells in position order, as in plain decoding.
-                holes = [r for r in range(keep[-1]) if r not in set(keep)]
+                kept = set(keep)
+                holes = [r for r in range(keep[-1]) if r not in kept]
                 if holes and cache._parked + len(holes) <= self._park_limit:
                     park = cache._park_seq()
                     for r in holes:
