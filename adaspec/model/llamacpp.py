@@ -253,7 +253,7 @@ class LlamaCppModel:
         L0, home = cache.length, cache.seq
         if parents is None or all(p == i - 1 for i, p in enumerate(parents)):
             out = self._decode(tokens, [L0 + i for i in range(n)], [(home,)] * n, [True] * n, self.want_hidden)
-            cache._pending = _Pending(None, [])
+            cache._pending = _Pending([])
             return out
         parents = [int(p) for p in parents]
         depth = [0] * n
@@ -286,7 +286,8 @@ class LlamaCppModel:
             self._free.extend(scratch)
             self._L.llama_memory_seq_rm(self._mem, home, L0, -1)
             raise
-        cache._pending = _Pending(list(zip(leaves, leaf_seq)), scratch, parents)
+        # a row's cell is found as (any sequence that holds it, its position): the first of its sequences
+        cache._pending = _Pending(scratch, [q[0] for q in seqs], depth)
         return out
 
     def _check_room(self, cache: "LlamaCppCache", n: int) -> None:
@@ -335,22 +336,13 @@ class LlamaCppModel:
             raise RuntimeError("commit without a forward")
         L0, home, m = cache.length, cache.seq, len(keep)
         rm, cp = self._L.llama_memory_seq_rm, self._L.llama_memory_seq_cp
-        if pending.leaves is None:  # chain: keep is a prefix
+        if pending.row_seq is None:  # chain: keep is a prefix
             if list(keep) != list(range(m)):
                 raise ValueError(f"commit of a chain needs a prefix, got {list(keep)}")
             rm(self._mem, home, L0 + m, -1)
         else:
             if m:
-                parents = pending.parents
-                seq_of = {}  # row -> the sequence of one leaf below it
-                for leaf, s in pending.leaves:
-                    i = leaf
-                    while i >= 0 and i not in seq_of:
-                        seq_of[i] = s
-                        i = parents[i]
-                depth = [0] * len(parents)
-                for i, p in enumerate(parents):
-                    depth[i] = 1 if p < 0 else depth[p] + 1
+                row_seq, depth = pending.row_seq, pending.depth
                 # Rejected rows before the last accepted one leave holes below accepted cells; a later token
                 # would fill them and sit before older positions, which changes the order llama.cpp's attention
                 # sums in. Parking them keeps every sequence's cells in position order, as in plain decoding.
@@ -360,9 +352,9 @@ class LlamaCppModel:
                     park = cache._park_seq()
                     for r in holes:
                         pos = L0 + depth[r] - 1
-                        cp(self._mem, seq_of[r], park, pos, pos + 1)
+                        cp(self._mem, row_seq[r], park, pos, pos + 1)
                     cache._parked += len(holes)
-                seq = seq_of[keep[-1]]
+                seq = row_seq[keep[-1]]
                 if seq != home:
                     rm(self._mem, home, L0, -1)
                     cp(self._mem, seq, home, L0, L0 + m)
@@ -380,20 +372,13 @@ class LlamaCppModel:
         cache._length = length
 
 
-def _on_path(parents: Sequence[int], leaf: int, node: int) -> bool:
-    i = leaf
-    while i >= 0:
-        if i == node:
-            return True
-        i = parents[i]
-    return False
-
-
 @dataclass
 class _Pending:
-    leaves: list[tuple[int, int]] | None  # (leaf row, its sequence id); None for a chain
+    """An uncommitted forward: the scratch sequences it took and, for a tree, where each row's cell is."""
+
     scratch: list[int]
-    parents: list[int] | None = None
+    row_seq: list[int] | None = None  # per row, a sequence holding its cell (every leaf below it has one)
+    depth: list[int] | None = None  # per row, 1 for the root
 
 
 @dataclass(frozen=True)
