@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from typing import Iterator
 
-import httpx
 import uvicorn
 
+from adaspec.bench.load import wait_healthy
 from adaspec.serve.app import EngineBundle, ServerConfig, _engine_snapshot, _engine_state_sizes, create_app
 from adaspec.system import build_engine
 from test_server import FakeModel, FakeTokenizer, _free_port
@@ -36,16 +35,8 @@ def serving(cfg: ServerConfig, loader) -> Iterator[str]:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("in-process server not ready")
-        time.sleep(0.05)
+    if not wait_healthy(url, 30, interval=0.05):
+        raise RuntimeError("in-process server not ready")
     try:
         yield url
     finally:

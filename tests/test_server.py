@@ -149,19 +149,15 @@ class ServerProcess:
                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
 
     def wait_ready(self, timeout: float = 180.0) -> "ServerProcess":
-        import httpx
+        from adaspec.bench.load import wait_healthy
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def alive() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+
+        if not wait_healthy(self.url, timeout, check=alive):
+            raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+        return self
 
     def namespace(self, key: str) -> str:
         """The namespace id this server gives ``key`` (an HMAC under the secret in its state directory)."""

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from adaspec.bench.load import rss_from_proc, wait_healthy
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REQUESTS = 100_000
 MAX_SECONDS = 3600
@@ -71,10 +73,10 @@ def invalid_body(rng: random.Random, model: str) -> tuple[str, bytes]:
 
 
 def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
+    rss = rss_from_proc(pid)
+    if rss is None:
+        raise RuntimeError("no VmRSS")
+    return int(rss) // 1024
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -106,18 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         args.serve_args)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 600
-        while True:
+        def alive() -> None:
             if proc.poll() is not None:
                 raise SystemExit(f"server exited with {proc.returncode}; log: {log.name}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"server not ready; log: {log.name}")
-            time.sleep(0.5)
+
+        if not wait_healthy(url, 600, interval=0.5, check=alive):
+            raise SystemExit(f"server not ready; log: {log.name}")
         model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
         # one warm-up request, so the start figure is the memory of a server that has served
         httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2}, timeout=120)

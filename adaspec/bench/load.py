@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -149,6 +149,23 @@ async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
     return out
+
+
+def wait_healthy(url: str, timeout: float, interval: float = 0.2, check: Callable[[], None] | None = None) -> bool:
+    """Poll ``url``/health until it answers 200 (True) or ``timeout`` seconds pass (False). ``check()`` runs
+    before each poll and may raise, e.g. when the server's process has exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
 
 
 def rss_from_proc(pid: int) -> float | None:
