@@ -211,7 +211,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--scenario", default="drift", choices=list(workloads.SCENARIOS))
     ap.add_argument("--full", action="store_true", help="the long version (more requests per phase, every peer)")
-    ap.add_argument("--configs", default=",".join(ADASPEC_CONFIGS), help="comma-separated adaspec configurations")
+    ap.add_argument("--engine", default="adaspec", choices=["adaspec", "vllm"],
+                    help="adaspec's own engine, or vLLM with each speculation method (needs adaspec[vllm])")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated configurations (default: all of the engine's: "
+                         f"{', '.join(ADASPEC_CONFIGS)}; with --engine vllm: vllm, vllm-ngram, vllm-suffix, adaspec)")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="--engine vllm: run the stream this many times in one engine (2 = repeated traffic)")
     ap.add_argument("--peers", default=",".join(PEER_CONFIGS), help="comma-separated peers ('' for none)")
     ap.add_argument("--hf-every", type=int, default=None, help="run transformers peers on every n-th request")
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -232,7 +238,11 @@ def run(args: argparse.Namespace) -> int:
     if args.from_run:
         return rewrite_report(Path(args.from_run), Path(args.out) if args.out else None)
 
-    configs = [c for c in args.configs.split(",") if c]
+    if args.engine == "vllm":
+        from ..vllm.bench import run as run_vllm
+
+        return run_vllm(args)
+    configs = [c for c in (args.configs or ",".join(ADASPEC_CONFIGS)).split(",") if c]
     unknown = [c for c in configs if c not in ADASPEC_CONFIGS]
     peers = [p for p in args.peers.split(",") if p]
     unknown += [p for p in peers if p not in PEER_CONFIGS]

@@ -78,14 +78,16 @@ def normalise_siblings(draft: Draft) -> Draft:
 
 
 def best_prefix(draft: Draft, chain_cost: np.ndarray, tree_cost: np.ndarray,
-                sunk: float) -> tuple[np.ndarray, int, float, float]:
+                sunk: float, base: float = 1.0) -> tuple[np.ndarray, int, float, float]:
     """The best-first prefix of ``draft`` with the highest expected rate.
 
     ``chain_cost[n]`` / ``tree_cost[n]``: verify seconds for ``n`` tokens (indexable up to
     ``len(draft) + 1``). Returns ``(order, k, E, rate)``: node indices best first, how many
-    to keep (0 = none), their expected accepted tokens, and ``(1 + E) / (sunk + c(1 + k))``.
+    to keep (0 = none), their expected accepted tokens, and ``(base + E) / (sunk + c(1 + k))``.
+    ``base`` is the tokens the step emits without any draft: 1 for one request, the batch size for
+    the drafts of a whole batch taken as one forest.
     """
-    empty_rate = 1.0 / max(sunk + chain_cost[1], 1e-12)
+    empty_rate = base / max(sunk + chain_cost[1], 1e-12)
     n = len(draft)
     if n == 0:
         return np.zeros(0, dtype=np.int64), 0, 0.0, empty_rate
@@ -100,7 +102,7 @@ def best_prefix(draft: Draft, chain_cost: np.ndarray, tree_cost: np.ndarray,
         ks = np.arange(1, n + 1)
         is_chain = np.maximum.accumulate(draft.depths[order]) == ks
         cost = np.where(is_chain, chain_cost[ks + 1], tree_cost[ks + 1]) + sunk
-    rate = (1.0 + cum) / np.maximum(cost, 1e-12)
+    rate = (base + cum) / np.maximum(cost, 1e-12)
     j = int(np.argmax(rate))
     if rate[j] <= empty_rate:
         return order, 0, 0.0, empty_rate

@@ -1,0 +1,105 @@
+"""A GGUF that adaspec loads, as a Hugging Face directory vLLM loads (fp32 safetensors, config, tokenizer).
+
+Llama GGUFs go through adaspec's own converter (the cached conversion the torch backend uses); other
+architectures through transformers' GGUF reader. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+from ..files import cache_root
+from ..model.gguf_header import read_header
+from ..model.loader import ModelLoadError, bundled_gguf_path, convert_gguf
+
+HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+            "special_tokens_map.json", "generation_config.json")
+"""What vLLM reads from a converted directory (the converter's quantised blocks are left out)."""
+
+
+def is_hf_dir(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def export(model: str | os.PathLike | None, out: str | os.PathLike | None = None) -> Path:
+    """The Hugging Face directory for ``model`` (a GGUF file, default the bundled model; a directory is returned
+    as it is). ``out`` defaults to a folder of the cache keyed by the GGUF's digest; an existing export is reused."""
+    src = Path(model) if model else bundled_gguf_path()
+    if is_hf_dir(src):
+        return src
+    if not src.is_file():
+        raise ModelLoadError(f"{str(src)!r} is neither a GGUF file nor a Hugging Face model directory")
+    try:
+        arch = read_header(src).architecture
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
+    if arch == "llama":
+        converted = convert_gguf(src)
+        dest = Path(out) if out else cache_root() / f"vllm-{converted.name}"
+        if not (dest / "config.json").is_file():
+            _publish(dest, lambda tmp: _copy_converted(converted, tmp))
+        return dest
+    digest = f"{src.stem}-{src.stat().st_size}-{int(src.stat().st_mtime)}"
+    dest = Path(out) if out else cache_root() / f"vllm-{digest}"
+    if not (dest / "config.json").is_file():
+        _publish(dest, lambda tmp: _convert_with_transformers(src, tmp))
+    return dest
+
+
+def _copy_converted(converted: Path, tmp: Path) -> None:
+    for name in HF_FILES:
+        if (converted / name).is_file():
+            shutil.copyfile(converted / name, tmp / name)
+    cfg = json.loads((tmp / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def _convert_with_transformers(src: Path, tmp: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+        model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
+    except Exception as e:  # transformers raises assorted errors for architectures its GGUF reader lacks
+        raise ModelLoadError(f"{str(src)!r}: cannot convert to a Hugging Face directory: {e}") from None
+    model.config.__dict__.pop("quantization_config", None)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+
+
+def _publish(dest: Path, fill) -> None:
+    """Fill a temporary sibling of ``dest`` and rename it into place, so a crash leaves no half export."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
+    try:
+        fill(tmp)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.rename(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="adaspec vllm-export",
+                                 description="Write a GGUF as a Hugging Face directory that vLLM loads.")
+    ap.add_argument("model", nargs="?", default=None, help="GGUF file (default: the bundled model)")
+    ap.add_argument("--out", default=None, help="directory to write (default: a folder of adaspec's cache)")
+    args = ap.parse_args(argv)
+
+    try:
+        print(export(args.model, args.out))
+    except ModelLoadError as e:
+        print(f"adaspec: error: {e}", file=sys.stderr)
+        return 2
+    return 0

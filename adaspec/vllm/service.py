@@ -1,0 +1,264 @@
+"""The speculation service behind the vLLM proposer: one call per engine step, for the whole batch.
+
+Per request it runs what the engine loop runs (observe the last step's outcome, plan, propose, choose);
+then it trims the drafts jointly, because in a batch every draft token lengthens everyone's step: the
+drafts kept are the prefix, over all requests' nodes best first, with the highest expected tokens per
+second of the whole batch (``best_prefix`` over the forest of drafts, the batch's step time measured).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ..control.adaptive import AdaptiveConfig, AdaptiveController, best_prefix
+from ..control.base import Controller, StepFeedback
+from ..control.costs import CostModel
+from ..control.namespaced import NamespacedController
+from ..speculators.base import DecodeContext, Draft, Speculator, StepOutcome
+from ..store import Persistent, remove_temporaries
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY_S = 10.0
+"""Least seconds between snapshots of the learned state, taken after requests finish. vLLM gives a proposer no
+shutdown call, so a stop or a crash loses at most this much learning."""
+
+
+@dataclass
+class BatchRow:
+    """One request of the step that just ran, as vLLM's runner holds it."""
+
+    request_id: str
+    namespace: str
+    tokens: Sequence[int]  # prompt + output so far; the last one is the pending token
+    prompt_len: int
+    sampled: list[int]  # tokens the step emitted for it; [] while its prompt is still being prefilled
+    room: int  # most draft tokens it may get (the proposer's limit, cut near the context length)
+
+
+@dataclass
+class BatchView:
+    rows: list[BatchRow]
+    finished: set[str] = field(default_factory=set)  # requests that ended since the previous step
+    step_tokens: int = 0  # tokens the step verified, over the whole batch (prefill chunks included)
+
+
+class BatchCosts(CostModel):
+    """The cost model the per-request controllers see: c(n) is the batch's step time with the other requests'
+    pending tokens in it (``others``), so one request's draft is priced at the time the whole step takes.
+    The step times come from ``observe_step``; per-request verify timings do not exist in a batch."""
+
+    others: int = 0
+
+    def verify_costs(self, upto: int) -> tuple[np.ndarray, np.ndarray]:
+        chain, _ = super().verify_costs(upto + self.others)
+        c = chain[self.others:]
+        return c, c
+
+    def observe_verify(self, n: int, seconds: float, tree: bool = False) -> None:
+        pass
+
+    def observe_step(self, tokens: int, seconds: float) -> None:
+        super().observe_verify(tokens, seconds)
+
+    def step_costs(self, upto: int) -> np.ndarray:
+        """Seconds of a step over 0..upto tokens."""
+        return super().verify_costs(upto)[0]
+
+
+@dataclass
+class _Live:
+    ctx: DecodeContext
+    proposals: dict[str, Draft] = field(default_factory=dict)
+    spent: dict[str, float] = field(default_factory=dict)
+    draft: Draft = field(default_factory=Draft.empty)
+
+
+def default_parts(max_draft: int) -> tuple[list[Speculator], NamespacedController]:
+    """The suffix speculator and prompt lookup under one confidence-aware controller per namespace, priced by
+    the batch's step time; chains only (vLLM verifies no trees)."""
+    from ..speculators.ngram import PromptLookupSpeculator
+    from ..speculators.suffix import SuffixSpeculator
+
+    k = max(1, int(max_draft))
+    config = AdaptiveConfig(initial_budget=min(8, k), min_budget=min(2, k), max_budget=k, trees=False)
+    costs = BatchCosts()
+    controller = NamespacedController(lambda c: AdaptiveController(config, costs=c), costs=costs)
+    return [SuffixSpeculator(), PromptLookupSpeculator()], controller
+
+
+class SpeculationService:
+    """Drafts for every request of a batch, learning from each step and each finished request."""
+
+    def __init__(self, speculators: Sequence[Speculator], controller: Controller, costs: BatchCosts,
+                 state_dir: str | Path | None = None, clock: Callable[[], float] = time.perf_counter):
+        self.speculators = list(speculators)
+        self.names = [s.name for s in self.speculators]
+        self.controller = controller
+        self.costs = costs
+        self.clock = clock
+        self._live: dict[str, _Live] = {}
+        self._last_end: float | None = None
+        self.steps = 0
+        self.finished = 0
+        self._unsaved = False
+        self.state_files: list[tuple[Persistent, Path]] = []
+        self._saved_at = clock()
+        if state_dir is not None:
+            self._attach(Path(state_dir))
+
+    @classmethod
+    def default(cls, max_draft: int, state_dir: str | Path | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> "SpeculationService":
+        specs, controller = default_parts(max_draft)
+        return cls(specs, controller, controller.costs, state_dir, clock)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def step(self, view: BatchView) -> list[list[int]]:
+        """Learn from the step that just ran, then return one draft (token ids) per row of ``view``."""
+        now = self.clock()
+        if self._last_end is not None and view.step_tokens > 0:
+            self.costs.observe_step(view.step_tokens, now - self._last_end)
+        present = {r.request_id for r in view.rows}
+        for rid in [rid for rid in self._live if rid not in present or rid in view.finished]:
+            self._end(rid, finished=rid in view.finished)
+        decoding = [r for r in view.rows if r.sampled]
+        self.costs.others = max(0, len(decoding) - 1)
+        drafts: dict[str, Draft] = {}
+        for row in decoding:
+            live = self._observe(row)
+            drafts[row.request_id] = self._propose(live, row.room)
+        kept = self._trim(decoding, drafts)
+        out = []
+        for row in view.rows:
+            d = kept.get(row.request_id)
+            if d is None:
+                out.append([])
+                continue
+            self._live[row.request_id].draft = d
+            out.append(d.tokens.tolist())
+        self.steps += 1
+        if self._unsaved and self.state_files and self.clock() - self._saved_at >= SNAPSHOT_EVERY_S:
+            self.snapshot()
+        self._last_end = self.clock()
+        return out
+
+    def _observe(self, row: BatchRow) -> _Live:
+        live = self._live.get(row.request_id)
+        if live is None or len(live.ctx.tokens) + len(row.sampled) != len(row.tokens):
+            if live is not None:  # resumed after a preemption, or out of step: start it again
+                self._end(row.request_id, finished=False)
+            ctx = DecodeContext(row.request_id, row.namespace, [int(t) for t in row.tokens], int(row.prompt_len))
+            live = self._live[row.request_id] = _Live(ctx)
+            for s in self.speculators:
+                s.begin(ctx)
+            return live
+        ctx, draft = live.ctx, live.draft
+        emitted = [int(t) for t in row.sampled]
+        accepted = 0
+        for want, got in zip(draft.tokens.tolist(), emitted[:-1]):
+            if want != got:
+                break
+            accepted += 1
+        ctx.tokens.extend(emitted)
+        outcome = StepOutcome(draft, list(range(accepted)), emitted)
+        for s in self.speculators:
+            s.observe(ctx, outcome)
+        if live.proposals or len(draft):
+            # the batch's step time is learned in ``step``; the per-request verify time has no meaning here
+            self.controller.observe(StepFeedback(ctx, live.proposals, live.spent, draft, outcome, 0.0))
+        live.proposals, live.spent, live.draft = {}, {}, Draft.empty()
+        return live
+
+    def _propose(self, live: _Live, room: int) -> Draft:
+        if room <= 0:
+            return Draft.empty()
+        ctx = live.ctx
+        budgets = self.controller.plan(ctx, self.names)
+        for s in self.speculators:
+            b = min(int(budgets.get(s.name, 0)), room)
+            if b > 0:
+                t = self.clock()
+                live.proposals[s.name] = s.propose(ctx, b)
+                live.spent[s.name] = self.clock() - t
+        if not live.proposals:
+            return Draft.empty()
+        return self.controller.choose(ctx, live.proposals).prefix(room)
+
+    def _trim(self, rows: Sequence[BatchRow], drafts: dict[str, Draft]) -> dict[str, Draft]:
+        """The drafts cut to the best-first prefix of all their nodes that maximises the batch's tokens per
+        second: each request emits one token without a draft, and every kept node adds its path probability
+        of tokens and one token of step time for everyone."""
+        owners = [rid for rid in drafts if len(drafts[rid])]
+        if not owners:
+            return {rid: Draft.empty() for rid in drafts}
+        forest = _forest([drafts[rid] for rid in owners])
+        costs = self.costs.step_costs(len(rows) + len(forest))[len(rows) - 1:]  # costs[1 + k] = T(batch + k)
+        order, k, _, _ = best_prefix(forest, costs, costs, 0.0, base=float(len(rows)))
+        keep = np.zeros(len(forest), dtype=bool)
+        keep[order[:k]] = True
+        out = {rid: Draft.empty() for rid in drafts}
+        start = 0
+        for rid in owners:
+            d = drafts[rid]
+            mine = keep[start:start + len(d)]
+            out[rid] = d.prefix(int(np.argmin(mine)) if not mine.all() else len(d))  # its kept prefix
+            start += len(d)
+        return out
+
+    def _end(self, rid: str, finished: bool) -> None:
+        live = self._live.pop(rid, None)
+        if live is None:
+            return
+        for s in self.speculators:
+            s.end(live.ctx, finished)
+        self.finished += finished
+        self._unsaved |= finished
+
+    # -- learned state ---------------------------------------------------------------------------
+
+    def _attach(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for p in remove_temporaries(directory):
+            log.warning("removed %s, left by an interrupted snapshot", p.name)
+        files = [(s, directory / f"{s.name}.state") for s in self.speculators if isinstance(s, Persistent)]
+        if isinstance(self.controller, Persistent):
+            files.append((self.controller, directory / "controller.state"))
+        for obj, path in files:
+            obj.load(path)
+        self.state_files = files
+
+    def snapshot(self) -> None:
+        """Save every component's learned state, each file atomically."""
+        for component, path in self.state_files:
+            component.save(path)
+        self._saved_at = self.clock()
+        self._unsaved = False
+
+    def close(self) -> None:
+        """End the requests in flight (not learned from: they did not finish) and save the state."""
+        for rid in list(self._live):
+            self._end(rid, finished=False)
+        if self.state_files:
+            self.snapshot()
+        for s in self.speculators:
+            s.close()
+
+
+def _forest(drafts: Sequence[Draft]) -> Draft:
+    """The chains of several requests as one draft whose roots are each chain's first node."""
+    tokens, parents, probs = [], [], []
+    start = 0
+    for d in drafts:
+        tokens.append(d.tokens)
+        parents.append(np.where(d.parents < 0, -1, d.parents + start))
+        probs.append(d.probs)
+        start += len(d)
+    return Draft(np.concatenate(tokens), np.concatenate(parents), np.concatenate(probs), "batch")

@@ -1,0 +1,93 @@
+"""adaspec's proposer inside a real vLLM engine on the bundled model (fp32 on CPU).
+
+Runs where vLLM is installed (``make test-vllm``, which sets ADASPEC_REQUIRE_VLLM=1 so that a missing vLLM fails
+instead of skipping). Each engine runs in its own process through the benchmark's worker.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("ADASPEC_REQUIRE_VLLM"):
+        raise RuntimeError("vLLM is required here (ADASPEC_REQUIRE_VLLM is set) but not installed")
+    pytest.skip("vLLM is not installed (pip install 'adaspec[vllm]')", allow_module_level=True)
+
+from adaspec.vllm.bench import CONFIGS, summarise  # noqa: E402
+
+PROMPTS = [
+    "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
+    "List the planets of the solar system, one per line.",
+    "Explain in two sentences what a hash map is.",
+    "Write a Rust function that reverses a string.",
+]
+
+
+def test_the_runner_layout_is_the_one_the_proposer_reads():
+    from adaspec.vllm.runner import check_layout
+
+    assert check_layout() == []
+
+
+def _items(max_tokens=40):
+    return [{"id": f"p{i}", "phase": 0, "phase_name": "test", "messages": [{"role": "user", "content": p}],
+             "prompt": None, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0, "user_turns": []}
+            for i, p in enumerate(PROMPTS)]
+
+
+def _run(tmp_path, name, config, items, passes, state_dir=None):
+    from adaspec.vllm.export import export
+
+    spec = {"model": str(export(None)), "speculative_config": CONFIGS[config], "passes": passes, "items": items}
+    spec_path, out_path = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
+    env.pop("ADASPEC_VLLM_STATE", None)
+    if state_dir is not None:
+        env["ADASPEC_VLLM_STATE"] = str(state_dir)
+    proc = subprocess.run([sys.executable, "-m", "adaspec.vllm.bench", str(spec_path), str(out_path)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out_path.read_text())["records"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("vllm")
+    items = _items()
+    plain = _run(tmp, "plain", "vllm", items, passes=2)
+    prompts = {}
+    for r in plain:
+        prompts.setdefault(r["id"].rsplit("/t", 1)[0], []).append(r["prompt_ids"]) if r["pass"] == 0 else None
+    replay = [dict(i, prompt_ids=prompts[i["id"]]) for i in items]
+    state = tmp / "state"
+    learned = _run(tmp, "adaspec", "adaspec", replay, passes=2, state_dir=state)
+    restarted = _run(tmp, "restarted", "adaspec", replay, passes=1, state_dir=state)
+    return plain, learned, restarted, state
+
+
+def test_greedy_outputs_equal_vllm_without_speculation(runs):
+    plain, learned, restarted, _ = runs
+    reference = {(r["pass"], r["id"]): r["output_ids"] for r in plain}
+    assert all(len(r["output_ids"]) > 0 for r in plain)
+    for r in learned + restarted:
+        assert r["output_ids"] == reference[(r["pass"], r["id"])], r["id"]
+
+
+def test_a_finished_requests_text_is_proposed_on_a_repeat(runs):
+    _, learned, _, _ = runs
+    first = summarise([r for r in learned if r["pass"] == 0], None)
+    second = summarise([r for r in learned if r["pass"] == 1], None)
+    assert second["mean_accepted"] > max(2.0, 1.5 * first["mean_accepted"]), (first, second)
+
+
+def test_the_learned_state_round_trips_through_a_restart(runs):
+    _, learned, restarted, state = runs
+    assert (state / "suffix.state").is_file() and (state / "controller.state").is_file()
+    cold = summarise([r for r in learned if r["pass"] == 0], None)
+    warm = summarise(restarted, None)
+    assert warm["mean_accepted"] > max(2.0, 1.5 * cold["mean_accepted"]), (cold, warm)
