@@ -2,8 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# vLLM lives in its own environment: it pins its own versions of much of what adaspec uses.
+VVENV ?= .venv-vllm
+VPY := $(VVENV)/bin/python
+VSTAMP := $(VVENV)/.installed
 
-.PHONY: setup demo test test-slow bench serve clean
+.PHONY: setup setup-vllm demo test test-vllm test-slow bench bench-vllm serve clean
 
 setup: $(STAMP)
 
@@ -22,8 +26,22 @@ $(STAMP): pyproject.toml tools/install-llama-cpp.sh
 demo: setup
 	$(VENV)/bin/adaspec demo
 
+# the whole suite, then the vLLM integration in its own environment (a missing vLLM fails there, never skips)
 test: setup
 	$(VENV)/bin/pytest -q
+	$(MAKE) test-vllm
+
+setup-vllm: $(VSTAMP)
+
+$(VSTAMP): pyproject.toml tools/install-llama-cpp.sh tools/install-vllm.sh
+	tools/install-vllm.sh $(VVENV)
+	touch $(VSTAMP)
+
+test-vllm: setup-vllm
+	ADASPEC_REQUIRE_VLLM=1 $(VVENV)/bin/pytest -q tests/test_vllm.py tests/test_vllm_service.py
+
+bench-vllm: setup-vllm
+	$(VVENV)/bin/adaspec bench --engine vllm --passes 2
 
 test-slow: setup
 	$(PY) -m pip install -q -e '.[test,models]'
@@ -36,4 +54,4 @@ serve: setup
 	$(VENV)/bin/adaspec serve --host 127.0.0.1 --port 8000
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VVENV) build *.egg-info

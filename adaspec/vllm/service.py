@@ -82,15 +82,17 @@ class _Live:
 
 def default_parts(max_draft: int) -> tuple[list[Speculator], NamespacedController]:
     """The suffix speculator and prompt lookup under one confidence-aware controller per namespace, priced by
-    the batch's step time; chains only (vLLM verifies no trees)."""
+    the batch's step time. vLLM verifies chains only, so the suffix speculator spends its budget on depth, and
+    it proposes every node down to the budget: where the whole draft ends is the controller's call, from the
+    step's measured cost, not a fixed probability floor (on vLLM's CPU steps an extra token costs ~3% of a step)."""
     from ..speculators.ngram import PromptLookupSpeculator
-    from ..speculators.suffix import SuffixSpeculator
+    from ..speculators.suffix import SuffixConfig, SuffixSpeculator
 
     k = max(1, int(max_draft))
     config = AdaptiveConfig(initial_budget=min(8, k), min_budget=min(2, k), max_budget=k, trees=False)
     costs = BatchCosts()
     controller = NamespacedController(lambda c: AdaptiveController(config, costs=c), costs=costs)
-    return [SuffixSpeculator(), PromptLookupSpeculator()], controller
+    return [SuffixSpeculator(SuffixConfig(tree=False, min_prob=0.0)), PromptLookupSpeculator()], controller
 
 
 class SpeculationService:
