@@ -91,3 +91,61 @@ def test_the_learned_state_round_trips_through_a_restart(runs):
     cold = summarise([r for r in learned if r["pass"] == 0], None)
     warm = summarise(restarted, None)
     assert warm["mean_accepted"] > max(2.0, 1.5 * cold["mean_accepted"]), (cold, warm)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_vllm_serve_answers_the_openai_client_and_learns_per_namespace(tmp_path):
+    import httpx
+    from openai import OpenAI
+
+    from adaspec.bench.load import wait_healthy
+
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w")
+    env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
+    server = subprocess.Popen([sys.executable, "-m", "adaspec", "vllm-serve", "--state", str(tmp_path / "state"),
+                               "--port", str(port), "--host", "127.0.0.1", "--dtype", "float32",
+                               "--max-model-len", "2048", "--kv-cache-memory-bytes", str(1 << 30),
+                               "--enforce-eager", "--served-model-name", "smollm2"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def alive():
+        if server.poll() is not None:
+            raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
+
+    try:
+        assert wait_healthy(url, timeout=300, interval=1.0, check=alive)
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+
+        def ask(namespace):
+            r = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=48,
+                temperature=0, extra_body={"vllm_xargs": {"adaspec_namespace": namespace}})
+            return r.choices[0].message.content
+
+        def accepted():
+            text = httpx.get(url + "/metrics", timeout=10).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("vllm:spec_decode_num_accepted_tokens_total"))
+
+        first = ask("team-a")
+        cold = accepted()
+        other = ask("team-b")  # another namespace has not seen the answer
+        after_other = accepted()
+        again = ask("team-a")
+        after_again = accepted()
+        assert first == other == again and len(first) > 20
+        assert after_again - after_other > 20  # the repeat in team-a drafts the earlier answer
+        assert after_again - after_other > 2 * (after_other - cold)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
