@@ -188,17 +188,18 @@ class Engine:
         ctx, st = req.ctx, req.stats
         room = min(self.model.max_context - req.cache.length - 1, req.params.max_tokens - len(req.output) - 1)
         # 1. propose
-        budgets = self.controller.plan(ctx, [s.name for s in self.speculators])
+        plan = self.controller.plan(ctx, [s.name for s in self.speculators])
         proposals: dict[str, Draft] = {}
         spent: dict[str, float] = {}
         for s in self.speculators:
-            b = min(int(budgets.get(s.name, 0)), room)
+            b = min(int(plan.budgets.get(s.name, 0)), room)
             if b > 0:
                 t = self.clock()
                 proposals[s.name] = s.propose(ctx, b)
                 spent[s.name] = self.clock() - t
-        draft = self.controller.choose(ctx, proposals) if proposals else Draft.empty()
-        draft = draft.prefix(room)
+        if proposals:
+            plan = self.controller.choose(ctx, plan, proposals, spent)
+        draft = plan.draft.prefix(room)
         # 2. verify
         t = self.clock()
         out = self.model.forward(req.cache, [ctx.tokens[-1]] + draft.tokens.tolist(),
@@ -217,7 +218,7 @@ class Engine:
         # 4. observe, 5. control
         for s in self.speculators:
             s.observe(ctx, outcome)
-        self.controller.observe(StepFeedback(ctx, proposals, spent, draft, outcome, verify_s))
+        self.controller.observe(StepFeedback(ctx, plan, proposals, spent, outcome, verify_s))
         if req.cache.length + 1 >= self.model.max_context and not req.finished:
             req.finish_reason = "length"
         return added

@@ -92,14 +92,16 @@ def drive(ctrl: Controller, specs: list[Scripted], truth: Truth, cost, steps: in
     ctx = DecodeContext("req-0", "default", [truth[0]], 0)
     pos = 1  # position of the next token to emit
     for _ in range(steps):
-        budgets = ctrl.plan(ctx, [s.name for s in specs])
-        proposals = {s.name: s.propose(pos, budgets[s.name]) for s in specs if budgets.get(s.name, 0) > 0}
+        plan = ctrl.plan(ctx, [s.name for s in specs])
+        proposals = {s.name: s.propose(pos, plan.budgets[s.name]) for s in specs if plan.budgets.get(s.name, 0) > 0}
         spent = {n: propose_s for n in proposals}
-        draft = ctrl.choose(ctx, proposals) if proposals else Draft.empty()
+        if proposals:
+            plan = ctrl.choose(ctx, plan, proposals, spent)
+        draft = plan.draft
         outcome = greedy_verify(draft, truth, pos)
         verify_s = cost(1 + len(draft)) * float(np.exp(noise * rng.standard_normal()))
         ctx.tokens.extend(outcome.emitted)
-        ctrl.observe(StepFeedback(ctx, proposals, spent, draft, outcome, verify_s))
+        ctrl.observe(StepFeedback(ctx, plan, proposals, spent, outcome, verify_s))
         pos += len(outcome.emitted)
         run.chosen.append(draft)
         run.positions.append(pos - len(outcome.emitted))

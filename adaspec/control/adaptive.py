@@ -10,17 +10,17 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..speculators.base import DecodeContext, Draft
-from .base import Controller, StepFeedback
+from .base import Controller, StepFeedback, StepPlan
 from .calibration import CalibrationConfig, Calibrator
 from .costs import CostConfig, CostModel
 
-__all__ = ["AdaptiveConfig", "AdaptiveController", "best_prefix", "merge_drafts", "normalise_siblings"]
+__all__ = ["AdaptiveConfig", "AdaptiveController", "AdaptivePlan", "best_prefix", "merge_drafts", "normalise_siblings"]
 
 STATE_VERSION = 1
 _EMPTY = Draft.empty()
@@ -180,17 +180,16 @@ class _SpecState:
     credit: float = 0.0  # seconds of exploration earned while skipped
 
 
-@dataclass
-class _Pending:
-    """What plan/choose decided for the step in flight of one request."""
+@dataclass(frozen=True)
+class AdaptivePlan(StepPlan):
+    """A step's plan with what ``choose`` and ``observe`` need of the decisions before them."""
 
-    budgets: dict[str, int] = field(default_factory=dict)
+    probes: int = 0  # speculators asked on exploration credit
     # name -> its best prefix alone: (E, nodes, rate)
-    standalone: dict[str, tuple[float, int, float]] = field(default_factory=dict)
+    standalone: Mapping[str, tuple[float, int, float]] = field(default_factory=dict)
     empty_rate: float = 0.0  # rate of verifying no draft, at this step's sunk cost
     best_rate: float = 0.0  # rate of the chosen candidate
     choose_s: float = 0.0  # time choose() took
-    probes: int = 0
 
 
 @dataclass
@@ -282,7 +281,6 @@ class AdaptiveController(Controller):
         self.costs = costs or CostModel(self.config.costs)
         self.calibrator = calibrator or Calibrator(self.config.calibration)
         self._specs: dict[str, _SpecState] = {}
-        self._pending: dict[str, _Pending] = {}
         self._requests: OrderedDict[str, _RequestSummary] = OrderedDict()
         self._lock = threading.RLock()
         self._overhead = 0.0  # running seconds of controller work per proposal considered
@@ -290,7 +288,7 @@ class AdaptiveController(Controller):
 
     # -- protocol ------------------------------------------------------------------------------
 
-    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
+    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> AdaptivePlan:
         t0 = self.timer()
         with self._lock:
             cfg = self.config
@@ -308,7 +306,7 @@ class AdaptiveController(Controller):
                 rate = (1.0 + st.gain) / max(t, 1e-12)
                 if rate > best_rate:
                     best, best_rate, step_s = name, rate, t
-            pend = _Pending()
+            probes = 0
             out: dict[str, int] = {}
             for name, st in states:
                 # others join when the share of throughput they add, over the step, covers their cost
@@ -318,25 +316,19 @@ class AdaptiveController(Controller):
                     if st.credit >= pcost[name]:
                         ask = True
                         st.probes += 1
-                        pend.probes += 1
+                        probes += 1
                 if ask:
                     st.credit = 0.0
-                    out[name] = budgets[name]
-                    pend.budgets[name] = budgets[name]
-                else:
-                    out[name] = 0
-            self._pending[ctx.request_id] = pend
-            if len(self._pending) > 4 * cfg.max_requests:  # requests dropped between plan and observe
-                self._pending.pop(next(iter(self._pending)))
+                out[name] = budgets[name] if ask else 0
             self._summary(ctx.request_id).controller_s += self.timer() - t0
-            return out
+            return AdaptivePlan(out, probes=probes)
 
-    def choose(self, ctx: DecodeContext, proposals: Mapping[str, Draft]) -> Draft:
+    def choose(self, ctx: DecodeContext, plan: StepPlan, proposals: Mapping[str, Draft],
+               propose_seconds: Mapping[str, float]) -> AdaptivePlan:
         t0 = self.timer()
         with self._lock:
-            pend = self._pending.setdefault(ctx.request_id, _Pending())
-            sunk = sum(self.costs.propose_cost(n, pend.budgets.get(n, len(d))) + self._overhead
-                       for n, d in proposals.items())
+            # the proposals' time is spent: what the engine measured, plus the controller's own per proposal
+            sunk = sum(propose_seconds.get(n, 0.0) + self._overhead for n in proposals)
             cal: dict[str, Draft] = {}
             for name, d in proposals.items():
                 if len(d):
@@ -347,15 +339,16 @@ class AdaptiveController(Controller):
             chain_c, tree_c = self.costs.verify_costs(upto)
             _, _, _, best_rate = best_prefix(_EMPTY, chain_c, tree_c, sunk)
             best = _EMPTY
-            pend.empty_rate = best_rate
+            empty_rate = best_rate
+            standalone: dict[str, tuple[float, int, float]] = {}
             for name, d in cal.items():
                 order, k, e, rate = best_prefix(d, chain_c, tree_c, sunk)
-                pend.standalone[name] = (e, k, rate)
+                standalone[name] = (e, k, rate)
                 if rate > best_rate:
                     best, best_rate = _subset(d, order[:k]), rate
             # merge the proposals that are worth verifying on their own (a node that does not pay for
             # itself alone seldom pays as a sibling: each extra node costs about the same)
-            useful = {n: d for n, d in cal.items() if pend.standalone[n][1] > 0}
+            useful = {n: d for n, d in cal.items() if standalone[n][1] > 0}
             if self.config.merge and len(useful) > 1:
                 merged, owners = merge_drafts(list(useful.values()))
                 if not self.config.trees:
@@ -370,40 +363,41 @@ class AdaptiveController(Controller):
                         mask |= owners[i] if owners is not None else (1 << len(names)) - 1
                     source = "+".join(n for b, n in enumerate(names) if mask >> b & 1)
                     best, best_rate = _subset(merged, order[:k], source), rate
-            pend.best_rate = best_rate
-            pend.choose_s = self.timer() - t0
-            self._summary(ctx.request_id).controller_s += pend.choose_s
-            return best
+            choose_s = self.timer() - t0
+            self._summary(ctx.request_id).controller_s += choose_s
+            base = plan if isinstance(plan, AdaptivePlan) else AdaptivePlan(plan.budgets)
+            return replace(base, draft=best, standalone=standalone, empty_rate=empty_rate, best_rate=best_rate,
+                           choose_s=choose_s)
 
     def observe(self, feedback: StepFeedback) -> None:
         t0 = self.timer()
         with self._lock:
             cfg = self.config
             ctx, chosen, outcome = feedback.ctx, feedback.chosen, feedback.outcome
-            pend = self._pending.pop(ctx.request_id, None) or _Pending()
+            plan = feedback.plan if isinstance(feedback.plan, AdaptivePlan) else AdaptivePlan(feedback.plan.budgets)
             self.steps += 1
             self.costs.observe_verify(feedback.n_verified, feedback.verify_seconds, tree=not chosen.is_chain)
             for name, secs in feedback.propose_seconds.items():
                 d = feedback.proposals.get(name)
-                self.costs.observe_propose(name, pend.budgets.get(name, len(d) if d is not None else 1), secs)
+                self.costs.observe_propose(name, plan.budgets.get(name, len(d) if d is not None else 1), secs)
             t_cal = self.timer()
             for name, d in feedback.proposals.items():
                 if len(d):
                     self.calibrator.observe(name, d, outcome.emitted)
             if feedback.proposals:
-                per = (pend.choose_s + self.timer() - t_cal) / len(feedback.proposals)
+                per = (plan.choose_s + self.timer() - t_cal) / len(feedback.proposals)
                 self._overhead += (0.05 if self._overhead else 1.0) * (per - self._overhead)
             for name, d in feedback.proposals.items():
                 st = self._state(name)
                 st.queries += 1
                 a = max(cfg.smoothing, 1.0 / st.queries)  # a running mean until the average has enough steps
-                e, k, _ = pend.standalone.get(name, (0.0, 0, 0.0))
+                e, k, _ = plan.standalone.get(name, (0.0, 0, 0.0))
                 st.gain += a * (e - st.gain)
                 st.size += a * (k - st.size)
-                if pend.best_rate > 0:  # share of this step's best rate lost without this speculator
-                    without = max([pend.empty_rate] + [r for n, (_, _, r) in pend.standalone.items() if n != name])
-                    st.marginal += a * (max(0.0, 1.0 - without / pend.best_rate) - st.marginal)
-                b = pend.budgets.get(name, self._budget(st))
+                if plan.best_rate > 0:  # share of this step's best rate lost without this speculator
+                    without = max([plan.empty_rate] + [r for n, (_, _, r) in plan.standalone.items() if n != name])
+                    st.marginal += a * (max(0.0, 1.0 - without / plan.best_rate) - st.marginal)
+                b = plan.budgets.get(name, self._budget(st))
                 if len(d) >= b and k >= len(d):  # the budget cut a draft that was worth verifying in full
                     st.budget = min(cfg.max_budget, 1.5 * st.budget + 1)
                 else:
@@ -419,7 +413,7 @@ class AdaptiveController(Controller):
             s.realised_accepted += outcome.num_accepted
             s.verify_s += feedback.verify_seconds
             s.propose_s += sum(feedback.propose_seconds.values())
-            s.probes += pend.probes
+            s.probes += plan.probes
             s.controller_s += self.timer() - t0
 
     # -- reporting -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from typing import Callable, Mapping, Sequence
 from ..speculators.base import DecodeContext, Draft
 from ..store import StoreCorruptError, restore, save_blob
 from .adaptive import AdaptiveController
-from .base import Controller, StepFeedback
+from .base import Controller, StepFeedback, StepPlan
 from .costs import CostModel
 
 STATE_KIND = "adaspec.controller"
@@ -68,7 +68,7 @@ class NamespacedController(Controller):
 
     # -- protocol ------------------------------------------------------------------------------
 
-    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
+    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> StepPlan:
         with self._lock:
             self._request_ns[ctx.request_id] = ctx.namespace
             self._request_ns.move_to_end(ctx.request_id)
@@ -76,8 +76,9 @@ class NamespacedController(Controller):
                 self._request_ns.popitem(last=False)
         return self.controller(ctx.namespace).plan(ctx, names)
 
-    def choose(self, ctx: DecodeContext, proposals: Mapping[str, Draft]) -> Draft:
-        return self.controller(ctx.namespace).choose(ctx, proposals)
+    def choose(self, ctx: DecodeContext, plan: StepPlan, proposals: Mapping[str, Draft],
+               propose_seconds: Mapping[str, float]) -> StepPlan:
+        return self.controller(ctx.namespace).choose(ctx, plan, proposals, propose_seconds)
 
     def observe(self, feedback: StepFeedback) -> None:
         self.controller(feedback.ctx.namespace).observe(feedback)
