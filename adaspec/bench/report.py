@@ -13,11 +13,14 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..files import write_atomic
+
+if TYPE_CHECKING:
+    from ..engine import RequestStats
 
 
 @dataclass
@@ -57,7 +60,7 @@ class RequestRecord:
         return asdict(self)
 
     @classmethod
-    def from_stats(cls, config: str, item: Any, index: int, stats: Any, request_id: str | None = None,
+    def from_stats(cls, config: str, item: Any, index: int, stats: RequestStats, request_id: str | None = None,
                    step_emitted: Sequence[int] | None = None, step_drafted: Sequence[int] | None = None,
                    matches_reference: bool | None = None) -> "RequestRecord":
         """From a work item (``id, phase, phase_name, domain, scenario``) and the engine's ``RequestStats``.
@@ -65,15 +68,15 @@ class RequestRecord:
         The per-step lists (for the projection) are the stats' own unless given.
         """
         if step_emitted is None:
-            step_emitted = getattr(stats, "step_emitted", ())
+            step_emitted = stats.step_emitted
         if step_drafted is None:
-            step_drafted = getattr(stats, "step_drafted", ())
+            step_drafted = stats.step_drafted
         return cls(config, request_id or item.id, index, item.phase, item.phase_name, item.domain, item.scenario,
                    prompt_tokens=stats.prompt_tokens, output_tokens=stats.output_tokens, wall_seconds=stats.wall_s,
                    ttft_seconds=stats.prefill_s, forwards=stats.forwards, drafted=stats.drafted,
                    accepted=stats.accepted, speculator_mix=dict(stats.chosen), matches_reference=matches_reference,
                    step_emitted=list(step_emitted), step_drafted=list(step_drafted),
-                   overhead_share=getattr(stats, "overhead_share", None))
+                   overhead_share=stats.overhead_share)
 
     @classmethod
     def from_peer(cls, item: Any, index: int, result: Any, request_id: str | None = None) -> "RequestRecord":

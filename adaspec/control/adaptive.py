@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..speculators.base import DecodeContext, Draft
+from ..stats import StepCounts
 from .base import Controller, StepFeedback, StepPlan
 from .calibration import CalibrationConfig, Calibrator
 from .costs import CostConfig, CostModel
@@ -193,25 +194,18 @@ class AdaptivePlan(StepPlan):
 
 
 @dataclass
-class _RequestSummary:
-    steps: int = 0
-    speculated_steps: int = 0
-    chosen: Counter = field(default_factory=Counter)
-    verified_tokens: int = 0  # pending + draft tokens over all verify forwards
-    emitted: int = 0
-    predicted_accepted: float = 0.0
-    realised_accepted: int = 0
-    verify_s: float = 0.0
-    propose_s: float = 0.0
+class _RequestSummary(StepCounts):
+    """The steps of one request as the controller saw them (emitted tokens include a stop token)."""
+
     controller_s: float = 0.0
     probes: int = 0
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "speculated_steps": self.speculated_steps,
-                "empty_steps": self.steps - self.speculated_steps, "chosen": dict(self.chosen),
-                "verified_tokens": self.verified_tokens, "emitted": self.emitted,
-                "mean_accepted": self.emitted / self.steps if self.steps else 0.0,
-                "predicted_accepted": self.predicted_accepted, "realised_accepted": self.realised_accepted,
+        return {"steps": self.forwards, "speculated_steps": self.draft_steps,
+                "empty_steps": self.forwards - self.draft_steps, "chosen": dict(self.chosen),
+                "verified_tokens": self.forwards + self.drafted, "emitted": self.output_tokens,
+                "mean_accepted": self.mean_accepted,
+                "predicted_accepted": self.predicted_accepted, "realised_accepted": self.accepted,
                 "verify_s": self.verify_s, "propose_s": self.propose_s, "controller_s": self.controller_s,
                 "probes": self.probes}
 
@@ -404,15 +398,9 @@ class AdaptiveController(Controller):
                     st.budget += 0.2 * (k + max(2, k // 2) - st.budget)
                 st.budget = min(max(st.budget, cfg.min_budget), cfg.max_budget)
             s = self._summary(ctx.request_id)
-            s.steps += 1
-            s.speculated_steps += bool(len(chosen))
-            s.chosen[(chosen.source or "unnamed") if len(chosen) else "none"] += 1
-            s.verified_tokens += feedback.n_verified
-            s.emitted += len(outcome.emitted)
-            s.predicted_accepted += chosen.score if len(chosen) else 0.0
-            s.realised_accepted += outcome.num_accepted
-            s.verify_s += feedback.verify_seconds
-            s.propose_s += sum(feedback.propose_seconds.values())
+            s.count_step(chosen.origin, len(chosen), outcome.num_accepted, chosen.score,
+                         sum(feedback.propose_seconds.values()), feedback.verify_seconds)
+            s.output_tokens += len(outcome.emitted)
             s.probes += plan.probes
             s.controller_s += self.timer() - t0
 

@@ -32,6 +32,8 @@ from typing import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from ..stats import StepCounts
+
 PREFIX = "adaspec:"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -41,16 +43,10 @@ _LOOKAHEAD_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass
-class StatsCursor:
+class StatsCursor(StepCounts):
     """The part of a request's ``RequestStats`` already counted, so each step adds only its difference."""
 
-    output_tokens: int = 0
-    forwards: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    draft_steps: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
-    chosen: dict[str, int] = field(default_factory=dict)
 
 
 class _LearnedStateCollector:
@@ -144,4 +140,5 @@ class ServerMetrics:
         cur.output_tokens, cur.forwards, cur.drafted = stats.output_tokens, stats.forwards, stats.drafted
         cur.accepted, cur.draft_steps = stats.accepted, stats.draft_steps
         cur.accepted_per_pos = list(stats.accepted_per_pos)
-        cur.chosen = dict(stats.chosen)
+        cur.chosen.clear()
+        cur.chosen.update(stats.chosen)

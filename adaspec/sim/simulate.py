@@ -16,15 +16,15 @@ import argparse
 import json
 import math
 import sys
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 from ..control.base import Controller, FixedController
 from ..control.costs import parse_cost_curve
-from ..engine import Engine
+from ..engine import Engine, RequestStats
 from ..speculators.base import Speculator
+from ..stats import StepCounts
 from ..verify import SamplingParams
 from .replay import (CPU_LLAMACPP_COSTS, ChargedSpeculator, CostCurve, ReplayTarget, Trace, VirtualClock,
                      compact_vocabulary, load_traces)
@@ -87,28 +87,19 @@ def default_setups(lookahead: int = 8, names: Sequence[str] | None = None) -> li
     return setups
 
 
-@dataclass
-class SimResult:
-    """Totals of one setup over the replayed traces (times are projected, from the cost curve)."""
+@dataclass(kw_only=True)
+class SimResult(StepCounts):
+    """Totals of one setup over the replayed traces (times are projected, from the cost curve; ``forwards``
+    include each request's prefill, as the engine counts them)."""
 
     setup: str
     traces: int = 0
-    output_tokens: int = 0
-    forwards: int = 0  # prefill included, as RequestStats counts them
     decode_tokens: int = 0  # tokens after the first of each request
     decode_s: float = 0.0  # projected seconds after prefill: forwards + proposals
     plain_decode_s: float = 0.0  # the same tokens decoded without speculation: decode_tokens x c(1)
-    drafted: int = 0
-    accepted: int = 0
     mismatches: int = 0  # outputs that differ from the trace (must be 0: decoding is lossless)
-    chosen: Counter = field(default_factory=Counter)
     by_domain: dict[str, "SimResult"] = field(default_factory=dict)
     by_quarter: list["SimResult"] = field(default_factory=list)  # the traces in order, in four parts: learning
-
-    @property
-    def mean_accepted(self) -> float:
-        """Output tokens per target forward (Spec-Bench's mean accepted tokens; plain = 1.00)."""
-        return self.output_tokens / self.forwards if self.forwards else 0.0
 
     @property
     def speedup(self) -> float:
@@ -118,18 +109,14 @@ class SimResult:
     def tok_s(self) -> float:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
-    def add(self, n_out: int, forwards: int, decode_s: float, plain_s: float, drafted: int, accepted: int,
-            mismatch: bool, chosen: Mapping[str, int]) -> None:
+    def add_request(self, stats: RequestStats, plain_s: float, mismatch: bool) -> None:
+        """One replayed request: its engine statistics, its plain decoding time, whether its output differs."""
         self.traces += 1
-        self.output_tokens += n_out
-        self.forwards += forwards
-        self.decode_tokens += max(0, n_out - 1)
-        self.decode_s += decode_s
+        self.add(stats)
+        self.decode_tokens += max(0, stats.output_tokens - 1)
+        self.decode_s += stats.wall_s - stats.prefill_s
         self.plain_decode_s += plain_s
-        self.drafted += drafted
-        self.accepted += accepted
         self.mismatches += int(mismatch)
-        self.chosen.update(chosen)
 
     def to_dict(self) -> dict:
         d = {"setup": self.setup, "traces": self.traces, "output_tokens": self.output_tokens,
@@ -166,19 +153,17 @@ def simulate(traces: Sequence[Trace], costs: Mapping[int, float] | Callable[[int
         pc = propose_costs or {}
         wrapped = [ChargedSpeculator(s, clock, pc[s.name]) if pc.get(s.name) else s for s in specs]
         engine = Engine(target, None, wrapped, controller, clock=clock)
-        res = SimResult(setup.name)
-        res.by_quarter = [SimResult(f"{setup.name}[{q}/4]") for q in range(1, 5)]
+        res = SimResult(setup=setup.name)
+        res.by_quarter = [SimResult(setup=f"{setup.name}[{q}/4]") for q in range(1, 5)]
         for i, tr in enumerate(usable):
             params = SamplingParams(max_tokens=len(tr.output_ids), temperature=0.0, ignore_eos=True)
             ns = tr.domain if namespace_by_domain else "default"
             g = engine.generate(list(tr.prompt_ids), params, request_id=f"{setup.name}/{tr.id}/{i}", namespace=ns)
-            st = g.stats
-            n_out = len(g.tokens)
-            args = (n_out, st.forwards, st.wall_s - st.prefill_s, max(0, n_out - 1) * c1, st.drafted, st.accepted,
-                    list(g.tokens) != list(tr.output_ids), st.chosen)
-            for r in (res, res.by_domain.setdefault(tr.domain, SimResult(tr.domain)),
+            plain_s = max(0, len(g.tokens) - 1) * c1
+            mismatch = list(g.tokens) != list(tr.output_ids)
+            for r in (res, res.by_domain.setdefault(tr.domain, SimResult(setup=tr.domain)),
                       res.by_quarter[min(3, 4 * i // max(1, len(usable)))]):
-                r.add(*args)
+                r.add_request(g.stats, plain_s, mismatch)
             if progress is not None:
                 progress(setup.name, i + 1)
         engine.close()

@@ -66,6 +66,11 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def origin(self) -> str:
+        """Whose draft this is, for statistics: its source ("unnamed" without one), "none" when it is empty."""
+        return (self.source or "unnamed") if len(self) else "none"
+
     @cached_property
     def is_chain(self) -> bool:
         return bool(np.array_equal(self.parents, np.arange(-1, len(self) - 1)))
