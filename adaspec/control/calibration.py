@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..speculators.base import Draft
+from ..speculators.confidence import AcceptanceCounts, shrunk_rate
 
 __all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes",
            "pool_adjacent_violators"]
@@ -101,11 +102,9 @@ def isotonic_rows(y: np.ndarray, w: np.ndarray) -> np.ndarray:
 class _Table:
     """Decayed counts of one speculator: [depth buckets, confidence bins]."""
 
-    hit: np.ndarray
-    tried: np.ndarray
+    slow: AcceptanceCounts  # decayed with ``half_life``
+    fast: AcceptanceCounts  # the same outcomes, decayed with ``fast_half_life``
     conf: np.ndarray  # decayed sum of raw confidences, for the prior mean and the reliability summary
-    fast_hit: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the same counts, decayed fast
-    fast_tried: np.ndarray = field(default_factory=lambda: np.zeros(0))
     calibrated: np.ndarray | None = None  # cached estimates, None when never fitted
     steps: int = 0
     changes: int = 0  # cells whose history was dropped after a detected change
@@ -122,7 +121,7 @@ class Calibrator:
     Model. For each speculator the map (raw confidence, depth) -> acceptance
     probability is a table of cells, one per (depth bucket, confidence bin). A
     cell holds exponentially decayed counts of accepted ``a`` and tried ``t`` nodes
-    and the estimate is the Beta-posterior mean
+    and the estimate is the Beta-posterior mean (:mod:`adaspec.speculators.confidence`)
 
         p = (a + k * m) / (t + k)
 
@@ -168,8 +167,8 @@ class Calibrator:
         t = self._tables.get(name)
         if t is None:
             d, b = self.shape
-            t = _Table(np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)),
-                       pred_sum=np.zeros(b), pred_hit=np.zeros(b), pred_n=np.zeros(b))
+            t = _Table(AcceptanceCounts((d, b), self.config.prior_strength), AcceptanceCounts((d, b), 0.0),
+                       np.zeros((d, b)), pred_sum=np.zeros(b), pred_hit=np.zeros(b), pred_n=np.zeros(b))
             self._tables[name] = t
         return t
 
@@ -181,14 +180,15 @@ class Calibrator:
     def _fit(self, t: _Table) -> np.ndarray:
         """Posterior means with the hierarchical prior, made monotone in confidence per depth bucket."""
         k, eps = self.config.prior_strength, self.config.floor
-        raw_mean = np.where(t.tried[0] > 1e-9, t.conf[0] / np.maximum(t.tried[0], 1e-9), self._centers)
-        out = np.empty_like(t.hit)
+        tried = t.slow.tried
+        raw_mean = np.where(tried[0] > 1e-9, t.conf[0] / np.maximum(tried[0], 1e-9), self._centers)
+        out = np.empty_like(tried)
         prior = np.clip(raw_mean, eps, 1 - eps)
         for d in range(out.shape[0]):  # each depth's prior is the fit of the depth above
-            post = (t.hit[d] + k * prior) / (t.tried[d] + k)
+            post = t.slow.rate(prior, d)
             if np.any(post[1:] < post[:-1]):
                 # cells with data dominate the monotone fit; cells without only conform to them
-                post = isotonic_rows(post[None], t.tried[d][None] + 1e-3)[0]
+                post = isotonic_rows(post[None], tried[d][None] + 1e-3)[0]
             prior = out[d] = np.clip(post, eps, 1 - eps)
         return out
 
@@ -228,20 +228,17 @@ class Calibrator:
         t.pred_sum += np.bincount(pb, pred, nb)
         t.pred_hit += np.bincount(pb, hit.astype(np.float64), nb)
         t.pred_n += np.bincount(pb, None, nb)
-        for arr in (t.hit, t.tried, t.conf):
-            arr *= self._decay
-        t.fast_hit *= self._fast_decay
-        t.fast_tried *= self._fast_decay
+        t.slow.scale(self._decay)
+        t.conf *= self._decay
+        t.fast.scale(self._fast_decay)
         di, bi = self._cells(conf, depth)
-        flat = di * t.hit.shape[1] + bi
-        size = t.hit.size
-        hits = np.bincount(flat, hit.astype(np.float64), size).reshape(t.hit.shape)
-        tried = np.bincount(flat, None, size).reshape(t.hit.shape)
-        t.hit += hits
-        t.tried += tried
-        t.fast_hit += hits
-        t.fast_tried += tried
-        t.conf += np.bincount(flat, _clean(conf), size).reshape(t.hit.shape)
+        shape = t.conf.shape
+        flat = di * shape[1] + bi
+        hits = np.bincount(flat, hit.astype(np.float64), t.conf.size).reshape(shape)
+        tried = np.bincount(flat, None, t.conf.size).reshape(shape)
+        t.slow.add(slice(None), hits, tried)
+        t.fast.add(slice(None), hits, tried)
+        t.conf += np.bincount(flat, _clean(conf), t.conf.size).reshape(shape)
         t.steps += 1
         self._detect_change(t, di, bi)
         return len(idx)
@@ -255,20 +252,20 @@ class Calibrator:
         followed within ~10 steps instead of ~a half-life.
         """
         c = self.config
-        n = t.fast_tried[di, bi]
+        n = t.fast.tried[di, bi]
         ok = n >= c.change_min_count
         if not ok.any():
             return
         di, bi, n = di[ok], bi[ok], n[ok]
-        f = t.fast_hit[di, bi] / n
-        slow = (t.hit[di, bi] + 0.5) / (t.tried[di, bi] + 1.0)
+        f = t.fast.hits[di, bi] / n
+        slow = shrunk_rate(t.slow.hits[di, bi], t.slow.tried[di, bi], 0.5, 1.0)
         changed = np.abs(f - slow) > c.change_z * np.sqrt(slow * (1 - slow) / n)
         if changed.any():
             di, bi = di[changed], bi[changed]
-            scale = t.fast_tried[di, bi] / np.maximum(t.tried[di, bi], 1e-12)
+            scale = t.fast.tried[di, bi] / np.maximum(t.slow.tried[di, bi], 1e-12)
             t.conf[di, bi] *= scale
-            t.hit[di, bi] = t.fast_hit[di, bi]
-            t.tried[di, bi] = t.fast_tried[di, bi]
+            t.slow.hits[di, bi] = t.fast.hits[di, bi]
+            t.slow.tried[di, bi] = t.fast.tried[di, bi]
             t.changes += int(changed.sum())
             t.calibrated = None  # refit now
 
@@ -297,7 +294,7 @@ class Calibrator:
         t = self._table(name)
         calibrated = self._fit(t)
         edges = self.config.conf_edges
-        tried, hit, conf = t.tried.sum(0), t.hit.sum(0), t.conf.sum(0)
+        tried, hit, conf = t.slow.tried.sum(0), t.slow.hits.sum(0), t.conf.sum(0)
         return [{"bin": [edges[b], edges[b + 1]], "weight": float(tried[b]), "stated": float(conf[b] / tried[b]),
                  "realised": float(hit[b] / tried[b]), "calibrated_depth1": float(calibrated[0, b])}
                 for b in range(len(edges) - 1) if tried[b] > 1e-6]
@@ -311,7 +308,8 @@ class Calibrator:
     # -- persistence ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {name: {"hit": t.hit.tolist(), "tried": t.tried.tolist(), "conf": t.conf.tolist(), "steps": t.steps}
+        return {name: {"hit": t.slow.hits.tolist(), "tried": t.slow.tried.tolist(), "conf": t.conf.tolist(),
+                       "steps": t.steps}
                 for name, t in self._tables.items()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -338,7 +336,7 @@ class Calibrator:
             tables[name] = (arrs, steps)
         for name, (arrs, steps) in tables.items():
             t = self._table(name)
-            t.hit, t.tried, t.conf = arrs
-            t.fast_hit, t.fast_tried = np.zeros(shape), np.zeros(shape)
+            t.slow.hits, t.slow.tried, t.conf = arrs
+            t.fast.hits, t.fast.tried = np.zeros(shape), np.zeros(shape)
             t.steps = steps
             t.calibrated, t.fitted_at = None, -1

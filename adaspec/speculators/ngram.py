@@ -11,10 +11,9 @@ there. Worked example with ``max_ngram=3``::
                                      tokens already in the context)
 
 Confidence (``Draft.probs``): one conditional acceptance probability per match
-length ``n``, the same for every token of the draft. It starts at a fixed
-prior (:attr:`PromptLookupConfig.prior`) and is then counted from this speculator's own verified drafts:
-``p_n = (accepted_n + s * prior_n) / (tried_n + s)`` where ``tried`` counts
-draft tokens whose parent was accepted and ``s`` is the prior's strength.
+length ``n``, the same for every token of the draft: the prior
+(:attr:`PromptLookupConfig.prior`) shrunk toward what this speculator's own verified drafts showed
+(:mod:`.confidence`; ``tried`` counts draft tokens whose parent was accepted).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
+from .confidence import AcceptanceCounts
 
 _GATHER_MAX = 256  # candidates above this are narrowed token by token before one vectorised gather
 
@@ -92,8 +92,7 @@ class PromptLookupSpeculator(SpeculatorBase):
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {c.min_ngram}, {c.max_ngram}")
         if not c.prior or not all(0.0 < p < 1.0 for p in c.prior):
             raise ValueError("prior must be a non-empty sequence of probabilities in (0, 1)")
-        self._tried = np.zeros(c.max_ngram + 1)
-        self._accepted = np.zeros(c.max_ngram + 1)
+        self._counts = AcceptanceCounts(c.max_ngram + 1, c.prior_strength)  # per match length
 
     # -- protocol ------------------------------------------------------------------------------
 
@@ -110,8 +109,7 @@ class PromptLookupSpeculator(SpeculatorBase):
         d = outcome.draft
         if d.source == self.name and len(d) and 1 <= d.match_len <= self.config.max_ngram:
             a = outcome.num_accepted
-            self._accepted[d.match_len] += a
-            self._tried[d.match_len] += min(a + 1, len(d))
+            self._counts.add(d.match_len, a, min(a + 1, len(d)))
 
     # -- mechanics -----------------------------------------------------------------------------
 
@@ -135,6 +133,5 @@ class PromptLookupSpeculator(SpeculatorBase):
 
     def confidence(self, n: int) -> float:
         """Conditional acceptance estimate for a draft token found with an n-gram match."""
-        c = self.config
-        prior = c.prior[min(n, len(c.prior)) - 1]
-        return float((self._accepted[n] + c.prior_strength * prior) / (self._tried[n] + c.prior_strength))
+        prior = self.config.prior
+        return float(self._counts.rate(prior[min(n, len(prior)) - 1], n))

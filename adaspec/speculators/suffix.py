@@ -37,6 +37,7 @@ import numpy as np
 
 from .base import (PAD, ContextBuffer, DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes, path_probs,
                    token_array)
+from .confidence import AcceptanceCounts
 from .ngram import match_lengths
 from .suffix_index import SuffixIndex
 from .suffix_tree import NO_NODES, Rows, SortedRows, TreeNodes, build_tree, continuations, recent_per_level
@@ -127,39 +128,37 @@ class SuffixConfig:
             raise ValueError("half_life_tokens must be positive or None")
 
 
-class ConfidenceCorrection:
+class ConfidenceCorrection(AcceptanceCounts):
     """Online correction of draft confidences: observed / expected accepted tokens per (level, bin) cell.
 
-    A node tested against the true continuation (its parent was on the true
-    path) adds its raw probability to ``expected`` and 1 to ``hits`` if it was
-    right. The factor ``(hits + s) / (expected + s)`` is 1 without evidence.
-    Cells are halved once ``expected`` passes ``memory``, so the factor follows
-    drift in the traffic.
+    A node tested against the true continuation (its parent was on the true path) adds its raw probability to
+    ``expected`` (the counts' ``tried``) and 1 to ``hits`` if it was right; the factor is ``rate(1.0)``, 1 without
+    evidence. Cells are halved once ``expected`` passes ``memory``, so the factor follows drift in the traffic.
     """
 
     def __init__(self, levels: int, bins: int, strength: float, memory: float):
-        self.hits = np.zeros((levels, bins))
-        self.expected = np.zeros((levels, bins))
-        self.strength = strength
+        super().__init__((levels, bins), strength)
         self.memory = memory
         self._factor: np.ndarray | None = None
+
+    @property
+    def expected(self) -> np.ndarray:
+        return self.tried
 
     def factor(self) -> np.ndarray:
         """[levels, bins] multiplier of raw confidences."""
         if self._factor is None:
-            self._factor = (self.hits + self.strength) / (self.expected + self.strength)
+            self._factor = self.rate(1.0)
         return self._factor
 
     def set(self, hits: np.ndarray, expected: np.ndarray) -> None:
-        self.hits, self.expected, self._factor = hits, expected, None
+        self.hits, self.tried, self._factor = hits, expected, None
 
     def update(self, level: np.ndarray, bins: np.ndarray, raw: np.ndarray, hit: np.ndarray) -> None:
-        np.add.at(self.hits, (level, bins), hit.astype(np.float64))
-        np.add.at(self.expected, (level, bins), raw)
-        full = self.expected > self.memory
+        self.add((level, bins), hit.astype(np.float64), raw)
+        full = self.tried > self.memory
         if full.any():
-            self.hits[full] *= 0.5
-            self.expected[full] *= 0.5
+            self.scale(0.5, full)
         self._factor = None
 
 
