@@ -18,13 +18,20 @@ import numpy as np
 from ..speculators.base import DecodeContext, Draft
 from ..stats import StepCounts
 from .base import Controller, StepFeedback, StepPlan
-from .calibration import CalibrationConfig, Calibrator
-from .costs import CostConfig, CostModel
+from .calibration import Calibrator
+from .costs import CostModel
 
 __all__ = ["AdaptiveConfig", "AdaptiveController", "AdaptivePlan", "best_prefix", "merge_drafts", "normalise_siblings"]
 
 STATE_VERSION = 1
 _EMPTY = Draft.empty()
+WARMUP = 4
+"""A speculator is always asked during its first ``WARMUP`` queries, to measure it."""
+EXPLORE_FRACTION = 0.01
+"""Per skipped speculator, the share of plain-decoding time spent probing it: small, and still enough to notice
+within a few hundred steps that a skipped speculator became useful."""
+MAX_REQUESTS = 1024
+"""Per-request summaries kept (oldest dropped first): the server reads one when its request ends."""
 
 
 @dataclass
@@ -39,28 +46,14 @@ class AdaptiveConfig:
     """Largest budget (draft nodes); on a GPU, where c(n) is flat, budgets grow up to it."""
     smoothing: float = 0.1
     """Weight of the newest step in each speculator's running gain estimate (~10-step memory)."""
-    warmup: int = 4
-    """A speculator is always asked during its first ``warmup`` queries, to measure it."""
-    explore_fraction: float = 0.01
-    """Per skipped speculator, the share of plain-decoding time spent probing it."""
-    merge: bool = True
-    """Consider the merged tree of the proposals (those worth verifying on their own) as a candidate."""
     trees: bool = True
     """Whether the target may verify trees; if not, tree proposals are cut to their most likely chain."""
-    max_requests: int = 1024
-    """Per-request summaries kept (oldest dropped first)."""
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    """How raw confidences become acceptance probabilities."""
-    costs: CostConfig = field(default_factory=CostConfig)
-    """How timings become cost estimates."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_budget <= self.initial_budget <= self.max_budget:
             raise ValueError("budgets must satisfy 1 <= min_budget <= initial_budget <= max_budget")
         if not 0 < self.smoothing <= 1:
             raise ValueError("smoothing must be in (0, 1]")
-        if self.explore_fraction < 0:
-            raise ValueError("explore_fraction must be >= 0")
 
 
 # -- pure helpers ------------------------------------------------------------------------------------
@@ -252,9 +245,9 @@ class AdaptiveController(Controller):
     fraction of the step's best rate that would be lost without it, e.g. a prompt
     lookup that wins only on copy-heavy steps -- times the projected step time
     covers its cost. Every speculator not asked accrues exploration credit of
-    ``explore_fraction`` x c(1) per step and is probed when the credit covers its
+    ``EXPLORE_FRACTION`` x c(1) per step and is probed when the credit covers its
     cost: one that costs half a forward is probed every ~50 steps, which bounds
-    the time spent exploring at ``explore_fraction`` of plain decoding time per
+    the time spent exploring at ``EXPLORE_FRACTION`` of plain decoding time per
     speculator. The budget of a speculator grows by half when its whole proposal
     was worth verifying and the budget cut it, and otherwise relaxes toward the
     length worth verifying plus a margin.
@@ -272,8 +265,8 @@ class AdaptiveController(Controller):
         (a simulation passes its virtual clock so projections stay deterministic)."""
         self.config = config or AdaptiveConfig()
         self.timer = timer
-        self.costs = costs or CostModel(self.config.costs)
-        self.calibrator = calibrator or Calibrator(self.config.calibration)
+        self.costs = costs or CostModel()
+        self.calibrator = calibrator or Calibrator()
         self._specs: dict[str, _SpecState] = {}
         self._requests: OrderedDict[str, _RequestSummary] = OrderedDict()
         self._lock = threading.RLock()
@@ -304,9 +297,9 @@ class AdaptiveController(Controller):
             out: dict[str, int] = {}
             for name, st in states:
                 # others join when the share of throughput they add, over the step, covers their cost
-                ask = name == best or st.queries < cfg.warmup or st.marginal * step_s > pcost[name]
+                ask = name == best or st.queries < WARMUP or st.marginal * step_s > pcost[name]
                 if not ask:
-                    st.credit += cfg.explore_fraction * c1
+                    st.credit += EXPLORE_FRACTION * c1
                     if st.credit >= pcost[name]:
                         ask = True
                         st.probes += 1
@@ -343,7 +336,7 @@ class AdaptiveController(Controller):
             # merge the proposals that are worth verifying on their own (a node that does not pay for
             # itself alone seldom pays as a sibling: each extra node costs about the same)
             useful = {n: d for n, d in cal.items() if standalone[n][1] > 0}
-            if self.config.merge and len(useful) > 1:
+            if len(useful) > 1:
                 merged, owners = merge_drafts(list(useful.values()))
                 if not self.config.trees:
                     merged, owners = main_chain(merged), None
@@ -465,7 +458,7 @@ class AdaptiveController(Controller):
         s = self._requests.get(request_id)
         if s is None:
             s = self._requests[request_id] = _RequestSummary()
-            while len(self._requests) > self.config.max_requests:
+            while len(self._requests) > MAX_REQUESTS:
                 self._requests.popitem(last=False)
         else:
             self._requests.move_to_end(request_id)

@@ -34,7 +34,7 @@ Scoring (``scoring="suffixdecoding"``)
     the context's own end included for the local source); at most ``factor * L
     + offset`` tokens and tree depth ``max_depth - L``; path probability >=
     ``min_prob``; the candidate with the highest score (sum of path
-    probabilities) wins. It looks at up to :attr:`SuffixConfig.sd_max_rows`
+    probabilities) wins. It looks at up to ``suffix.SD_MAX_ROWS``
     occurrences per source rather than all of them.
 
 Drafts are trees built best first by path probability up to the budget (or a
