@@ -78,7 +78,7 @@ class RequestResult:
 
 def sharegpt_prompts(n: int, seed: int, max_chars: int) -> list[str]:
     """``n`` ShareGPT first human turns (drawn with replacement when the corpus is smaller)."""
-    from .workloads import load_sharegpt
+    from .corpus import load_sharegpt
 
     convs, _ = load_sharegpt()
     pool = [c.prompt for c in convs if 0 < len(c.prompt.strip()) <= max_chars]
