@@ -30,7 +30,7 @@ from pathlib import Path
 
 import httpx
 
-from adaspec.bench.load import rss_from_proc, wait_healthy
+from adaspec.bench.load import percentile, rss_from_proc, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REQUESTS = 100_000
@@ -79,11 +79,8 @@ def rss_kib(pid: int) -> int:
     return int(rss) // 1024
 
 
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "statuses": dict(sorted(statuses.items())), "server_errors": len(server_errors),
             "server_error_samples": server_errors[:5],
             "rss_mib_start": round(rss_start / 1024, 1), "rss_mib_end": round(rss_end / 1024, 1),
-            **{f"{k}_p{int(q * 100)}_s": round(percentile(v, q), 3) for k, v in latency.items() for q in (0.5, 0.99)},
+            **{f"{k}_p{int(q * 100)}_s": _round(percentile(v, q)) for k, v in latency.items() for q in (0.5, 0.99)},
             "server_log": log.name,
         }
         print(json.dumps(report, indent=1))

@@ -5,9 +5,9 @@ request starts, so machine noise hits all of them alike; each adaspec
 configuration keeps its own engine (and learned state) for the whole stream, so
 adaptation shows along the stream. Configurations:
 
-- ``adaspec-plain``: the same engine with no speculation (the baseline of every ratio);
+- ``plain``: the same engine with no speculation (the baseline of every ratio);
 - ``ngram``, ``suffix``, ``head``: one speculator alone at a fixed lookahead;
-- ``adaspec``: the full system (every speculator under the confidence-aware controller);
+- ``adaptive``: the full system (every speculator under the confidence-aware controller);
 - ``oracle``: drafts the plain output itself (the ceiling of this hardware);
 - peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
 
@@ -34,12 +34,14 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..speculators.oracle import OracleSpeculator
-from ..system import build_engine, available_modes
+from ..system import MODES, available_modes, build_engine
 from ..verify import SamplingParams
 from . import workloads
-from .report import ReportConfig, RequestRecord, write_report
+from .report import ReportConfig, RequestRecord, config_name, write_report
 
-ADASPEC_CONFIGS = ("adaspec-plain", "ngram", "suffix", "head", "adaspec", "oracle")
+ADASPEC_CONFIGS = ("plain", "ngram", "suffix", "head", "adaptive", "oracle")
+"""adaspec's configurations: the engine's modes (``system.MODES``, the names ``--mode`` takes), plain first (every
+other output is checked against it), and the oracle."""
 PEER_CONFIGS = ("llama.cpp", "llama.cpp-pld", "hf", "hf-pld")
 
 
@@ -87,7 +89,7 @@ def _base_config(config: str) -> str:
 
 def _plain_of(config: str) -> str:
     """The plain configuration whose output ``config`` must reproduce (the one on the same backend)."""
-    return "adaspec-plain" + (BACKEND_SUFFIX if config.endswith(BACKEND_SUFFIX) else "")
+    return "plain" + (BACKEND_SUFFIX if config.endswith(BACKEND_SUFFIX) else "")
 
 
 def _prompt_ids(tok, prompt: str | None, messages) -> list[int]:
@@ -109,9 +111,8 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
     """
     from .peers import PeerConfig, make_peers
 
-    modes = {"adaspec-plain": "plain", "ngram": "ngram", "suffix": "suffix", "head": "head", "adaspec": "adaptive"}
-    engines = {c: build_engine(second_model if c.endswith(BACKEND_SUFFIX) else model, tok, modes[_base_config(c)])
-               for c in plan.configs if _base_config(c) in modes}
+    engines = {c: build_engine(second_model if c.endswith(BACKEND_SUFFIX) else model, tok, _base_config(c))
+               for c in plan.configs if _base_config(c) in MODES}
     oracle = OracleSpeculator()
     if "oracle" in plan.configs:
         from ..control.base import FixedController
@@ -149,7 +150,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
                         s.pause()
                     if config == _plain_of(config):
                         references[config] = g.tokens
-                    if config == "adaspec-plain":
+                    if config == "plain":
                         answers.append(g.text)
                         if item.temperature == 0:
                             traces.write(json.dumps({"id": rid, "domain": item.domain, "prompt_ids": ids,
@@ -161,7 +162,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
                 for name, peer in (peers.peers.items() if peers and item.temperature == 0 else ()):
                     if name.startswith("hf") and n % plan.hf_every:
                         continue
-                    res = peer.generate(ids, item.max_tokens, references.get("adaspec-plain"))
+                    res = peer.generate(ids, item.max_tokens, references.get("plain"))
                     records.append(RequestRecord.from_peer(item, index, res, request_id=rid))
                 index += 1
     finally:
@@ -211,7 +212,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--scenario", default="drift", choices=list(workloads.SCENARIOS))
     ap.add_argument("--full", action="store_true", help="the long version (more requests per phase, every peer)")
-    ap.add_argument("--configs", default=",".join(ADASPEC_CONFIGS), help="comma-separated adaspec configurations")
+    ap.add_argument("--configs", default=",".join(ADASPEC_CONFIGS),
+                    help="comma-separated adaspec configurations (the earlier names adaspec-plain and adaspec still "
+                         "work)")
     ap.add_argument("--peers", default=",".join(PEER_CONFIGS), help="comma-separated peers ('' for none)")
     ap.add_argument("--hf-every", type=int, default=None, help="run transformers peers on every n-th request")
     ap.add_argument("--max-tokens", type=int, default=None)
@@ -232,17 +235,16 @@ def run(args: argparse.Namespace) -> int:
     if args.from_run:
         return rewrite_report(Path(args.from_run), Path(args.out) if args.out else None)
 
-    configs = [c for c in args.configs.split(",") if c]
+    configs = [config_name(c) for c in args.configs.split(",") if c]
     unknown = [c for c in configs if c not in ADASPEC_CONFIGS]
     peers = [p for p in args.peers.split(",") if p]
     unknown += [p for p in peers if p not in PEER_CONFIGS]
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(unknown)}")
-    if "adaspec-plain" not in configs:
-        configs.insert(0, "adaspec-plain")
+    if "plain" not in configs:
+        configs.insert(0, "plain")
     configs.sort(key=ADASPEC_CONFIGS.index)  # plain first: the oracle replays its output
-    configs = [c for c in configs if c in ("adaspec-plain", "oracle") or c.replace("adaspec", "adaptive") in
-               available_modes()]
+    configs = [c for c in configs if c == "oracle" or c in available_modes()]
     out = Path(args.out or f"runs/bench-{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_target(args.model, backend="torch" if args.backend == "both" else args.backend)

@@ -178,7 +178,8 @@ def rss_from_proc(pid: int) -> float | None:
     return None
 
 
-def _pct(xs: Sequence[float], q: float) -> float | None:
+def percentile(xs: Sequence[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) of ``xs``, linear between the nearest ranks; None for no values."""
     if not xs:
         return None
     s = sorted(xs)
@@ -225,7 +226,7 @@ def summarise(cfg: LoadConfig, model: str, results: list[RequestResult], wall: f
     out_tok = sum(r.output_tokens for r in ok)
 
     def lat(xs: list[float]) -> dict:
-        return {"mean": statistics.fmean(xs) if xs else None, "p50": _pct(xs, 0.5), "p99": _pct(xs, 0.99)}
+        return {"mean": statistics.fmean(xs) if xs else None, "p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99)}
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)

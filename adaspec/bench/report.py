@@ -23,11 +23,21 @@ if TYPE_CHECKING:
     from ..engine import RequestStats
 
 
+RENAMED_CONFIGS = {"adaspec-plain": "plain", "adaspec": "adaptive"}
+"""Configuration names of runs made before the benchmark took the engine's mode names; still read and accepted."""
+
+
+def config_name(name: str) -> str:
+    """The current name of a configuration (an earlier spelling, with or without a ``@backend`` suffix, renamed)."""
+    base, at, backend = name.partition("@")
+    return RENAMED_CONFIGS.get(base, base) + at + backend
+
+
 @dataclass
 class RequestRecord:
     """One request served by one configuration."""
 
-    config: str  # configuration name, e.g. "adaspec", "adaspec-plain", "oracle", "llama.cpp", "hf-pld"
+    config: str  # configuration name, e.g. "adaptive", "plain", "oracle", "llama.cpp", "hf-pld"
     request_id: str  # the work item (and turn) id: equal across configurations, so results pair up
     index: int  # position in the request stream (0-based), the x axis of the stream plots
     phase: int  # phase index (drift phase, RL step, or 0)
@@ -98,7 +108,7 @@ class RequestRecord:
 class ReportConfig:
     """Which configurations the ratios refer to, and how the plots smooth."""
 
-    baseline: str = "adaspec-plain"  # "speedup" column: ratio to this configuration
+    baseline: str = "plain"  # "speedup" column: ratio to this configuration
     peer: str = "llama.cpp"  # "vs llama.cpp" column
     oracle: str = "oracle"  # "of oracle" column
     window: int = 9  # rolling-median window of the stream plots, in requests
@@ -438,7 +448,11 @@ def load_run(path: str | os.PathLike) -> Run:
     if not isinstance(blob, dict) or blob.get("format") != "adaspec-run/1":
         raise ValueError(f"{path} is not an adaspec run file (format adaspec-run/1)")
     costs = blob.get("costs")
-    return Run([RequestRecord.from_dict(r) for r in blob["records"]], blob.get("meta", {}), blob.get("summary"),
+    records = [RequestRecord.from_dict({**r, "config": config_name(r["config"])}) for r in blob["records"]]
+    meta = blob.get("meta", {})
+    if isinstance(meta.get("configs"), list):
+        meta["configs"] = [config_name(c) for c in meta["configs"]]
+    return Run(records, meta, blob.get("summary"),
                {b: {int(k): v for k, v in c.items()} for b, c in costs.items()} if costs is not None else None)
 
 
