@@ -2,20 +2,15 @@
 
     python tools/soak.py --clients 8 --requests 1000 --max-tokens 8 [--serve-args "--threads 1"]
 
-Starts the server (the bundled model unless ``--serve-args`` names another) on a free port of 127.0.0.1, waits
-for /health, then ``--clients`` clients send ``--requests`` requests in all, back to back: about half valid
-(chat and completions, streaming or not, ``max_tokens`` at most ``--max-tokens``), the rest invalid (malformed
-JSON, wrong types, unknown models, hostile nesting and Unicode, oversize numbers). It stops early at
-``--time-limit`` seconds. Reports the count of each status, server errors (5xx, or a stream that ended in an
-error event), the server's resident memory at start and end (``/proc/PID/status``) and p50/p99 latency of the
-valid and the invalid requests, as one JSON object. Exit status 1 if any server error was seen.
+Reports the count of each status, server errors, the server's resident memory at start and end and p50/p99 latency
+of the valid and the invalid requests, as one JSON object; exit status 1 if any server error was seen (details on
+:func:`main`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
 import signal
@@ -84,6 +79,14 @@ def _round(x: float | None) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Starts the server (the bundled model unless ``--serve-args`` names another) on a free port of 127.0.0.1, waits
+    for /health, then ``--clients`` clients send ``--requests`` requests in all, back to back: about half valid
+    (chat and completions, streaming or not, ``max_tokens`` at most ``--max-tokens``), the rest invalid (malformed
+    JSON, wrong types, unknown models, hostile nesting and Unicode, oversize numbers). It stops early at
+    ``--time-limit`` seconds. Reports the count of each status, server errors (5xx, or a stream that ended in an
+    error event), the server's resident memory at start and end (``/proc/PID/status``) and p50/p99 latency of the
+    valid and the invalid requests, as one JSON object. Exit status 1 if any server error was seen.
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1000)

@@ -1,24 +1,9 @@
 """``adaspec bench``: speed over a real, shifting request stream, every configuration side by side.
 
-Each request of the stream goes through every configuration before the next
-request starts, so machine noise hits all of them alike; each adaspec
-configuration keeps its own engine (and learned state) for the whole stream, so
-adaptation shows along the stream. Configurations:
-
-- ``plain``: the same engine with no speculation (the baseline of every ratio);
-- ``ngram``, ``suffix``, ``head``: one speculator alone at a fixed lookahead;
-- ``adaptive``: the full system (every speculator under the confidence-aware controller);
-- ``oracle``: drafts the plain output itself (the ceiling of this hardware);
-- peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
-
-``--backend both`` runs every adaspec configuration on the torch backend and again, named ``<config>@llamacpp``,
-on the llama.cpp backend, in the same loop; each backend's outputs are checked against its own plain decoding.
-
-Background learners (the online head) run only while their own configuration decodes, within their busy-time
-duty cycle, so no configuration is timed while another one learns. Peers decode greedily and skip sampled
-requests.
-
-Writes summary.md, run.json, PNG plots, and traces.jsonl (greedy plain traces for ``adaspec simulate``).
+Each request of the stream goes through every configuration before the next request starts, so machine noise hits
+all of them alike; each adaspec configuration keeps its own engine (and learned state) for the whole stream, so
+adaptation shows along the stream. The configurations are listed on :func:`run_bench`. Writes summary.md, run.json,
+PNG plots, and traces.jsonl (greedy plain traces for ``adaspec simulate``).
 """
 
 from __future__ import annotations
@@ -108,6 +93,21 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
     Configurations named ``<config>@llamacpp`` run on ``second_model``. Every adaspec record says whether its
     output equals the plain output of its backend: greedy requests, and sampled ones too, since seeded sampling
     gives the same tokens with or without speculation. Peers decode greedily, so they run the greedy requests only.
+
+    Configurations:
+
+    - ``plain``: the same engine with no speculation (the baseline of every ratio);
+    - ``ngram``, ``suffix``, ``head``: one speculator alone at a fixed lookahead;
+    - ``adaptive``: the full system (every speculator under the confidence-aware controller);
+    - ``oracle``: drafts the plain output itself (the ceiling of this hardware);
+    - peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
+
+    ``--backend both`` runs every adaspec configuration on the torch backend and again, named ``<config>@llamacpp``,
+    on the llama.cpp backend, in the same loop; each backend's outputs are checked against its own plain decoding.
+
+    Background learners (the online head) run only while their own configuration decodes, within their busy-time
+    duty cycle, so no configuration is timed while another one learns. Peers decode greedily and skip sampled
+    requests.
     """
     from .peers import PeerConfig, make_peers
 

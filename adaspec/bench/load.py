@@ -2,16 +2,8 @@
 
     python -m adaspec.bench.load --url http://127.0.0.1:8000 --concurrency 8 --requests 64
 
-Each of ``--concurrency`` clients sends streaming chat requests back to back
-until ``--requests`` have been sent. Client-side measurements per request:
-TTFT (send -> first content chunk), ITL (gaps between content chunks; tokens
-accepted in one speculative step arrive in one chunk), TPOT ((E2E - TTFT) /
-(tokens - 1)) and E2E; output tokens come from the server's usage chunk.
-Reported: requests/s, output tok/s, p50/p99 of each latency, errors by kind,
-and from the server's ``/metrics`` the resident memory before and after and
-the speculation figures of the run (mean acceptance length = 1 + accepted
-tokens / drafts, as vLLM defines it). ``--pid`` reads the resident memory from
-``/proc/PID/status`` instead, for a server on this machine.
+Clients send streaming chat requests back to back; per request it measures TTFT, ITL, TPOT and E2E, and it reports
+throughput, percentiles, errors and the server's speculation figures (what each means: :func:`summarise`).
 """
 
 from __future__ import annotations
@@ -218,6 +210,19 @@ async def run_load(cfg: LoadConfig) -> dict:
 
 def summarise(cfg: LoadConfig, model: str, results: list[RequestResult], wall: float, before: dict, after: dict,
               rss_before: float | None, rss_after: float | None) -> dict:
+    """The run's figures from the per-request results and the server's metrics before and after.
+
+    Each of ``--concurrency`` clients sends streaming chat requests back to back
+    until ``--requests`` have been sent. Client-side measurements per request:
+    TTFT (send -> first content chunk), ITL (gaps between content chunks; tokens
+    accepted in one speculative step arrive in one chunk), TPOT ((E2E - TTFT) /
+    (tokens - 1)) and E2E; output tokens come from the server's usage chunk.
+    Reported: requests/s, output tok/s, p50/p99 of each latency, errors by kind,
+    and from the server's ``/metrics`` the resident memory before and after and
+    the speculation figures of the run (mean acceptance length = 1 + accepted
+    tokens / drafts, as vLLM defines it). ``--pid`` reads the resident memory from
+    ``/proc/PID/status`` instead, for a server on this machine.
+    """
     ok = [r for r in results if r.ok]
     errors: dict[str, int] = {}
     for r in results:

@@ -1,16 +1,8 @@
 """The controller protocol, and the fixed controller used by tests and as a baseline.
 
-Each engine step calls, in order::
-
-    plan = controller.plan(ctx, names)                       # StepPlan: nodes to ask each speculator for
-    proposals = {name: spec.propose(ctx, plan.budgets[name]) ...}   # (and the seconds each took)
-    plan = controller.choose(ctx, plan, proposals, seconds)  # plan.draft: one of them, a prefix, a merge, or empty
-    ... verify plan.draft, commit ...
-    controller.observe(StepFeedback(ctx, plan, proposals, seconds, outcome, verify_seconds))
-
-The plan travels with the step, so a controller keeps nothing per request between the calls. The chosen
-draft's ``probs`` are the controller's own (calibrated) estimates, so ``draft.score`` is its prediction of the
-accepted tokens; the engine records it beside what was realised.
+A controller decides, every engine step, which speculators to ask and for how many nodes (``plan``), which draft to
+verify (``choose``), and learns from what happened (``observe``); the call order is on :class:`Controller`. The plan
+travels with the step, so a controller keeps nothing per request between the calls.
 """
 
 from __future__ import annotations
@@ -51,7 +43,20 @@ class StepFeedback:
 
 class Controller(Protocol):
     """The controller protocol (call order in the module docstring). Controllers subclass it explicitly, so
-    they inherit the default of the optional hook."""
+    they inherit the default of the optional hook.
+
+    Each engine step calls, in order::
+
+        plan = controller.plan(ctx, names)                       # StepPlan: nodes to ask each speculator for
+        proposals = {name: spec.propose(ctx, plan.budgets[name]) ...}   # (and the seconds each took)
+        plan = controller.choose(ctx, plan, proposals, seconds)  # plan.draft: one of them, a prefix, a merge, or empty
+        ... verify plan.draft, commit ...
+        controller.observe(StepFeedback(ctx, plan, proposals, seconds, outcome, verify_seconds))
+
+    The plan travels with the step, so a controller keeps nothing per request between the calls. The chosen
+    draft's ``probs`` are the controller's own (calibrated) estimates, so ``draft.score`` is its prediction of the
+    accepted tokens; the engine records it beside what was realised.
+    """
 
     def plan(self, ctx: DecodeContext, names: Sequence[str]) -> StepPlan:
         ...

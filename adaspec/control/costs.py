@@ -1,24 +1,8 @@
 """Online cost model: how long the target takes to verify n tokens, and each speculator to propose.
 
-The controller trades expected accepted tokens against time, so it needs c(n),
-the seconds of one target forward over ``n`` tokens (the pending token plus
-``n - 1`` draft nodes). Its shape decides everything: on a CPU c(n) grows
-quickly with n, on a GPU it
-is nearly flat up to dozens of tokens. Nothing here assumes either; the curve
-is measured from the forwards the engine actually runs.
-
-Estimator (``Curve``). Per n keep the last ``WINDOW`` timings and take their
-median (robust to the spikes of a shared machine, follows drift within a
-window). Fit the medians with weighted isotonic regression (a forward over more
-tokens never costs less), interpolate linearly between measured sizes and
-extrapolate past the largest with a fraction of the fitted slope. Sizes never
-measured are priced at ``EXPLORE_DISCOUNT`` times that estimate: optimistic
-enough that the controller tries them once when they are close to the best
-choice, bounded so it does not chase them. Before two sizes are measured a
-prior shape stands in (each extra token costs ``PRIOR_SLOPE`` of a one-token
-forward), so the first drafts are modest rather than as large as the budget.
-An optional recorded curve (seed) gives the shape for unmeasured sizes,
-rescaled to the level of what was measured.
+The controller trades expected accepted tokens against time, so it needs c(n), the seconds of one target forward over
+``n`` tokens. Its shape decides everything (steep on a CPU, nearly flat on a GPU), and nothing here assumes either:
+the curve is measured from the forwards the engine runs (:class:`Curve` says how).
 """
 
 from __future__ import annotations
@@ -55,6 +39,19 @@ class Curve:
     Refitting (medians, isotonic fit, table) runs after every timing while few are known and
     every ``max_refit_interval`` timings later, and at once when a size is measured for the
     first time (so its exploration discount ends immediately).
+
+    Per n it keeps the last ``WINDOW`` timings and take their
+    median (robust to the spikes of a shared machine, follows drift within a
+    window). Fit the medians with weighted isotonic regression (a forward over more
+    tokens never costs less), interpolate linearly between measured sizes and
+    extrapolate past the largest with a fraction of the fitted slope. Sizes never
+    measured are priced at ``EXPLORE_DISCOUNT`` times that estimate: optimistic
+    enough that the controller tries them once when they are close to the best
+    choice, bounded so it does not chase them. Before two sizes are measured a
+    prior shape stands in (each extra token costs ``PRIOR_SLOPE`` of a one-token
+    forward), so the first drafts are modest rather than as large as the budget.
+    An optional recorded curve (seed) gives the shape for unmeasured sizes,
+    rescaled to the level of what was measured.
     """
 
     def __init__(self, window: int = 31, explore_discount: float = 1.0, extrapolation_slope: float = 0.5,

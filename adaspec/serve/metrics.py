@@ -1,26 +1,8 @@
 """Prometheus metrics of the server, in its own ``CollectorRegistry``.
 
-Speculation counters use vLLM's names under the ``adaspec:`` prefix
-(REFERENCES, "Conventions users expect"); the client library appends
-``_total`` to counters, exactly as vLLM's exposition does::
-
-    adaspec:spec_decode_num_drafts_total                 steps that verified a non-empty draft
-    adaspec:spec_decode_num_draft_tokens_total           draft nodes verified
-    adaspec:spec_decode_num_accepted_tokens_total        draft nodes accepted
-    adaspec:spec_decode_num_accepted_tokens_per_pos_total{position}   steps whose draft was accepted past depth position
-
-so mean acceptance length = 1 + accepted / drafts. Besides those: steps by the
-chosen speculator (``none`` = no speculation), the lookahead (draft nodes
-verified per step, 0 included), request outcomes by finish reason, prompt and
-generation tokens, running and waiting requests, rejected requests by reason,
-latency histograms (TTFT, inter-token latency, end-to-end, queue time) and,
-where the speculators report it, learned-state size per speculator and
-namespace. The standard ``process_*`` metrics (resident memory, CPU seconds) come
-with it.
-
-Inter-token latency is observed once per engine step that emitted tokens: the
-time since the previous emission of the same request. Tokens accepted in the
-same step reach the client together, so this is what a streaming client sees.
+Speculation counters use vLLM's names under the ``adaspec:`` prefix (so dashboards built for vLLM read them);
+besides them: steps by chosen speculator, lookahead, request outcomes, token counts, queue sizes, latency histograms
+and learned-state sizes. The list is on :class:`ServerMetrics`.
 """
 
 from __future__ import annotations
@@ -71,7 +53,30 @@ class _LearnedStateCollector:
 
 
 class ServerMetrics:
-    """All server metrics; methods are thread-safe (prometheus_client's primitives are)."""
+    """All server metrics; methods are thread-safe (prometheus_client's primitives are).
+
+    Speculation counters use vLLM's names under the ``adaspec:`` prefix
+    (REFERENCES, "Conventions users expect"); the client library appends
+    ``_total`` to counters, exactly as vLLM's exposition does::
+
+        adaspec:spec_decode_num_drafts_total                 steps that verified a non-empty draft
+        adaspec:spec_decode_num_draft_tokens_total           draft nodes verified
+        adaspec:spec_decode_num_accepted_tokens_total        draft nodes accepted
+        adaspec:spec_decode_num_accepted_tokens_per_pos_total{position}   steps whose draft was accepted past depth position
+
+    so mean acceptance length = 1 + accepted / drafts. Besides those: steps by the
+    chosen speculator (``none`` = no speculation), the lookahead (draft nodes
+    verified per step, 0 included), request outcomes by finish reason, prompt and
+    generation tokens, running and waiting requests, rejected requests by reason,
+    latency histograms (TTFT, inter-token latency, end-to-end, queue time) and,
+    where the speculators report it, learned-state size per speculator and
+    namespace. The standard ``process_*`` metrics (resident memory, CPU seconds) come
+    with it.
+
+    Inter-token latency is observed once per engine step that emitted tokens: the
+    time since the previous emission of the same request. Tokens accepted in the
+    same step reach the client together, so this is what a streaming client sees.
+    """
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)

@@ -1,16 +1,9 @@
 """The model stand-in of a trace replay: recorded greedy outputs, a target that reproduces them, a virtual clock.
 
 A *trace* is one greedy generation recorded from the real target. Under greedy decoding the target's behaviour
-along that path is known, so ``ReplayTarget`` stands in for the model: on the recorded path its logits make the
-recorded next token the argmax, and a draft node off the path is rejected exactly as the real target would reject
-it. The production ``Engine`` runs over it unchanged; a ``VirtualClock`` charges each forward a recorded c(n).
-
-Trace file: JSON Lines, one object per line::
-
-    {"id": "sharegpt-17", "domain": "chat", "prompt_ids": [1, 2, ...], "output_ids": [5, 6, ...]}
-
-``id`` and ``domain`` (default ``"default"``) label the trace; ``output_ids`` is the greedy output without the stop
-token.
+along that path is known, so ``ReplayTarget`` stands in for the model and the production ``Engine`` runs over it
+unchanged; a ``VirtualClock`` charges each forward a recorded c(n). The trace file is described on
+:func:`load_traces`.
 """
 
 from __future__ import annotations
@@ -73,7 +66,15 @@ def parse_trace(obj: object, where: str = "trace") -> Trace:
 
 
 def load_traces(path: str | Path) -> list[Trace]:
-    """Read a JSONL trace file; raises ValueError naming the line of the first bad record."""
+    """Read a JSONL trace file; raises ValueError naming the line of the first bad record.
+
+    Trace file: JSON Lines, one object per line::
+
+        {"id": "sharegpt-17", "domain": "chat", "prompt_ids": [1, 2, ...], "output_ids": [5, 6, ...]}
+
+    ``id`` and ``domain`` (default ``"default"``) label the trace; ``output_ids`` is the greedy output without the
+    stop token.
+    """
     traces = []
     try:
         with open(path) as f:

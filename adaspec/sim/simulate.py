@@ -1,13 +1,8 @@
 """``adaspec simulate``: project the speed of speculation setups on recorded traces, without the model.
 
 Each setup (speculators and a controller) decodes every trace through the production engine over
-:class:`~.replay.ReplayTarget`, so the projection is deterministic and takes seconds. Verify forwards cost c(n)
-from a curve, the prefill c(1); proposals cost what the cost file says (default 0: model-free speculators take
-microseconds); the Python time of speculators, controller and engine loop is left out unless ``real_time_scale``
-is 1 (``--real-overhead``). Speculators that need the target's hidden states cannot run here.
-
-Cost file: JSON ``{n: seconds}`` for a forward over ``n`` tokens (pending token plus draft), or an object with
-that curve under ``"verify"`` and optionally ``"propose": {speculator: seconds}`` per proposal call.
+:class:`~.replay.ReplayTarget`, so the projection is deterministic and takes seconds; what is charged, and the cost
+file's format, is on :func:`simulate`.
 """
 
 from __future__ import annotations
@@ -140,6 +135,13 @@ def simulate(traces: Sequence[Trace], costs: Mapping[int, float] | Callable[[int
     ``costs``: the verify cost curve {n: seconds} (or a callable). ``propose_costs``: seconds
     charged per proposal call by speculator name (default 0: model-free speculators take
     microseconds). Returns one result per setup; outputs are checked against the traces.
+
+    Verify forwards cost c(n) from a curve, the prefill c(1); proposals cost what the cost file says (default 0:
+    model-free speculators take microseconds); the Python time of speculators, controller and engine loop is left out unless ``real_time_scale``
+    is 1 (``--real-overhead``). Speculators that need the target's hidden states cannot run here.
+
+    Cost file: JSON ``{n: seconds}`` for a forward over ``n`` tokens (pending token plus draft), or an object with
+    that curve under ``"verify"`` and optionally ``"propose": {speculator: seconds}`` per proposal call.
     """
     curve = costs if callable(costs) else CostCurve(costs)
     c1 = curve(1)

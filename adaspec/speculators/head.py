@@ -1,13 +1,6 @@
 """The draft head as speculators: ``HeadSpeculator`` (the static head, learns nothing) and
-``OnlineHeadSpeculator`` (the same head, trained on the fly). The network is in :mod:`.head_model`.
-
-Online learning (Online Speculative Decoding, Liu et al. 2024): every
-verification step yields training pairs for free. With ``H_0`` the hidden state
-that produced the pending token ``T_0`` and ``outcome.hidden[j] = H_{j+1}``,
-``outcome.emitted[j] = T_{j+1}``, the pairs are ``(H_j, T_j) -> (H_{j+1}, T_{j+1})``
-for ``j = 0 .. accepted``. A background thread distils the head on them (forward
-KL to ``softmax(E_V H_{j+1})`` plus a feature regression), weighting pairs the
-head got wrong, and publishes each new version by swapping one reference.
+``OnlineHeadSpeculator`` (the same head, trained on the fly from the training pairs every verification step yields;
+how, on that class). The network is in :mod:`.head_model`.
 """
 
 from __future__ import annotations
@@ -167,6 +160,14 @@ class OnlineHeadSpeculator(HeadSpeculator):
     it (prequential top-1 agreement, the drift guard's measure), trains the
     private copy, and publishes a frozen clone by replacing one reference. A
     proposal reads that reference once, so every draft comes from one version.
+
+    Online learning (Online Speculative Decoding, Liu et al. 2024): every
+    verification step yields training pairs for free. With ``H_0`` the hidden state
+    that produced the pending token ``T_0`` and ``outcome.hidden[j] = H_{j+1}``,
+    ``outcome.emitted[j] = T_{j+1}``, the pairs are ``(H_j, T_j) -> (H_{j+1}, T_{j+1})``
+    for ``j = 0 .. accepted``. A background thread distils the head on them (forward
+    KL to ``softmax(E_V H_{j+1})`` plus a feature regression), weighting pairs the
+    head got wrong, and publishes each new version by swapping one reference.
     """
 
     name = "head_online"

@@ -1,19 +1,9 @@
 """Prompt lookup: draft by copying what followed the last occurrence of the context's final n-gram.
 
-The request's own tokens (prompt + output so far) are the only source. For
-``n = max_ngram .. min_ngram`` it looks for the most recent earlier position
-where the last ``n`` tokens occurred, and drafts the tokens that followed
-there. Worked example with ``max_ngram=3``::
-
-    context  [1, 2, 3, 4, 2, 3]      last 3-gram [4, 2, 3]: no earlier occurrence
-                                     last 2-gram [2, 3] occurred at positions 1..2
-    draft    [4, 2, 3]               the tokens after it (up to the budget, and only
-                                     tokens already in the context)
-
-Confidence (``Draft.probs``): one conditional acceptance probability per match
-length ``n``, the same for every token of the draft: the prior
-(:attr:`PromptLookupConfig.prior`) shrunk toward what this speculator's own verified drafts showed
-(:mod:`.confidence`; ``tried`` counts draft tokens whose parent was accepted).
+The request's own tokens (prompt + output so far) are the only source; a worked example is on
+:meth:`PromptLookupSpeculator.lookup`. Confidence (``Draft.probs``): one conditional acceptance probability per match
+length, the prior (:attr:`PromptLookupConfig.prior`) shrunk toward what this speculator's own verified drafts showed
+(:mod:`.confidence`).
 """
 
 from __future__ import annotations
@@ -114,7 +104,17 @@ class PromptLookupSpeculator(SpeculatorBase):
     # -- mechanics -----------------------------------------------------------------------------
 
     def lookup(self, tokens: np.ndarray, budget: int) -> tuple[int, np.ndarray] | None:
-        """``(n, continuation)`` for the longest matching n-gram's most recent earlier occurrence, or None."""
+        """``(n, continuation)`` for the longest matching n-gram's most recent earlier occurrence, or None.
+
+        For ``n = max_ngram .. min_ngram`` it looks for the most recent earlier position
+        where the last ``n`` tokens occurred, and drafts the tokens that followed
+        there. Worked example with ``max_ngram=3``::
+
+            context  [1, 2, 3, 4, 2, 3]      last 3-gram [4, 2, 3]: no earlier occurrence
+                                             last 2-gram [2, 3] occurred at positions 1..2
+            draft    [4, 2, 3]               the tokens after it (up to the budget, and only
+                                             tokens already in the context)
+        """
         L = len(tokens)
         c = self.config
         if L < 2:

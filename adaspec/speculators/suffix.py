@@ -1,27 +1,10 @@
 """The adaptive model-free speculator: suffix matching over past outputs and the request itself.
 
-Evidence: *global*, every finished output of the namespace (:mod:`.suffix_index`), and *local*, the request's
-prompt and output so far (``DecodeContext.array``). For the end of the context the speculator collects the
-occurrences of its last tokens in both, each with its match length ``m`` (global: the longest indexed order that
-matched, extended beyond it up to ``SuffixConfig.max_depth``; local: exact), a weight (global: halves every
-``SuffixConfig.half_life_tokens`` tokens of age; local: ``SuffixConfig.local_weight``) and its continuation; only
-the most recent ``MAX_ROWS`` per match-length level and source are kept. :mod:`.suffix_tree` scores
-them into a draft tree.
-
-Online correction (``self_calibrate``): after each step the last draft is
-scored against the tokens that actually followed (whichever draft the
-engine verified), and per namespace, per (highest evidence level, probability
-bin) the ratio of observed to expected hits rescales later confidences, so
-they follow the traffic (e.g. a code namespace where long matches are surer
-than in chat).
-
-Learning: ``observe`` feeds the online correction; ``end`` appends the output to
-the namespace's global index. Cancelled requests are learned from too
-(``learn_cancelled``): their tokens are real target output. Memory is bounded
-per namespace (FIFO eviction of whole outputs), in total (the oldest outputs of
-any namespace go first) and in the number of namespaces (least recently used
-dropped). A hash collision in the index can only add a wrong candidate, never
-change the output: verification is lossless.
+Evidence comes from every finished output of the namespace (:mod:`.suffix_index`) and from the request's own prompt
+and output (``DecodeContext.array``); :mod:`.suffix_tree` scores the occurrences into a draft tree, and an online
+correction per namespace keeps the confidences calibrated to the traffic. Memory is bounded per namespace, in total
+and in namespaces; a hash collision can only add a wrong candidate, never change the output. Details on
+:class:`SuffixSpeculator`.
 """
 
 from __future__ import annotations
@@ -175,7 +158,31 @@ class _RequestView:
     pending: tuple[int, TreeNodes] | None = None  # (context length when proposed, nodes)
 
 class SuffixSpeculator(SpeculatorBase):
-    """Adaptive suffix speculator; see the module docstring. Thread-safe (one lock)."""
+    """Adaptive suffix speculator; see the module docstring. Thread-safe (one lock).
+
+    Evidence: *global*, every finished output of the namespace (:mod:`.suffix_index`), and *local*, the request's
+    prompt and output so far (``DecodeContext.array``). For the end of the context the speculator collects the
+    occurrences of its last tokens in both, each with its match length ``m`` (global: the longest indexed order that
+    matched, extended beyond it up to ``SuffixConfig.max_depth``; local: exact), a weight (global: halves every
+    ``SuffixConfig.half_life_tokens`` tokens of age; local: ``SuffixConfig.local_weight``) and its continuation; only
+    the most recent ``MAX_ROWS`` per match-length level and source are kept. :mod:`.suffix_tree` scores
+    them into a draft tree.
+
+    Online correction (``self_calibrate``): after each step the last draft is
+    scored against the tokens that actually followed (whichever draft the
+    engine verified), and per namespace, per (highest evidence level, probability
+    bin) the ratio of observed to expected hits rescales later confidences, so
+    they follow the traffic (e.g. a code namespace where long matches are surer
+    than in chat).
+
+    Learning: ``observe`` feeds the online correction; ``end`` appends the output to
+    the namespace's global index. Cancelled requests are learned from too
+    (``learn_cancelled``): their tokens are real target output. Memory is bounded
+    per namespace (FIFO eviction of whole outputs), in total (the oldest outputs of
+    any namespace go first) and in the number of namespaces (least recently used
+    dropped). A hash collision in the index can only add a wrong candidate, never
+    change the output: verification is lossless.
+    """
 
     def __init__(self, config: SuffixConfig | None = None, name: str = "suffix"):
         self.config = config if config is not None else SuffixConfig()
