@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_run_demo)
 
     from .serve.__main__ import add_serve_parser
-    from .sim import add_parser as add_simulate_parser
+    from .sim.simulate import add_parser as add_simulate_parser
 
     add_serve_parser(sub)
     add_simulate_parser(sub)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import Counter
 from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Mapping, Sequence
@@ -21,6 +20,7 @@ from .control.base import Controller, FixedController, StepFeedback
 from .model.base import ForwardOutput, TargetModel
 from .model.tokenizer import IncrementalDetokenizer
 from .speculators.base import DecodeContext, Draft, Speculator, StepOutcome
+from .stats import StepCounts
 from .store import Persistent
 from .verify import SamplingParams, verify
 
@@ -28,35 +28,17 @@ _ids = itertools.count()
 
 
 @dataclass
-class RequestStats:
-    """Per-request counters; mean_accepted follows Spec-Bench (plain decoding = 1.00)."""
+class RequestStats(StepCounts):
+    """One request's step counts, with what only the engine sees: per-position acceptance, per-step sizes, times."""
 
     prompt_tokens: int = 0
-    output_tokens: int = 0
-    forwards: int = 0  # target forwards that emitted tokens, the prefill included
-    drafted: int = 0  # draft nodes verified
-    accepted: int = 0  # draft nodes accepted
-    draft_steps: int = 0  # steps that verified a non-empty draft
     accepted_per_pos: list[int] = field(default_factory=list)  # accepted[i] = steps whose draft was accepted past depth i
     drafted_per_pos: list[int] = field(default_factory=list)
-    chosen: Counter = field(default_factory=Counter)  # draft source -> steps ("none" = no speculation)
-    predicted_accepted: float = 0.0  # sum over steps of the chosen draft's score
     step_emitted: list[int] = field(default_factory=list)  # per step: tokens emitted (accepted + 1)
     step_drafted: list[int] = field(default_factory=list)  # per step: draft nodes verified
     prefill_s: float = 0.0
-    propose_s: float = 0.0
-    verify_s: float = 0.0  # target forwards + acceptance + commit
     forward_s: float = 0.0  # target forwards alone (after the prefill)
     wall_s: float = 0.0
-
-    @property
-    def mean_accepted(self) -> float:
-        """Tokens emitted per target forward."""
-        return self.output_tokens / self.forwards if self.forwards else 0.0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def tok_s(self) -> float:
@@ -188,17 +170,18 @@ class Engine:
         ctx, st = req.ctx, req.stats
         room = min(self.model.max_context - req.cache.length - 1, req.params.max_tokens - len(req.output) - 1)
         # 1. propose
-        budgets = self.controller.plan(ctx, [s.name for s in self.speculators])
+        plan = self.controller.plan(ctx, [s.name for s in self.speculators])
         proposals: dict[str, Draft] = {}
         spent: dict[str, float] = {}
         for s in self.speculators:
-            b = min(int(budgets.get(s.name, 0)), room)
+            b = min(int(plan.budgets.get(s.name, 0)), room)
             if b > 0:
                 t = self.clock()
                 proposals[s.name] = s.propose(ctx, b)
                 spent[s.name] = self.clock() - t
-        draft = self.controller.choose(ctx, proposals) if proposals else Draft.empty()
-        draft = draft.prefix(room)
+        if proposals:
+            plan = self.controller.choose(ctx, plan, proposals, spent)
+        draft = plan.draft.prefix(room)
         # 2. verify
         t = self.clock()
         out = self.model.forward(req.cache, [ctx.tokens[-1]] + draft.tokens.tolist(),
@@ -217,7 +200,7 @@ class Engine:
         # 4. observe, 5. control
         for s in self.speculators:
             s.observe(ctx, outcome)
-        self.controller.observe(StepFeedback(ctx, proposals, spent, draft, outcome, verify_s))
+        self.controller.observe(StepFeedback(ctx, plan, proposals, spent, outcome, verify_s))
         if req.cache.length + 1 >= self.model.max_context and not req.finished:
             req.finish_reason = "length"
         return added
@@ -283,18 +266,11 @@ class Engine:
     @staticmethod
     def _account(st: RequestStats, draft: Draft, accepted: list[int], spent: Mapping[str, float],
                  verify_s: float) -> None:
-        st.forwards += 1
-        st.propose_s += sum(spent.values())
-        st.verify_s += verify_s
-        st.chosen[(draft.source or "unnamed") if len(draft) else "none"] += 1
+        st.count_step(draft.origin, len(draft), len(accepted), draft.score, sum(spent.values()), verify_s)
         st.step_emitted.append(len(accepted) + 1)
         st.step_drafted.append(len(draft))
         if not len(draft):
             return
-        st.draft_steps += 1
-        st.drafted += len(draft)
-        st.accepted += len(accepted)
-        st.predicted_accepted += draft.score
         depth = int(draft.depths.max())
         for pos_list, upto in ((st.drafted_per_pos, depth), (st.accepted_per_pos, len(accepted))):
             while len(pos_list) < depth:

@@ -1,28 +1,8 @@
 """Crash-safe persistence of learned state (suffix indexes, head weights, calibration tables).
 
-Every blob is written as one self-checking file::
-
-    b"ADASPEC\\0"  | uint32 little-endian header length | header (UTF-8 JSON) | payload bytes
-
-The header records the container version, the payload length and its SHA-256,
-plus free-form metadata of the writer. A reader that finds a wrong magic, a
-short file, an unparsable header, a length or a checksum mismatch raises
-:class:`StoreCorruptError`; :class:`AtomicStore` turns that into a warning and
-"nothing stored", so a damaged file costs the learned state, never the server.
-
-Writes are atomic: the bytes go to a temporary file in the destination
-directory, are flushed and fsync'ed, ``os.replace``d over the destination and
-the directory is fsync'ed, so a crash leaves either the old or the new file.
-A crash between the temporary file's creation and the rename leaves the
-temporary file behind; :func:`remove_temporaries` deletes those at start-up.
-
-Restoring (:func:`restore`) is the one way learned state comes back: the
-container is checked, then the component's own loader validates the schema
-(shapes, ranges, finite numbers) before it changes anything. A file that fails
-either check is moved aside (:func:`quarantine`, kept for inspection, never
-read again) with a warning, and the component starts clean.
-
-Array payloads use numpy's ``.npz`` container read with ``allow_pickle=False``,
+Every blob is one self-checking file (:func:`pack`), written atomically (:func:`adaspec.files.write_atomic`), and
+restored only through :func:`restore`: a damaged or mis-shaped file is moved aside with a warning and its component
+starts clean, so a damaged file costs the learned state, never the server. Arrays are ``.npz`` read without pickle,
 so loading a file never executes code from it.
 """
 
@@ -90,6 +70,12 @@ def restore(path: str | os.PathLike, apply: Callable[[bytes, dict], None], what:
     content of the wrong shape. A missing file is False. A damaged one (container or schema, or anything
     ``apply`` raises) is moved aside with a ``RuntimeWarning`` naming ``what``, the file and the reason, and is
     False: the caller resets the component to a clean state.
+
+    This is the one way learned state comes back: the
+    container is checked, then the component's own loader validates the schema
+    (shapes, ranges, finite numbers) before it changes anything. A file that fails
+    either check is moved aside (:func:`quarantine`, kept for inspection, never
+    read again) with a warning, and the component starts clean.
     """
     try:
         got = load_blob(path)
@@ -109,7 +95,18 @@ def restore(path: str | os.PathLike, apply: Callable[[bytes, dict], None], what:
 
 
 def pack(payload: bytes, meta: Mapping[str, Any] | None = None) -> bytes:
-    """Wrap ``payload`` in the checksummed container; ``meta`` must be JSON-serialisable."""
+    """Wrap ``payload`` in the checksummed container; ``meta`` must be JSON-serialisable.
+
+    Every blob is written as one self-checking file::
+
+        b"ADASPEC\\0"  | uint32 little-endian header length | header (UTF-8 JSON) | payload bytes
+
+    The header records the container version, the payload length and its SHA-256,
+    plus free-form metadata of the writer. A reader that finds a wrong magic, a
+    short file, an unparsable header, a length or a checksum mismatch raises
+    :class:`StoreCorruptError`; :class:`AtomicStore` turns that into a warning and
+    "nothing stored", so a damaged file costs the learned state, never the server.
+    """
     header = {"version": CONTAINER_VERSION, "length": len(payload),
               "sha256": hashlib.sha256(payload).hexdigest(), "meta": dict(meta or {})}
     h = json.dumps(header, sort_keys=True).encode()
@@ -160,7 +157,12 @@ def arrays_from_bytes(data: bytes) -> dict[str, np.ndarray]:
 
 
 def save_blob(path: str | os.PathLike, payload: bytes, meta: Mapping[str, Any] | None = None) -> None:
-    """Atomically write one checksummed blob to ``path``."""
+    """Atomically write one checksummed blob to ``path``.
+
+    The bytes go to a temporary file in the destination directory, are flushed and fsync'ed, ``os.replace``d over
+    the destination and the directory is fsync'ed, so a crash leaves either the old or the new file. A crash between
+    the temporary file's creation and the rename leaves the temporary file behind; :func:`remove_temporaries`
+    deletes those at start-up."""
     write_atomic(path, pack(payload, meta))
 
 

@@ -14,7 +14,7 @@ from adaspec.model.llama import LlamaConfig, LlamaModel
 
 CFG = LlamaConfig(vocab_size=260, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   max_context=1024)
-CONFIGS = ["adaspec-plain", "ngram", "suffix", "adaspec", "oracle"]
+CONFIGS = ["plain", "ngram", "suffix", "adaptive", "oracle"]
 
 
 class ByteTokenizer:
@@ -65,18 +65,18 @@ def test_every_configuration_serves_every_request_and_matches_plain_decoding(run
         assert [r.request_id for r in mine] == ids
         assert [r.index for r in mine] == list(range(len(ids)))
         assert all(r.output_tokens > 0 and r.forwards > 0 and r.wall_seconds > 0 for r in mine)
-    checked = [r for r in records if r.config != "adaspec-plain"]
+    checked = [r for r in records if r.config != "plain"]
     # greedy and seeded sampling alike: speculation never changes the output
     assert checked and all(r.matches_reference is True for r in checked)
-    assert all(r.matches_reference is None for r in records if r.config == "adaspec-plain")
+    assert all(r.matches_reference is None for r in records if r.config == "plain")
     assert {r.phase_name for r in records} == {"0:python", "1:chat"}
 
 
 def test_oracle_is_the_ceiling_and_plain_takes_one_forward_per_token(run):
     _, _, records = run
-    plain = {r.request_id: r for r in records if r.config == "adaspec-plain"}
+    plain = {r.request_id: r for r in records if r.config == "plain"}
     for r in records:
-        if r.config == "adaspec-plain":
+        if r.config == "plain":
             assert r.forwards == r.output_tokens and r.drafted == 0
         elif r.config == "oracle" and plain[r.request_id].output_tokens > 2:
             assert r.forwards < plain[r.request_id].forwards
@@ -86,7 +86,7 @@ def test_oracle_is_the_ceiling_and_plain_takes_one_forward_per_token(run):
 def test_traces_hold_the_greedy_plain_outputs(run):
     _, out, records = run
     lines = [json.loads(x) for x in (out / "traces.jsonl").read_text().splitlines()]
-    plain = {r.request_id: r for r in records if r.config == "adaspec-plain"}
+    plain = {r.request_id: r for r in records if r.config == "plain"}
     assert [t["id"] for t in lines] == ["r0", "r1", "r2", "r3/t0", "r3/t1"]  # the sampled request is not a trace
     for t in lines:
         assert len(t["output_ids"]) == plain[t["id"]].output_tokens and t["prompt_ids"]
@@ -94,7 +94,7 @@ def test_traces_hold_the_greedy_plain_outputs(run):
 
 def test_later_turns_carry_the_earlier_answers(run):
     _, _, records = run
-    turns = {r.request_id: r for r in records if r.config == "adaspec-plain" and r.request_id.startswith("r3")}
+    turns = {r.request_id: r for r in records if r.config == "plain" and r.request_id.startswith("r3")}
     assert turns["r3/t1"].prompt_tokens > turns["r3/t0"].prompt_tokens + turns["r3/t0"].output_tokens
 
 
@@ -114,7 +114,7 @@ def test_unknown_configuration_is_refused_before_loading_a_model(tmp_path):
                      full=False, seed=0, max_tokens=None, hf_every=None, no_costs=True, from_run=None)
     with pytest.raises(ValueError, match="turbo"):
         drift.run(args)
-    args.configs, args.peers = "adaspec", "vllm"
+    args.configs, args.peers = "adaptive", "vllm"
     with pytest.raises(ValueError, match="vllm"):
         drift.run(args)
 

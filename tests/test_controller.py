@@ -11,7 +11,7 @@ import pytest
 from adaspec.control.adaptive import (AdaptiveConfig, AdaptiveController, best_prefix, merge_drafts,
                                       normalise_siblings)
 from adaspec.control.base import Controller, FixedController, StepFeedback
-from adaspec.control.calibration import (CalibrationConfig, Calibrator, isotonic_rows, label_nodes,
+from adaspec.control.calibration import (Calibrator, isotonic_rows, label_nodes,
                                          pool_adjacent_violators)
 from adaspec.control.costs import CostModel, Curve, load_cost_curve
 from adaspec.speculators.base import DecodeContext, Draft, StepOutcome
@@ -92,14 +92,16 @@ def drive(ctrl: Controller, specs: list[Scripted], truth: Truth, cost, steps: in
     ctx = DecodeContext("req-0", "default", [truth[0]], 0)
     pos = 1  # position of the next token to emit
     for _ in range(steps):
-        budgets = ctrl.plan(ctx, [s.name for s in specs])
-        proposals = {s.name: s.propose(pos, budgets[s.name]) for s in specs if budgets.get(s.name, 0) > 0}
+        plan = ctrl.plan(ctx, [s.name for s in specs])
+        proposals = {s.name: s.propose(pos, plan.budgets[s.name]) for s in specs if plan.budgets.get(s.name, 0) > 0}
         spent = {n: propose_s for n in proposals}
-        draft = ctrl.choose(ctx, proposals) if proposals else Draft.empty()
+        if proposals:
+            plan = ctrl.choose(ctx, plan, proposals, spent)
+        draft = plan.draft
         outcome = greedy_verify(draft, truth, pos)
         verify_s = cost(1 + len(draft)) * float(np.exp(noise * rng.standard_normal()))
         ctx.tokens.extend(outcome.emitted)
-        ctrl.observe(StepFeedback(ctx, proposals, spent, draft, outcome, verify_s))
+        ctrl.observe(StepFeedback(ctx, plan, proposals, spent, outcome, verify_s))
         pos += len(outcome.emitted)
         run.chosen.append(draft)
         run.positions.append(pos - len(outcome.emitted))
@@ -209,9 +211,9 @@ def test_calibration_deep_nodes_borrow_from_shallow_ones():
 
 def test_calibration_state_roundtrip_and_shape_check():
     rng = np.random.default_rng(5)
-    cal = Calibrator(CalibrationConfig(max_refit_interval=1))
+    cal = Calibrator(max_refit_interval=1)
     _feed(cal, "s", lambda c: 0.3, 0.9, 200, rng)
-    other = Calibrator(CalibrationConfig(max_refit_interval=1))
+    other = Calibrator(max_refit_interval=1)
     other.load_state_dict(json.loads(json.dumps(cal.state_dict())))
     grid = np.linspace(0, 1, 11)
     ones = np.ones(11, dtype=int)
@@ -443,8 +445,8 @@ def test_controller_state_save_load(tmp_path):
     from adaspec.control.namespaced import NamespacedController
 
     truth = Truth(15)
-    config = AdaptiveConfig(calibration=CalibrationConfig(max_refit_interval=1))  # no stale fit to compare
-    make = lambda costs: AdaptiveController(config, costs, timer=lambda: 0.0)  # noqa: E731
+    make = lambda costs: AdaptiveController(costs=costs, calibrator=Calibrator(max_refit_interval=1),  # noqa: E731
+                                            timer=lambda: 0.0)  # refit every step: no stale fit to compare
     ctrl = NamespacedController(make)
     drive(ctrl, [Scripted("s", truth, 0.3, 0.9, seed=7)], truth, gpu_cost, 200)
     path = tmp_path / "state" / "controller.state"

@@ -5,7 +5,7 @@ import pytest
 
 from adaspec.speculators.base import ContextBuffer, DecodeContext, Draft, StepOutcome
 from adaspec.speculators.ngram import PromptLookupConfig, PromptLookupSpeculator, match_lengths
-from adaspec.speculators.replay import replay
+from adaspec.sim.speculator import replay
 
 
 def ctx(tokens, rid="r", prompt_len=None):

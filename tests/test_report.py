@@ -13,7 +13,7 @@ from adaspec.bench.report import (TABLE_COLUMNS, ReportConfig, RequestRecord, fl
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # tok/s of each configuration relative to adaspec plain, per phase
-FACTORS = {"adaspec-plain": (1.0, 1.0), "adaspec": (1.5, 3.0), "oracle": (4.0, 4.0), "llama.cpp": (2.0, 2.0)}
+FACTORS = {"plain": (1.0, 1.0), "adaptive": (1.5, 3.0), "oracle": (4.0, 4.0), "llama.cpp": (2.0, 2.0)}
 
 
 def fake_run(n_per_phase: int = 4) -> list[RequestRecord]:
@@ -24,7 +24,7 @@ def fake_run(n_per_phase: int = 4) -> list[RequestRecord]:
                 i = phase * n_per_phase + j
                 base = 10.0 + i  # plain tok/s varies by request; ratios are what the report pairs
                 tokens = 64
-                plain = config == "adaspec-plain"
+                plain = config == "plain"
                 forwards = 0 if config == "llama.cpp" else (tokens if plain else tokens // 2)
                 mix = {} if config == "llama.cpp" else ({"none": tokens} if plain else {"suffix": 24, "none": 8})
                 emitted, drafted = ([1] * tokens, [0] * tokens) if plain else ([3, 1] * 16, [8, 0] * 16)
@@ -43,18 +43,18 @@ def _row(rows, config, phase):
 
 def test_summary_ratios_pair_requests_across_configurations():
     rows = summarize(fake_run())
-    assert _row(rows, "adaspec", "python").speedup == pytest.approx(1.5)
-    assert _row(rows, "adaspec", "chat").speedup == pytest.approx(3.0)
-    assert _row(rows, "adaspec", "chat").vs_peer == pytest.approx(1.5)
-    assert _row(rows, "adaspec", "python").of_oracle == pytest.approx(1.5 / 4.0)
-    assert _row(rows, "adaspec-plain", "all").speedup is None  # no ratio of the baseline to itself
-    assert _row(rows, "adaspec-plain", "all").accepted_per_forward == pytest.approx(1.0)
-    assert _row(rows, "adaspec", "all").accepted_per_forward == pytest.approx(2.0)
+    assert _row(rows, "adaptive", "python").speedup == pytest.approx(1.5)
+    assert _row(rows, "adaptive", "chat").speedup == pytest.approx(3.0)
+    assert _row(rows, "adaptive", "chat").vs_peer == pytest.approx(1.5)
+    assert _row(rows, "adaptive", "python").of_oracle == pytest.approx(1.5 / 4.0)
+    assert _row(rows, "plain", "all").speedup is None  # no ratio of the baseline to itself
+    assert _row(rows, "plain", "all").accepted_per_forward == pytest.approx(1.0)
+    assert _row(rows, "adaptive", "all").accepted_per_forward == pytest.approx(2.0)
     assert _row(rows, "llama.cpp", "all").accepted_per_forward is None  # forwards unknown for a peer
-    assert _row(rows, "adaspec", "all").mix == pytest.approx({"suffix": 0.75, "none": 0.25})
+    assert _row(rows, "adaptive", "all").mix == pytest.approx({"suffix": 0.75, "none": 0.25})
     assert _row(rows, "llama.cpp", "all").reference_matches == "7/8"
     plain_tok_s = [10.0 + i for i in range(8)]
-    assert _row(rows, "adaspec-plain", "all").tok_s_median == pytest.approx((plain_tok_s[3] + plain_tok_s[4]) / 2)
+    assert _row(rows, "plain", "all").tok_s_median == pytest.approx((plain_tok_s[3] + plain_tok_s[4]) / 2)
 
 
 def test_summary_rejects_duplicates_and_empty_runs():
@@ -84,7 +84,7 @@ def test_projection_follows_the_flat_cost_formula():
     with pytest.raises(ValueError):
         project_speedup([1, 2], [0])
     rows = summarize(fake_run(), ReportConfig(draft_share=0.0))
-    assert _row(rows, "adaspec", "all").projected_speedup == pytest.approx(4 / 2)  # steps (3, 1) over (8, 0)
+    assert _row(rows, "adaptive", "all").projected_speedup == pytest.approx(4 / 2)  # steps (3, 1) over (8, 0)
 
 
 def test_rolling_median_and_phase_boundaries():
@@ -120,6 +120,16 @@ def test_load_run_refuses_other_files(tmp_path):
         load_run(p)
     save_run(p, fake_run(1))
     assert len(load_run(p).records) == len(FACTORS) * 2
+
+
+def test_runs_with_the_earlier_configuration_names_read_as_the_current_ones(tmp_path):
+    old = {"adaspec-plain": "plain", "adaspec": "adaptive", "adaspec@llamacpp": "adaptive@llamacpp",
+           "adaspec-plain@llamacpp": "plain@llamacpp", "suffix": "suffix", "llama.cpp-pld": "llama.cpp-pld"}
+    recs = [RequestRecord(name, "r0", 0, 0, "p", "python") for name in old]
+    p = tmp_path / "run.json"
+    save_run(p, recs, meta={"configs": list(old)})
+    run = load_run(p)
+    assert [r.config for r in run.records] == list(old.values()) and run.meta["configs"] == list(old.values())
 
 
 def test_cost_curve_needs_data(tmp_path):
@@ -182,7 +192,7 @@ def test_records_from_engine_stats_and_peer_results():
     st = RequestStats(prompt_tokens=12, output_tokens=30, forwards=10, drafted=40, accepted=20, wall_s=0.5,
                       prefill_s=0.1)
     st.chosen.update({"suffix": 7, "none": 2})
-    r = RequestRecord.from_stats("adaspec", item, 7, st, step_emitted=[3] * 9, step_drafted=[4] * 9)
+    r = RequestRecord.from_stats("adaptive", item, 7, st, step_emitted=[3] * 9, step_drafted=[4] * 9)
     assert (r.request_id, r.phase, r.domain, r.scenario) == ("drift/1/0003", 1, "rust", "drift")
     assert r.accepted_per_forward == pytest.approx(st.mean_accepted) and r.tok_s == pytest.approx(st.tok_s)
     assert r.speculator_mix == {"suffix": 7, "none": 2}

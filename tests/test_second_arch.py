@@ -60,13 +60,13 @@ def test_serve_answers_the_openai_client(gemma, tmp_path):
 
 def test_bench_runs_against_llama_cpp(gemma, tmp_path):
     out = tmp_path / "bench"
-    r = _adaspec("bench", "--scenario", "code_editing", "--model", str(gemma), "--configs", "adaspec-plain,adaspec",
+    r = _adaspec("bench", "--scenario", "code_editing", "--model", str(gemma), "--configs", "plain,adaptive",
                  "--peers", "llama.cpp", "--max-tokens", "48", "--no-costs", "--out", str(out), timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     configs = {rec["config"] for rec in run["records"]}
-    assert {"adaspec-plain", "adaspec", "llama.cpp"} <= configs
-    ours = [rec for rec in run["records"] if rec["config"] == "adaspec"]
+    assert {"plain", "adaptive", "llama.cpp"} <= configs
+    ours = [rec for rec in run["records"] if rec["config"] == "adaptive"]
     # compared with plain decoding on the same backend (equal up to llama.cpp's batch noise, tests/test_llamacpp.py)
     assert len(ours) == 4 and all(rec["matches_reference"] is not None for rec in ours)
     assert all(rec["output_tokens"] > 0 and rec["wall_seconds"] > 0 for rec in run["records"])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from adaspec.speculators.base import DecodeContext, Draft, Speculator, StepOutcome
-from adaspec.speculators.replay import replay
+from adaspec.sim.speculator import replay
 from adaspec.store import AtomicStore, StoreCorruptError, pack, unpack, write_atomic
 from adaspec.speculators.suffix import SuffixConfig, SuffixSpeculator, draft_verdicts
 from adaspec.speculators.suffix_index import SuffixIndex, ngram_keys, query_keys
@@ -413,8 +413,8 @@ def test_replay_twice_learns():
 
 
 def test_replay_accounting_with_an_oracle_and_a_tree():
+    from adaspec.speculators.base import SpeculatorBase
     from adaspec.speculators.oracle import OracleSpeculator
-    from adaspec.speculators.replay import accept_greedy
 
     prompt, output = [1, 2, 3], list(range(10, 110))
     oracle = OracleSpeculator()
@@ -425,9 +425,17 @@ def test_replay_accounting_with_an_oracle_and_a_tree():
     assert r["acceptance_rate"] == pytest.approx(1.0)
     assert r["frontier"][0]["accepted_per_step"] == pytest.approx(r["accepted_per_step"])
     tree = Draft(np.array([7, 8, 9, 5]), np.array([-1, 0, -1, 2]), np.array([0.5, 0.5, 0.4, 0.9]))
-    assert accept_greedy(tree, [9, 5, 1]) == [2, 3]
-    assert accept_greedy(tree, [7, 1]) == [0]
-    assert accept_greedy(tree, [4]) == []
+
+
+    class Tree(SpeculatorBase):
+        name = "tree"
+
+        def propose(self, ctx, budget):
+            return tree
+
+    for continuation, path in (([9, 5, 1], 2), ([7, 1], 1), ([4], 0)):  # the deepest path on the recording
+        r = replay(Tree(), [([1, 2], [0] + continuation + [3] * 8)], 4)  # then nothing matches the tree
+        assert r["accepted_per_step"] * r["steps"] == pytest.approx(path)
     sp = spec(min_prob=0.0)
     res = replay(sp, templated_traces(10), 8)
     acc = [f["accepted_per_step"] for f in res["frontier"]]

@@ -6,9 +6,13 @@ import random
 
 import pytest
 
+from adaspec.bench import corpus as C
+from adaspec.bench import domains as D
 from adaspec.bench import workloads as W
-from adaspec.bench.workloads import (ArrayScan, Conversation, Corpus, HumanEvalTask, PromptBudget, WorkItem, classify,
-                                     conversation_from_record, iter_json_array, parse_sharegpt, turn_messages)
+from adaspec.bench.corpus import Conversation, Corpus, HumanEvalTask, conversation_from_record, parse_sharegpt
+from adaspec.bench.domains import classify
+from adaspec.bench.workloads import PromptBudget, WorkItem, turn_messages
+from adaspec.jsonstream import ArrayScan, iter_json_array
 
 # (prompt, first answer, expected domain)
 EXAMPLES = [
@@ -45,7 +49,7 @@ def test_unreliable_fence_tag_loses_to_the_code_itself():
     # ShareGPT's highlighter often labels Python as "scss": the tag is ignored, the syntax decides
     answer = "```scss\nimport os\n\ndef main():\n    for name in os.listdir('.'):\n        print(name)\n```"
     assert classify("list the files in a folder", answer) == "python"
-    assert W.domain_scores("list the files in a folder", answer)["other_code"] == 0
+    assert D.domain_scores("list the files in a folder", answer)["other_code"] == 0
 
 
 def _record(i: int, domain_text: str = "hello") -> dict:
@@ -102,7 +106,7 @@ def test_conversation_starts_at_the_first_human_turn():
 
 def _corpus() -> Corpus:
     convs = []
-    for d in W.DOMAINS:
+    for d in D.DOMAINS:
         for i in range(30):
             turns = tuple((("user", f"{d} question {i} turn {t}"), ("assistant", f"{d} answer {i} turn {t}"))[k]
                           for t in range(1 + i % 4) for k in range(2))
@@ -228,16 +232,16 @@ def test_work_item_needs_exactly_one_prompt_form():
 
 
 def test_humaneval_loads_from_the_installed_package():
-    tasks = W.load_humaneval()
+    tasks = C.load_humaneval()
     assert len(tasks) == 164 and tasks[0].task_id == "HumanEval/0" and "def " in tasks[0].prompt
 
 
 @pytest.mark.slow
 def test_real_sharegpt_recovers_the_complete_conversations(tmp_path, monkeypatch):
     monkeypatch.setenv("ADASPEC_CACHE", str(tmp_path))
-    convs, info = W.load_sharegpt()
+    convs, info = C.load_sharegpt()
     assert info.truncated and info.elements > 17_000 and not info.from_cache
     counts = Corpus(convs).domain_counts(openings_only=True)
-    assert all(counts[d] >= 20 for d in W.DOMAINS), counts
-    again, info2 = W.load_sharegpt()
+    assert all(counts[d] >= 20 for d in D.DOMAINS), counts
+    again, info2 = C.load_sharegpt()
     assert info2.from_cache and again == convs

@@ -2,20 +2,15 @@
 
     python tools/soak.py --clients 8 --requests 1000 --max-tokens 8 [--serve-args "--threads 1"]
 
-Starts the server (the bundled model unless ``--serve-args`` names another) on a free port of 127.0.0.1, waits
-for /health, then ``--clients`` clients send ``--requests`` requests in all, back to back: about half valid
-(chat and completions, streaming or not, ``max_tokens`` at most ``--max-tokens``), the rest invalid (malformed
-JSON, wrong types, unknown models, hostile nesting and Unicode, oversize numbers). It stops early at
-``--time-limit`` seconds. Reports the count of each status, server errors (5xx, or a stream that ended in an
-error event), the server's resident memory at start and end (``/proc/PID/status``) and p50/p99 latency of the
-valid and the invalid requests, as one JSON object. Exit status 1 if any server error was seen.
+Reports the count of each status, server errors, the server's resident memory at start and end and p50/p99 latency
+of the valid and the invalid requests, as one JSON object; exit status 1 if any server error was seen (details on
+:func:`main`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shlex
 import signal
@@ -30,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from adaspec.bench.load import rss_from_proc, wait_healthy
+from adaspec.bench.load import percentile, rss_from_proc, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REQUESTS = 100_000
@@ -79,14 +74,19 @@ def rss_kib(pid: int) -> int:
     return int(rss) // 1024
 
 
-def percentile(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Starts the server (the bundled model unless ``--serve-args`` names another) on a free port of 127.0.0.1, waits
+    for /health, then ``--clients`` clients send ``--requests`` requests in all, back to back: about half valid
+    (chat and completions, streaming or not, ``max_tokens`` at most ``--max-tokens``), the rest invalid (malformed
+    JSON, wrong types, unknown models, hostile nesting and Unicode, oversize numbers). It stops early at
+    ``--time-limit`` seconds. Reports the count of each status, server errors (5xx, or a stream that ended in an
+    error event), the server's resident memory at start and end (``/proc/PID/status``) and p50/p99 latency of the
+    valid and the invalid requests, as one JSON object. Exit status 1 if any server error was seen.
+    """
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--requests", type=int, default=1000)
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             "statuses": dict(sorted(statuses.items())), "server_errors": len(server_errors),
             "server_error_samples": server_errors[:5],
             "rss_mib_start": round(rss_start / 1024, 1), "rss_mib_end": round(rss_end / 1024, 1),
-            **{f"{k}_p{int(q * 100)}_s": round(percentile(v, q), 3) for k, v in latency.items() for q in (0.5, 0.99)},
+            **{f"{k}_p{int(q * 100)}_s": _round(percentile(v, q)) for k, v in latency.items() for q in (0.5, 0.99)},
             "server_log": log.name,
         }
         print(json.dumps(report, indent=1))

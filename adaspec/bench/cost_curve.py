@@ -1,25 +1,10 @@
 """The verification cost curve c(k): seconds of one target forward over k new tokens.
 
-Speculation pays when accepting E tokens per step outweighs verifying k:
-throughput = (E + 1) / (draft cost + c(k)), so the controller needs c(k) for this
-target on this machine. ``measure_costs`` times, after a context of
-``context_len`` committed tokens:
-
-* ``verify[k]``: a chain of k tokens (the pending token + k - 1 draft tokens);
-* ``tree[k]``: k tokens as a binary tree (``parents[i] = (i - 1) // 2``);
-* ``plain_tok_s``: greedy decoding one token per forward (argmax + commit).
-* ``head_ms``: the LM head alone over k rows (part of c(k)).
-
-Each value is the median over ``reps`` repetitions, sizes interleaved, with
-nothing committed between verify timings (the next forward overwrites the rows).
-The command line puts llama.cpp (llama-cpp-python on the same GGUF, same thread
-count, logits for all k rows) beside it in the same run, interleaved, so both
-see the same machine load::
+Speculation pays when accepting E tokens per step outweighs verifying k: throughput = (E + 1) / (draft cost + c(k)),
+so the controller needs c(k) for this target on this machine. :func:`measure_costs` times it (chains, trees, plain
+decoding, the LM head); the command line puts llama.cpp beside it in the same run::
 
     python -m adaspec.bench.cost_curve --threads 2 --out costs.json
-
-The JSON holds ``verify`` at the top level, so ``control.costs.load_cost_curve``
-reads it as a recorded curve.
 """
 
 from __future__ import annotations
@@ -33,7 +18,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -115,6 +100,24 @@ def measure_costs(model: Any, ks: Sequence[int] = DEFAULT_KS, reps: int = 15, co
     Returns ``{"verify": {k: s}, "tree": {k: s}, "plain_tok_s": x, "verify_ms": ..., ...}``
     plus ``"llama_cpp": {...}`` with the same keys when a peer is given, and ``"backends": {name: {...}}`` for
     each of ``others`` (more targets, e.g. the same file on another backend, timed in the same loop).
+
+    It times, after a context of ``context_len`` committed tokens:
+
+    * ``verify[k]``: a chain of k tokens (the pending token + k - 1 draft tokens);
+    * ``tree[k]``: k tokens as a binary tree (``parents[i] = (i - 1) // 2``);
+    * ``plain_tok_s``: greedy decoding one token per forward (argmax + commit).
+    * ``head_ms``: the LM head alone over k rows (part of c(k)).
+
+    Each value is the median over ``reps`` repetitions, sizes interleaved, with
+    nothing committed between verify timings (the next forward overwrites the rows).
+    The command line puts llama.cpp (llama-cpp-python on the same GGUF, same thread
+    count, logits for all k rows) beside it in the same run, interleaved, so both
+    see the same machine load::
+
+        python -m adaspec.bench.cost_curve --threads 2 --out costs.json
+
+    The JSON holds ``verify`` at the top level, so ``control.costs.load_cost_curve``
+    reads it as a recorded curve.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:

@@ -1,24 +1,9 @@
 """``adaspec bench``: speed over a real, shifting request stream, every configuration side by side.
 
-Each request of the stream goes through every configuration before the next
-request starts, so machine noise hits all of them alike; each adaspec
-configuration keeps its own engine (and learned state) for the whole stream, so
-adaptation shows along the stream. Configurations:
-
-- ``adaspec-plain``: the same engine with no speculation (the baseline of every ratio);
-- ``ngram``, ``suffix``, ``head``: one speculator alone at a fixed lookahead;
-- ``adaspec``: the full system (every speculator under the confidence-aware controller);
-- ``oracle``: drafts the plain output itself (the ceiling of this hardware);
-- peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
-
-``--backend both`` runs every adaspec configuration on the torch backend and again, named ``<config>@llamacpp``,
-on the llama.cpp backend, in the same loop; each backend's outputs are checked against its own plain decoding.
-
-Background learners (the online head) run only while their own configuration decodes, within their busy-time
-duty cycle, so no configuration is timed while another one learns. Peers decode greedily and skip sampled
-requests.
-
-Writes summary.md, run.json, PNG plots, and traces.jsonl (greedy plain traces for ``adaspec simulate``).
+Each request of the stream goes through every configuration before the next request starts, so machine noise hits
+all of them alike; each adaspec configuration keeps its own engine (and learned state) for the whole stream, so
+adaptation shows along the stream. The configurations are listed on :func:`run_bench`. Writes summary.md, run.json,
+PNG plots, and traces.jsonl (greedy plain traces for ``adaspec simulate``).
 """
 
 from __future__ import annotations
@@ -34,12 +19,14 @@ from typing import Sequence
 from tqdm import tqdm
 
 from ..speculators.oracle import OracleSpeculator
-from ..system import build_engine, available_modes
+from ..system import MODES, available_modes, build_engine
 from ..verify import SamplingParams
 from . import workloads
-from .report import ReportConfig, RequestRecord, write_report
+from .report import ReportConfig, RequestRecord, config_name, write_report
 
-ADASPEC_CONFIGS = ("adaspec-plain", "ngram", "suffix", "head", "adaspec", "oracle")
+ADASPEC_CONFIGS = ("plain", "ngram", "suffix", "head", "adaptive", "oracle")
+"""adaspec's configurations: the engine's modes (``system.MODES``, the names ``--mode`` takes), plain first (every
+other output is checked against it), and the oracle."""
 PEER_CONFIGS = ("llama.cpp", "llama.cpp-pld", "hf", "hf-pld")
 
 
@@ -87,7 +74,7 @@ def _base_config(config: str) -> str:
 
 def _plain_of(config: str) -> str:
     """The plain configuration whose output ``config`` must reproduce (the one on the same backend)."""
-    return "adaspec-plain" + (BACKEND_SUFFIX if config.endswith(BACKEND_SUFFIX) else "")
+    return "plain" + (BACKEND_SUFFIX if config.endswith(BACKEND_SUFFIX) else "")
 
 
 def _prompt_ids(tok, prompt: str | None, messages) -> list[int]:
@@ -106,12 +93,26 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
     Configurations named ``<config>@llamacpp`` run on ``second_model``. Every adaspec record says whether its
     output equals the plain output of its backend: greedy requests, and sampled ones too, since seeded sampling
     gives the same tokens with or without speculation. Peers decode greedily, so they run the greedy requests only.
+
+    Configurations:
+
+    - ``plain``: the same engine with no speculation (the baseline of every ratio);
+    - ``ngram``, ``suffix``, ``head``: one speculator alone at a fixed lookahead;
+    - ``adaptive``: the full system (every speculator under the confidence-aware controller);
+    - ``oracle``: drafts the plain output itself (the ceiling of this hardware);
+    - peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
+
+    ``--backend both`` runs every adaspec configuration on the torch backend and again, named ``<config>@llamacpp``,
+    on the llama.cpp backend, in the same loop; each backend's outputs are checked against its own plain decoding.
+
+    Background learners (the online head) run only while their own configuration decodes, within their busy-time
+    duty cycle, so no configuration is timed while another one learns. Peers decode greedily and skip sampled
+    requests.
     """
     from .peers import PeerConfig, make_peers
 
-    modes = {"adaspec-plain": "plain", "ngram": "ngram", "suffix": "suffix", "head": "head", "adaspec": "adaptive"}
-    engines = {c: build_engine(second_model if c.endswith(BACKEND_SUFFIX) else model, tok, modes[_base_config(c)])
-               for c in plan.configs if _base_config(c) in modes}
+    engines = {c: build_engine(second_model if c.endswith(BACKEND_SUFFIX) else model, tok, _base_config(c))
+               for c in plan.configs if _base_config(c) in MODES}
     oracle = OracleSpeculator()
     if "oracle" in plan.configs:
         from ..control.base import FixedController
@@ -149,7 +150,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
                         s.pause()
                     if config == _plain_of(config):
                         references[config] = g.tokens
-                    if config == "adaspec-plain":
+                    if config == "plain":
                         answers.append(g.text)
                         if item.temperature == 0:
                             traces.write(json.dumps({"id": rid, "domain": item.domain, "prompt_ids": ids,
@@ -161,7 +162,7 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
                 for name, peer in (peers.peers.items() if peers and item.temperature == 0 else ()):
                     if name.startswith("hf") and n % plan.hf_every:
                         continue
-                    res = peer.generate(ids, item.max_tokens, references.get("adaspec-plain"))
+                    res = peer.generate(ids, item.max_tokens, references.get("plain"))
                     records.append(RequestRecord.from_peer(item, index, res, request_id=rid))
                 index += 1
     finally:
@@ -215,7 +216,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="adaspec's own engine, or vLLM with each speculation method (needs adaspec[vllm])")
     ap.add_argument("--configs", default=None,
                     help="comma-separated configurations (default: all of the engine's: "
-                         f"{', '.join(ADASPEC_CONFIGS)}; with --engine vllm: vllm, vllm-ngram, vllm-suffix, adaspec)")
+                         f"{', '.join(ADASPEC_CONFIGS)}, where the earlier names adaspec-plain and adaspec still "
+                         "work; with --engine vllm: vllm, vllm-ngram, vllm-suffix, adaspec)")
     ap.add_argument("--passes", type=int, default=1,
                     help="--engine vllm: run the stream this many times in one engine (2 = repeated traffic)")
     ap.add_argument("--peers", default=",".join(PEER_CONFIGS), help="comma-separated peers ('' for none)")
@@ -242,17 +244,16 @@ def run(args: argparse.Namespace) -> int:
         from ..vllm.bench import run as run_vllm
 
         return run_vllm(args)
-    configs = [c for c in (args.configs or ",".join(ADASPEC_CONFIGS)).split(",") if c]
+    configs = [config_name(c) for c in (args.configs or ",".join(ADASPEC_CONFIGS)).split(",") if c]
     unknown = [c for c in configs if c not in ADASPEC_CONFIGS]
     peers = [p for p in args.peers.split(",") if p]
     unknown += [p for p in peers if p not in PEER_CONFIGS]
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(unknown)}")
-    if "adaspec-plain" not in configs:
-        configs.insert(0, "adaspec-plain")
+    if "plain" not in configs:
+        configs.insert(0, "plain")
     configs.sort(key=ADASPEC_CONFIGS.index)  # plain first: the oracle replays its output
-    configs = [c for c in configs if c in ("adaspec-plain", "oracle") or c.replace("adaspec", "adaptive") in
-               available_modes()]
+    configs = [c for c in configs if c == "oracle" or c in available_modes()]
     out = Path(args.out or f"runs/bench-{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_target(args.model, backend="torch" if args.backend == "both" else args.backend)

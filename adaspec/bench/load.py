@@ -2,16 +2,8 @@
 
     python -m adaspec.bench.load --url http://127.0.0.1:8000 --concurrency 8 --requests 64
 
-Each of ``--concurrency`` clients sends streaming chat requests back to back
-until ``--requests`` have been sent. Client-side measurements per request:
-TTFT (send -> first content chunk), ITL (gaps between content chunks; tokens
-accepted in one speculative step arrive in one chunk), TPOT ((E2E - TTFT) /
-(tokens - 1)) and E2E; output tokens come from the server's usage chunk.
-Reported: requests/s, output tok/s, p50/p99 of each latency, errors by kind,
-and from the server's ``/metrics`` the resident memory before and after and
-the speculation figures of the run (mean acceptance length = 1 + accepted
-tokens / drafts, as vLLM defines it). ``--pid`` reads the resident memory from
-``/proc/PID/status`` instead, for a server on this machine.
+Clients send streaming chat requests back to back; per request it measures TTFT, ITL, TPOT and E2E, and it reports
+throughput, percentiles, errors and the server's speculation figures (what each means: :func:`summarise`).
 """
 
 from __future__ import annotations
@@ -78,7 +70,7 @@ class RequestResult:
 
 def sharegpt_prompts(n: int, seed: int, max_chars: int) -> list[str]:
     """``n`` ShareGPT first human turns (drawn with replacement when the corpus is smaller)."""
-    from .workloads import load_sharegpt
+    from .corpus import load_sharegpt
 
     convs, _ = load_sharegpt()
     pool = [c.prompt for c in convs if 0 < len(c.prompt.strip()) <= max_chars]
@@ -178,7 +170,8 @@ def rss_from_proc(pid: int) -> float | None:
     return None
 
 
-def _pct(xs: Sequence[float], q: float) -> float | None:
+def percentile(xs: Sequence[float], q: float) -> float | None:
+    """The ``q``-quantile (0..1) of ``xs``, linear between the nearest ranks; None for no values."""
     if not xs:
         return None
     s = sorted(xs)
@@ -217,6 +210,19 @@ async def run_load(cfg: LoadConfig) -> dict:
 
 def summarise(cfg: LoadConfig, model: str, results: list[RequestResult], wall: float, before: dict, after: dict,
               rss_before: float | None, rss_after: float | None) -> dict:
+    """The run's figures from the per-request results and the server's metrics before and after.
+
+    Each of ``--concurrency`` clients sends streaming chat requests back to back
+    until ``--requests`` have been sent. Client-side measurements per request:
+    TTFT (send -> first content chunk), ITL (gaps between content chunks; tokens
+    accepted in one speculative step arrive in one chunk), TPOT ((E2E - TTFT) /
+    (tokens - 1)) and E2E; output tokens come from the server's usage chunk.
+    Reported: requests/s, output tok/s, p50/p99 of each latency, errors by kind,
+    and from the server's ``/metrics`` the resident memory before and after and
+    the speculation figures of the run (mean acceptance length = 1 + accepted
+    tokens / drafts, as vLLM defines it). ``--pid`` reads the resident memory from
+    ``/proc/PID/status`` instead, for a server on this machine.
+    """
     ok = [r for r in results if r.ok]
     errors: dict[str, int] = {}
     for r in results:
@@ -225,7 +231,7 @@ def summarise(cfg: LoadConfig, model: str, results: list[RequestResult], wall: f
     out_tok = sum(r.output_tokens for r in ok)
 
     def lat(xs: list[float]) -> dict:
-        return {"mean": statistics.fmean(xs) if xs else None, "p50": _pct(xs, 0.5), "p99": _pct(xs, 0.99)}
+        return {"mean": statistics.fmean(xs) if xs else None, "p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99)}
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)

@@ -1,25 +1,8 @@
 """Peer decoders measured the same way as adaspec: same GGUF weights, same prompt ids, greedy.
 
-Peers:
-
-* ``hf``            HF transformers ``generate()``, fp32 weights dequantised from the GGUF, plain greedy;
-* ``hf-pld``        the same with prompt lookup decoding (``prompt_lookup_num_tokens``);
-* ``llama.cpp``     llama-cpp-python on the GGUF itself (Q4_1 kernels), plain greedy, with flash attention on
-                    (llama.cpp's own default on CPU, and its faster setting there);
-* ``llama.cpp-pld`` the same with its Python prompt-lookup draft (``LlamaPromptLookupDecoding``).
-
-Every peer takes token ids (or chat-templated text, which it tokenizes itself
-without adding special tokens) and a token budget, and returns the generated
-ids (the EOS token excluded, as the engine does) with the wall time of the whole
-call: prefill and decode, timed with ``time.perf_counter`` around the call, after
-one warm-up call at construction. The time to the first token is taken from a
-streamer (HF) or the first yielded token (llama.cpp). Numerics differ between
-backends (fp32 vs Q4_1 kernels), so greedy outputs are expected to match a
-reference only within one backend; ``PeerResult.common_prefix`` says how far
-they agree.
-
-A peer whose package is missing raises ``PeerUnavailable`` with the reason;
-``available(name)`` checks without loading anything.
+``hf`` / ``hf-pld`` (transformers ``generate``, plain and with prompt lookup) and ``llama.cpp`` / ``llama.cpp-pld``
+(llama-cpp-python on the GGUF itself, plain and with its prompt-lookup draft); how each is timed is on :class:`Peer`.
+A peer whose package is missing raises ``PeerUnavailable``; ``available(name)`` checks without loading anything.
 """
 
 from __future__ import annotations
@@ -125,7 +108,26 @@ def compare(tokens: Sequence[int], reference: Sequence[int]) -> tuple[bool, int]
 
 
 class Peer:
-    """Base: tokenization of text prompts, the timing, and the reference check."""
+    """Base: tokenization of text prompts, the timing, and the reference check.
+
+    Peers:
+
+    * ``hf``            HF transformers ``generate()``, fp32 weights dequantised from the GGUF, plain greedy;
+    * ``hf-pld``        the same with prompt lookup decoding (``prompt_lookup_num_tokens``);
+    * ``llama.cpp``     llama-cpp-python on the GGUF itself (Q4_1 kernels), plain greedy, with flash attention on
+                        (llama.cpp's own default on CPU, and its faster setting there);
+    * ``llama.cpp-pld`` the same with its Python prompt-lookup draft (``LlamaPromptLookupDecoding``).
+
+    Every peer takes token ids (or chat-templated text, which it tokenizes itself
+    without adding special tokens) and a token budget, and returns the generated
+    ids (the EOS token excluded, as the engine does) with the wall time of the whole
+    call: prefill and decode, timed with ``time.perf_counter`` around the call, after
+    one warm-up call at construction. The time to the first token is taken from a
+    streamer (HF) or the first yielded token (llama.cpp). Numerics differ between
+    backends (fp32 vs Q4_1 kernels), so greedy outputs are expected to match a
+    reference only within one backend; ``PeerResult.common_prefix`` says how far
+    they agree.
+    """
 
     name: str = ""
 

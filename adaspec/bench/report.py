@@ -13,18 +13,31 @@ import os
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ..files import write_atomic
+
+if TYPE_CHECKING:
+    from ..engine import RequestStats
+
+
+RENAMED_CONFIGS = {"adaspec-plain": "plain", "adaspec": "adaptive"}
+"""Configuration names of runs made before the benchmark took the engine's mode names; still read and accepted."""
+
+
+def config_name(name: str) -> str:
+    """The current name of a configuration (an earlier spelling, with or without a ``@backend`` suffix, renamed)."""
+    base, at, backend = name.partition("@")
+    return RENAMED_CONFIGS.get(base, base) + at + backend
 
 
 @dataclass
 class RequestRecord:
     """One request served by one configuration."""
 
-    config: str  # configuration name, e.g. "adaspec", "adaspec-plain", "oracle", "llama.cpp", "hf-pld"
+    config: str  # configuration name, e.g. "adaptive", "plain", "oracle", "llama.cpp", "hf-pld"
     request_id: str  # the work item (and turn) id: equal across configurations, so results pair up
     index: int  # position in the request stream (0-based), the x axis of the stream plots
     phase: int  # phase index (drift phase, RL step, or 0)
@@ -57,7 +70,7 @@ class RequestRecord:
         return asdict(self)
 
     @classmethod
-    def from_stats(cls, config: str, item: Any, index: int, stats: Any, request_id: str | None = None,
+    def from_stats(cls, config: str, item: Any, index: int, stats: RequestStats, request_id: str | None = None,
                    step_emitted: Sequence[int] | None = None, step_drafted: Sequence[int] | None = None,
                    matches_reference: bool | None = None) -> "RequestRecord":
         """From a work item (``id, phase, phase_name, domain, scenario``) and the engine's ``RequestStats``.
@@ -65,15 +78,15 @@ class RequestRecord:
         The per-step lists (for the projection) are the stats' own unless given.
         """
         if step_emitted is None:
-            step_emitted = getattr(stats, "step_emitted", ())
+            step_emitted = stats.step_emitted
         if step_drafted is None:
-            step_drafted = getattr(stats, "step_drafted", ())
+            step_drafted = stats.step_drafted
         return cls(config, request_id or item.id, index, item.phase, item.phase_name, item.domain, item.scenario,
                    prompt_tokens=stats.prompt_tokens, output_tokens=stats.output_tokens, wall_seconds=stats.wall_s,
                    ttft_seconds=stats.prefill_s, forwards=stats.forwards, drafted=stats.drafted,
                    accepted=stats.accepted, speculator_mix=dict(stats.chosen), matches_reference=matches_reference,
                    step_emitted=list(step_emitted), step_drafted=list(step_drafted),
-                   overhead_share=getattr(stats, "overhead_share", None))
+                   overhead_share=stats.overhead_share)
 
     @classmethod
     def from_peer(cls, item: Any, index: int, result: Any, request_id: str | None = None) -> "RequestRecord":
@@ -95,7 +108,7 @@ class RequestRecord:
 class ReportConfig:
     """Which configurations the ratios refer to, and how the plots smooth."""
 
-    baseline: str = "adaspec-plain"  # "speedup" column: ratio to this configuration
+    baseline: str = "plain"  # "speedup" column: ratio to this configuration
     peer: str = "llama.cpp"  # "vs llama.cpp" column
     oracle: str = "oracle"  # "of oracle" column
     window: int = 9  # rolling-median window of the stream plots, in requests
@@ -435,7 +448,11 @@ def load_run(path: str | os.PathLike) -> Run:
     if not isinstance(blob, dict) or blob.get("format") != "adaspec-run/1":
         raise ValueError(f"{path} is not an adaspec run file (format adaspec-run/1)")
     costs = blob.get("costs")
-    return Run([RequestRecord.from_dict(r) for r in blob["records"]], blob.get("meta", {}), blob.get("summary"),
+    records = [RequestRecord.from_dict({**r, "config": config_name(r["config"])}) for r in blob["records"]]
+    meta = blob.get("meta", {})
+    if isinstance(meta.get("configs"), list):
+        meta["configs"] = [config_name(c) for c in meta["configs"]]
+    return Run(records, meta, blob.get("summary"),
                {b: {int(k): v for k, v in c.items()} for b, c in costs.items()} if costs is not None else None)
 
 

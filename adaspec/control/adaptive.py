@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..speculators.base import DecodeContext, Draft
-from .base import Controller, StepFeedback
-from .calibration import CalibrationConfig, Calibrator
-from .costs import CostConfig, CostModel
+from ..stats import StepCounts
+from .base import Controller, StepFeedback, StepPlan
+from .calibration import Calibrator
+from .costs import CostModel
 
-__all__ = ["AdaptiveConfig", "AdaptiveController", "best_prefix", "merge_drafts", "normalise_siblings"]
+__all__ = ["AdaptiveConfig", "AdaptiveController", "AdaptivePlan", "best_prefix", "merge_drafts", "normalise_siblings"]
 
 STATE_VERSION = 1
 _EMPTY = Draft.empty()
+WARMUP = 4
+"""A speculator is always asked during its first ``WARMUP`` queries, to measure it."""
+EXPLORE_FRACTION = 0.01
+"""Per skipped speculator, the share of plain-decoding time spent probing it: small, and still enough to notice
+within a few hundred steps that a skipped speculator became useful."""
+MAX_REQUESTS = 1024
+"""Per-request summaries kept (oldest dropped first): the server reads one when its request ends."""
 
 
 @dataclass
@@ -38,28 +46,14 @@ class AdaptiveConfig:
     """Largest budget (draft nodes); on a GPU, where c(n) is flat, budgets grow up to it."""
     smoothing: float = 0.1
     """Weight of the newest step in each speculator's running gain estimate (~10-step memory)."""
-    warmup: int = 4
-    """A speculator is always asked during its first ``warmup`` queries, to measure it."""
-    explore_fraction: float = 0.01
-    """Per skipped speculator, the share of plain-decoding time spent probing it."""
-    merge: bool = True
-    """Consider the merged tree of the proposals (those worth verifying on their own) as a candidate."""
     trees: bool = True
     """Whether the target may verify trees; if not, tree proposals are cut to their most likely chain."""
-    max_requests: int = 1024
-    """Per-request summaries kept (oldest dropped first)."""
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    """How raw confidences become acceptance probabilities."""
-    costs: CostConfig = field(default_factory=CostConfig)
-    """How timings become cost estimates."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_budget <= self.initial_budget <= self.max_budget:
             raise ValueError("budgets must satisfy 1 <= min_budget <= initial_budget <= max_budget")
         if not 0 < self.smoothing <= 1:
             raise ValueError("smoothing must be in (0, 1]")
-        if self.explore_fraction < 0:
-            raise ValueError("explore_fraction must be >= 0")
 
 
 # -- pure helpers ------------------------------------------------------------------------------------
@@ -182,39 +176,31 @@ class _SpecState:
     credit: float = 0.0  # seconds of exploration earned while skipped
 
 
-@dataclass
-class _Pending:
-    """What plan/choose decided for the step in flight of one request."""
+@dataclass(frozen=True)
+class AdaptivePlan(StepPlan):
+    """A step's plan with what ``choose`` and ``observe`` need of the decisions before them."""
 
-    budgets: dict[str, int] = field(default_factory=dict)
+    probes: int = 0  # speculators asked on exploration credit
     # name -> its best prefix alone: (E, nodes, rate)
-    standalone: dict[str, tuple[float, int, float]] = field(default_factory=dict)
+    standalone: Mapping[str, tuple[float, int, float]] = field(default_factory=dict)
     empty_rate: float = 0.0  # rate of verifying no draft, at this step's sunk cost
     best_rate: float = 0.0  # rate of the chosen candidate
     choose_s: float = 0.0  # time choose() took
-    probes: int = 0
 
 
 @dataclass
-class _RequestSummary:
-    steps: int = 0
-    speculated_steps: int = 0
-    chosen: Counter = field(default_factory=Counter)
-    verified_tokens: int = 0  # pending + draft tokens over all verify forwards
-    emitted: int = 0
-    predicted_accepted: float = 0.0
-    realised_accepted: int = 0
-    verify_s: float = 0.0
-    propose_s: float = 0.0
+class _RequestSummary(StepCounts):
+    """The steps of one request as the controller saw them (emitted tokens include a stop token)."""
+
     controller_s: float = 0.0
     probes: int = 0
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "speculated_steps": self.speculated_steps,
-                "empty_steps": self.steps - self.speculated_steps, "chosen": dict(self.chosen),
-                "verified_tokens": self.verified_tokens, "emitted": self.emitted,
-                "mean_accepted": self.emitted / self.steps if self.steps else 0.0,
-                "predicted_accepted": self.predicted_accepted, "realised_accepted": self.realised_accepted,
+        return {"steps": self.forwards, "speculated_steps": self.draft_steps,
+                "empty_steps": self.forwards - self.draft_steps, "chosen": dict(self.chosen),
+                "verified_tokens": self.forwards + self.drafted, "emitted": self.output_tokens,
+                "mean_accepted": self.mean_accepted,
+                "predicted_accepted": self.predicted_accepted, "realised_accepted": self.accepted,
                 "verify_s": self.verify_s, "propose_s": self.propose_s, "controller_s": self.controller_s,
                 "probes": self.probes}
 
@@ -261,9 +247,9 @@ class AdaptiveController(Controller):
     fraction of the step's best rate that would be lost without it, e.g. a prompt
     lookup that wins only on copy-heavy steps -- times the projected step time
     covers its cost. Every speculator not asked accrues exploration credit of
-    ``explore_fraction`` x c(1) per step and is probed when the credit covers its
+    ``EXPLORE_FRACTION`` x c(1) per step and is probed when the credit covers its
     cost: one that costs half a forward is probed every ~50 steps, which bounds
-    the time spent exploring at ``explore_fraction`` of plain decoding time per
+    the time spent exploring at ``EXPLORE_FRACTION`` of plain decoding time per
     speculator. The budget of a speculator grows by half when its whole proposal
     was worth verifying and the budget cut it, and otherwise relaxes toward the
     length worth verifying plus a margin.
@@ -281,10 +267,9 @@ class AdaptiveController(Controller):
         (a simulation passes its virtual clock so projections stay deterministic)."""
         self.config = config or AdaptiveConfig()
         self.timer = timer
-        self.costs = costs or CostModel(self.config.costs)
-        self.calibrator = calibrator or Calibrator(self.config.calibration)
+        self.costs = costs or CostModel()
+        self.calibrator = calibrator or Calibrator()
         self._specs: dict[str, _SpecState] = {}
-        self._pending: dict[str, _Pending] = {}
         self._requests: OrderedDict[str, _RequestSummary] = OrderedDict()
         self._lock = threading.RLock()
         self._overhead = 0.0  # running seconds of controller work per proposal considered
@@ -292,7 +277,7 @@ class AdaptiveController(Controller):
 
     # -- protocol ------------------------------------------------------------------------------
 
-    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
+    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> AdaptivePlan:
         t0 = self.timer()
         with self._lock:
             cfg = self.config
@@ -310,35 +295,29 @@ class AdaptiveController(Controller):
                 rate = (1.0 + st.gain) / max(t, 1e-12)
                 if rate > best_rate:
                     best, best_rate, step_s = name, rate, t
-            pend = _Pending()
+            probes = 0
             out: dict[str, int] = {}
             for name, st in states:
                 # others join when the share of throughput they add, over the step, covers their cost
-                ask = name == best or st.queries < cfg.warmup or st.marginal * step_s > pcost[name]
+                ask = name == best or st.queries < WARMUP or st.marginal * step_s > pcost[name]
                 if not ask:
-                    st.credit += cfg.explore_fraction * c1
+                    st.credit += EXPLORE_FRACTION * c1
                     if st.credit >= pcost[name]:
                         ask = True
                         st.probes += 1
-                        pend.probes += 1
+                        probes += 1
                 if ask:
                     st.credit = 0.0
-                    out[name] = budgets[name]
-                    pend.budgets[name] = budgets[name]
-                else:
-                    out[name] = 0
-            self._pending[ctx.request_id] = pend
-            if len(self._pending) > 4 * cfg.max_requests:  # requests dropped between plan and observe
-                self._pending.pop(next(iter(self._pending)))
+                out[name] = budgets[name] if ask else 0
             self._summary(ctx.request_id).controller_s += self.timer() - t0
-            return out
+            return AdaptivePlan(out, probes=probes)
 
-    def choose(self, ctx: DecodeContext, proposals: Mapping[str, Draft]) -> Draft:
+    def choose(self, ctx: DecodeContext, plan: StepPlan, proposals: Mapping[str, Draft],
+               propose_seconds: Mapping[str, float]) -> AdaptivePlan:
         t0 = self.timer()
         with self._lock:
-            pend = self._pending.setdefault(ctx.request_id, _Pending())
-            sunk = sum(self.costs.propose_cost(n, pend.budgets.get(n, len(d))) + self._overhead
-                       for n, d in proposals.items())
+            # the proposals' time is spent: what the engine measured, plus the controller's own per proposal
+            sunk = sum(propose_seconds.get(n, 0.0) + self._overhead for n in proposals)
             cal: dict[str, Draft] = {}
             for name, d in proposals.items():
                 if len(d):
@@ -349,16 +328,17 @@ class AdaptiveController(Controller):
             chain_c, tree_c = self.costs.verify_costs(upto)
             _, _, _, best_rate = best_prefix(_EMPTY, chain_c, tree_c, sunk)
             best = _EMPTY
-            pend.empty_rate = best_rate
+            empty_rate = best_rate
+            standalone: dict[str, tuple[float, int, float]] = {}
             for name, d in cal.items():
                 order, k, e, rate = best_prefix(d, chain_c, tree_c, sunk)
-                pend.standalone[name] = (e, k, rate)
+                standalone[name] = (e, k, rate)
                 if rate > best_rate:
                     best, best_rate = _subset(d, order[:k]), rate
             # merge the proposals that are worth verifying on their own (a node that does not pay for
             # itself alone seldom pays as a sibling: each extra node costs about the same)
-            useful = {n: d for n, d in cal.items() if pend.standalone[n][1] > 0}
-            if self.config.merge and len(useful) > 1:
+            useful = {n: d for n, d in cal.items() if standalone[n][1] > 0}
+            if len(useful) > 1:
                 merged, owners = merge_drafts(list(useful.values()))
                 if not self.config.trees:
                     merged, owners = main_chain(merged), None
@@ -372,56 +352,51 @@ class AdaptiveController(Controller):
                         mask |= owners[i] if owners is not None else (1 << len(names)) - 1
                     source = "+".join(n for b, n in enumerate(names) if mask >> b & 1)
                     best, best_rate = _subset(merged, order[:k], source), rate
-            pend.best_rate = best_rate
-            pend.choose_s = self.timer() - t0
-            self._summary(ctx.request_id).controller_s += pend.choose_s
-            return best
+            choose_s = self.timer() - t0
+            self._summary(ctx.request_id).controller_s += choose_s
+            base = plan if isinstance(plan, AdaptivePlan) else AdaptivePlan(plan.budgets)
+            return replace(base, draft=best, standalone=standalone, empty_rate=empty_rate, best_rate=best_rate,
+                           choose_s=choose_s)
 
     def observe(self, feedback: StepFeedback) -> None:
         t0 = self.timer()
         with self._lock:
             cfg = self.config
             ctx, chosen, outcome = feedback.ctx, feedback.chosen, feedback.outcome
-            pend = self._pending.pop(ctx.request_id, None) or _Pending()
+            plan = feedback.plan if isinstance(feedback.plan, AdaptivePlan) else AdaptivePlan(feedback.plan.budgets)
             self.steps += 1
             self.costs.observe_verify(feedback.n_verified, feedback.verify_seconds, tree=not chosen.is_chain)
             for name, secs in feedback.propose_seconds.items():
                 d = feedback.proposals.get(name)
-                self.costs.observe_propose(name, pend.budgets.get(name, len(d) if d is not None else 1), secs)
+                self.costs.observe_propose(name, plan.budgets.get(name, len(d) if d is not None else 1), secs)
             t_cal = self.timer()
             for name, d in feedback.proposals.items():
                 if len(d):
                     self.calibrator.observe(name, d, outcome.emitted)
             if feedback.proposals:
-                per = (pend.choose_s + self.timer() - t_cal) / len(feedback.proposals)
+                per = (plan.choose_s + self.timer() - t_cal) / len(feedback.proposals)
                 self._overhead += (0.05 if self._overhead else 1.0) * (per - self._overhead)
             for name, d in feedback.proposals.items():
                 st = self._state(name)
                 st.queries += 1
                 a = max(cfg.smoothing, 1.0 / st.queries)  # a running mean until the average has enough steps
-                e, k, _ = pend.standalone.get(name, (0.0, 0, 0.0))
+                e, k, _ = plan.standalone.get(name, (0.0, 0, 0.0))
                 st.gain += a * (e - st.gain)
                 st.size += a * (k - st.size)
-                if pend.best_rate > 0:  # share of this step's best rate lost without this speculator
-                    without = max([pend.empty_rate] + [r for n, (_, _, r) in pend.standalone.items() if n != name])
-                    st.marginal += a * (max(0.0, 1.0 - without / pend.best_rate) - st.marginal)
-                b = pend.budgets.get(name, self._budget(st))
+                if plan.best_rate > 0:  # share of this step's best rate lost without this speculator
+                    without = max([plan.empty_rate] + [r for n, (_, _, r) in plan.standalone.items() if n != name])
+                    st.marginal += a * (max(0.0, 1.0 - without / plan.best_rate) - st.marginal)
+                b = plan.budgets.get(name, self._budget(st))
                 if len(d) >= b and k >= len(d):  # the budget cut a draft that was worth verifying in full
                     st.budget = min(cfg.max_budget, 1.5 * st.budget + 1)
                 else:
                     st.budget += 0.2 * (k + max(2, k // 2) - st.budget)
                 st.budget = min(max(st.budget, cfg.min_budget), cfg.max_budget)
             s = self._summary(ctx.request_id)
-            s.steps += 1
-            s.speculated_steps += bool(len(chosen))
-            s.chosen[(chosen.source or "unnamed") if len(chosen) else "none"] += 1
-            s.verified_tokens += feedback.n_verified
-            s.emitted += len(outcome.emitted)
-            s.predicted_accepted += chosen.score if len(chosen) else 0.0
-            s.realised_accepted += outcome.num_accepted
-            s.verify_s += feedback.verify_seconds
-            s.propose_s += sum(feedback.propose_seconds.values())
-            s.probes += pend.probes
+            s.count_step(chosen.origin, len(chosen), outcome.num_accepted, chosen.score,
+                         sum(feedback.propose_seconds.values()), feedback.verify_seconds)
+            s.output_tokens += len(outcome.emitted)
+            s.probes += plan.probes
             s.controller_s += self.timer() - t0
 
     # -- reporting -----------------------------------------------------------------------------
@@ -485,7 +460,7 @@ class AdaptiveController(Controller):
         s = self._requests.get(request_id)
         if s is None:
             s = self._requests[request_id] = _RequestSummary()
-            while len(self._requests) > self.config.max_requests:
+            while len(self._requests) > MAX_REQUESTS:
                 self._requests.popitem(last=False)
         else:
             self._requests.move_to_end(request_id)

@@ -1,34 +1,40 @@
 """The controller protocol, and the fixed controller used by tests and as a baseline.
 
-Each engine step calls, in order::
-
-    budgets = controller.plan(ctx, names)        # how many nodes to ask each speculator for (0 = skip it)
-    proposals = {name: spec.propose(ctx, budgets[name]) ...}
-    draft = controller.choose(ctx, proposals)    # one of them, a prefix, a merge, or Draft.empty()
-    ... verify, commit ...
-    controller.observe(StepFeedback(...))        # what happened, with timings
-
-The returned draft's ``probs`` are the controller's own (calibrated) estimates,
-so ``draft.score`` is its prediction of the accepted tokens; the engine records
-it beside what was realised.
+A controller decides, every engine step, which speculators to ask and for how many nodes (``plan``), which draft to
+verify (``choose``), and learns from what happened (``observe``); the call order is on :class:`Controller`. The plan
+travels with the step, so a controller keeps nothing per request between the calls.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Protocol, Sequence
 
 from ..speculators.base import DecodeContext, Draft, StepOutcome
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """What a controller decided for one step of one request. Controllers that need more between the calls
+    subclass it (``choose`` returns a copy with ``draft`` set, never changes the plan it was given)."""
+
+    budgets: Mapping[str, int]  # draft nodes to ask each speculator for (0 or absent: skip it)
+    draft: Draft = field(default_factory=Draft.empty)  # what ``choose`` picked; empty until then
+
+
 @dataclass
 class StepFeedback:
     ctx: DecodeContext
+    plan: StepPlan  # what ``plan`` and ``choose`` decided for this step
     proposals: Mapping[str, Draft]  # every speculator's proposal this step (empty drafts included)
     propose_seconds: Mapping[str, float]  # time each speculator took to propose
-    chosen: Draft  # what was verified (source says whose; "" for no speculation)
-    outcome: StepOutcome
-    verify_seconds: float  # the target forward that verified ``chosen`` (plus the pending token)
+    outcome: StepOutcome  # what was verified (``outcome.draft``, cut to the room left) and what it emitted
+    verify_seconds: float  # the target forward that verified the draft (plus the pending token)
+
+    @property
+    def chosen(self) -> Draft:
+        """The draft that was verified (source says whose; "" for no speculation)."""
+        return self.outcome.draft
 
     @property
     def n_verified(self) -> int:
@@ -37,12 +43,26 @@ class StepFeedback:
 
 class Controller(Protocol):
     """The controller protocol (call order in the module docstring). Controllers subclass it explicitly, so
-    they inherit the default of the optional hook."""
+    they inherit the default of the optional hook.
 
-    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
+    Each engine step calls, in order::
+
+        plan = controller.plan(ctx, names)                       # StepPlan: nodes to ask each speculator for
+        proposals = {name: spec.propose(ctx, plan.budgets[name]) ...}   # (and the seconds each took)
+        plan = controller.choose(ctx, plan, proposals, seconds)  # plan.draft: one of them, a prefix, a merge, or empty
+        ... verify plan.draft, commit ...
+        controller.observe(StepFeedback(ctx, plan, proposals, seconds, outcome, verify_seconds))
+
+    The plan travels with the step, so a controller keeps nothing per request between the calls. The chosen
+    draft's ``probs`` are the controller's own (calibrated) estimates, so ``draft.score`` is its prediction of the
+    accepted tokens; the engine records it beside what was realised.
+    """
+
+    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> StepPlan:
         ...
 
-    def choose(self, ctx: DecodeContext, proposals: Mapping[str, Draft]) -> Draft:
+    def choose(self, ctx: DecodeContext, plan: StepPlan, proposals: Mapping[str, Draft],
+               propose_seconds: Mapping[str, float]) -> StepPlan:
         ...
 
     def observe(self, feedback: StepFeedback) -> None:
@@ -64,15 +84,16 @@ class FixedController(Controller):
     lookahead: int = 8
     steps: int = field(default=0, init=False)
 
-    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
-        return {n: self.lookahead for n in names}
+    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> StepPlan:
+        return StepPlan({n: self.lookahead for n in names})
 
-    def choose(self, ctx: DecodeContext, proposals: Mapping[str, Draft]) -> Draft:
+    def choose(self, ctx: DecodeContext, plan: StepPlan, proposals: Mapping[str, Draft],
+               propose_seconds: Mapping[str, float]) -> StepPlan:
         best = Draft.empty()
         for d in proposals.values():
             if len(d) and (not len(best) or d.score > best.score):
                 best = d
-        return best.prefix(self.lookahead)
+        return replace(plan, draft=best.prefix(self.lookahead))
 
     def observe(self, feedback: StepFeedback) -> None:
         self.steps += 1

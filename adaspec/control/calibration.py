@@ -13,33 +13,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..speculators.base import Draft
+from ..speculators.confidence import AcceptanceCounts, shrunk_rate
 
-__all__ = ["CalibrationConfig", "Calibrator", "isotonic_rows", "label_nodes",
+__all__ = ["Calibrator", "isotonic_rows", "label_nodes",
            "pool_adjacent_violators"]
 
 
-@dataclass
-class CalibrationConfig:
-    """How confidence is mapped to acceptance probability (defaults need no tuning)."""
-
-    half_life: float = 256.0
-    """Observed steps after which an outcome weighs half; shorter follows drift faster but is noisier."""
-    prior_strength: float = 2.0
-    """Pseudo-observations of the prior in every cell: small, so a few dozen outcomes dominate it."""
-    depth_edges: tuple[int, ...] = (1, 2, 3, 4, 5, 7, 10, 15)
-    """Lower edges of the depth buckets (depth 1 = child of the pending token); the last bucket is open."""
-    conf_edges: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
-    """Edges of the raw-confidence bins; finer near 1 where count-based speculators put most nodes."""
-    floor: float = 0.005
-    """Calibrated probabilities are clipped to [floor, 1 - floor]: never certain either way."""
-    max_refit_interval: int = 16
-    """Most observed steps between refits of the map (refitting costs ~0.1 ms; one step barely moves it)."""
-    fast_half_life: float = 16.0
-    """Half-life of the recent-outcome counts that detect an abrupt change."""
-    change_z: float = 3.0
-    """Standard errors by which recent outcomes must differ from the long run to declare a change."""
-    change_min_count: float = 6.0
-    """Recent (decayed) outcomes a cell needs before a change can be declared in it."""
+HALF_LIFE = 256.0
+"""Observed steps after which an outcome weighs half; shorter follows drift faster but is noisier."""
+PRIOR_STRENGTH = 2.0
+"""Pseudo-observations of the prior in every cell: small, so a few dozen outcomes dominate it."""
+DEPTH_EDGES = (1, 2, 3, 4, 5, 7, 10, 15)
+"""Lower edges of the depth buckets (depth 1 = child of the pending token); the last bucket is open."""
+CONF_EDGES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+"""Edges of the raw-confidence bins; finer near 1 where count-based speculators put most nodes."""
+FLOOR = 0.005
+"""Calibrated probabilities are clipped to [FLOOR, 1 - FLOOR]: never certain either way."""
+FAST_HALF_LIFE = 16.0
+"""Half-life of the recent-outcome counts that detect an abrupt change."""
+CHANGE_Z = 3.0
+"""Standard errors by which recent outcomes must differ from the long run to declare a change."""
+CHANGE_MIN_COUNT = 6.0
+"""Recent (decayed) outcomes a cell needs before a change can be declared in it."""
 
 
 def label_nodes(draft: Draft, emitted: list[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -101,11 +96,9 @@ def isotonic_rows(y: np.ndarray, w: np.ndarray) -> np.ndarray:
 class _Table:
     """Decayed counts of one speculator: [depth buckets, confidence bins]."""
 
-    hit: np.ndarray
-    tried: np.ndarray
+    slow: AcceptanceCounts  # decayed with ``HALF_LIFE``
+    fast: AcceptanceCounts  # the same outcomes, decayed with ``FAST_HALF_LIFE``
     conf: np.ndarray  # decayed sum of raw confidences, for the prior mean and the reliability summary
-    fast_hit: np.ndarray = field(default_factory=lambda: np.zeros(0))  # the same counts, decayed fast
-    fast_tried: np.ndarray = field(default_factory=lambda: np.zeros(0))
     calibrated: np.ndarray | None = None  # cached estimates, None when never fitted
     steps: int = 0
     changes: int = 0  # cells whose history was dropped after a detected change
@@ -122,7 +115,7 @@ class Calibrator:
     Model. For each speculator the map (raw confidence, depth) -> acceptance
     probability is a table of cells, one per (depth bucket, confidence bin). A
     cell holds exponentially decayed counts of accepted ``a`` and tried ``t`` nodes
-    and the estimate is the Beta-posterior mean
+    and the estimate is the Beta-posterior mean (:mod:`adaspec.speculators.confidence`)
 
         p = (a + k * m) / (t + k)
 
@@ -133,7 +126,7 @@ class Calibrator:
     made non-decreasing in raw confidence by isotonic regression weighted by the
     data ``t`` (the pool-adjacent-violators solution; cells without data conform
     to the cells with data instead of pulling them), since a more confident guess
-    should never be calibrated lower than a less confident one. Decay by ``0.5 ** (1 / half_life)`` per
+    should never be calibrated lower than a less confident one. Decay by ``0.5 ** (1 / HALF_LIFE)`` per
     observed step makes recent outcomes weigh more, so the map follows drift; an
     abrupt change (a cell's recent outcomes, counted with a short half-life,
     contradicting its long-run rate by several standard errors) drops the cell's
@@ -145,31 +138,28 @@ class Calibrator:
     target sampled this token", whose probability is the one-hot acceptance probability.
     """
 
-    def __init__(self, config: CalibrationConfig | None = None):
-        self.config = config or CalibrationConfig()
-        c = self.config
-        if sorted(c.conf_edges) != list(c.conf_edges) or c.conf_edges[0] != 0.0 or c.conf_edges[-1] != 1.0:
-            raise ValueError("conf_edges must increase from 0.0 to 1.0")
-        if list(c.depth_edges) != sorted(set(c.depth_edges)) or c.depth_edges[0] != 1:
-            raise ValueError("depth_edges must strictly increase from 1")
-        self._depth_edges = np.asarray(c.depth_edges)
-        self._inner_conf = np.asarray(c.conf_edges[1:-1])
-        edges = np.asarray(c.conf_edges)
+    def __init__(self, max_refit_interval: int = 16):
+        """``max_refit_interval``: most observed steps between refits of the map (refitting costs ~0.1 ms; one step
+        barely moves it; tests set 1 to compare against a fresh fit)."""
+        self.max_refit_interval = max_refit_interval
+        self._depth_edges = np.asarray(DEPTH_EDGES)
+        self._inner_conf = np.asarray(CONF_EDGES[1:-1])
+        edges = np.asarray(CONF_EDGES)
         self._centers = (edges[:-1] + edges[1:]) / 2
-        self._decay = 0.5 ** (1.0 / c.half_life)
-        self._fast_decay = 0.5 ** (1.0 / c.fast_half_life)
+        self._decay = 0.5 ** (1.0 / HALF_LIFE)
+        self._fast_decay = 0.5 ** (1.0 / FAST_HALF_LIFE)
         self._tables: dict[str, _Table] = {}
 
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.config.depth_edges), len(self.config.conf_edges) - 1
+        return len(DEPTH_EDGES), len(CONF_EDGES) - 1
 
     def _table(self, name: str) -> _Table:
         t = self._tables.get(name)
         if t is None:
             d, b = self.shape
-            t = _Table(np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)), np.zeros((d, b)),
-                       pred_sum=np.zeros(b), pred_hit=np.zeros(b), pred_n=np.zeros(b))
+            t = _Table(AcceptanceCounts((d, b), PRIOR_STRENGTH), AcceptanceCounts((d, b), 0.0),
+                       np.zeros((d, b)), pred_sum=np.zeros(b), pred_hit=np.zeros(b), pred_n=np.zeros(b))
             self._tables[name] = t
         return t
 
@@ -180,22 +170,23 @@ class Calibrator:
 
     def _fit(self, t: _Table) -> np.ndarray:
         """Posterior means with the hierarchical prior, made monotone in confidence per depth bucket."""
-        k, eps = self.config.prior_strength, self.config.floor
-        raw_mean = np.where(t.tried[0] > 1e-9, t.conf[0] / np.maximum(t.tried[0], 1e-9), self._centers)
-        out = np.empty_like(t.hit)
+        k, eps = PRIOR_STRENGTH, FLOOR
+        tried = t.slow.tried
+        raw_mean = np.where(tried[0] > 1e-9, t.conf[0] / np.maximum(tried[0], 1e-9), self._centers)
+        out = np.empty_like(tried)
         prior = np.clip(raw_mean, eps, 1 - eps)
         for d in range(out.shape[0]):  # each depth's prior is the fit of the depth above
-            post = (t.hit[d] + k * prior) / (t.tried[d] + k)
+            post = t.slow.rate(prior, d)
             if np.any(post[1:] < post[:-1]):
                 # cells with data dominate the monotone fit; cells without only conform to them
-                post = isotonic_rows(post[None], t.tried[d][None] + 1e-3)[0]
+                post = isotonic_rows(post[None], tried[d][None] + 1e-3)[0]
             prior = out[d] = np.clip(post, eps, 1 - eps)
         return out
 
     def _fitted(self, t: _Table) -> np.ndarray:
         """The cached fit, refreshed after every step early on and every ~``steps / 8`` steps (at most
         ``max_refit_interval``) later, when one more step barely moves it."""
-        interval = min(self.config.max_refit_interval, max(1, t.steps // 8))
+        interval = min(self.max_refit_interval, max(1, t.steps // 8))
         if t.calibrated is None or t.steps - t.fitted_at >= interval:
             t.calibrated = self._fit(t)
             t.fitted_at = t.steps
@@ -228,20 +219,17 @@ class Calibrator:
         t.pred_sum += np.bincount(pb, pred, nb)
         t.pred_hit += np.bincount(pb, hit.astype(np.float64), nb)
         t.pred_n += np.bincount(pb, None, nb)
-        for arr in (t.hit, t.tried, t.conf):
-            arr *= self._decay
-        t.fast_hit *= self._fast_decay
-        t.fast_tried *= self._fast_decay
+        t.slow.scale(self._decay)
+        t.conf *= self._decay
+        t.fast.scale(self._fast_decay)
         di, bi = self._cells(conf, depth)
-        flat = di * t.hit.shape[1] + bi
-        size = t.hit.size
-        hits = np.bincount(flat, hit.astype(np.float64), size).reshape(t.hit.shape)
-        tried = np.bincount(flat, None, size).reshape(t.hit.shape)
-        t.hit += hits
-        t.tried += tried
-        t.fast_hit += hits
-        t.fast_tried += tried
-        t.conf += np.bincount(flat, _clean(conf), size).reshape(t.hit.shape)
+        shape = t.conf.shape
+        flat = di * shape[1] + bi
+        hits = np.bincount(flat, hit.astype(np.float64), t.conf.size).reshape(shape)
+        tried = np.bincount(flat, None, t.conf.size).reshape(shape)
+        t.slow.add(slice(None), hits, tried)
+        t.fast.add(slice(None), hits, tried)
+        t.conf += np.bincount(flat, _clean(conf), t.conf.size).reshape(shape)
         t.steps += 1
         self._detect_change(t, di, bi)
         return len(idx)
@@ -254,21 +242,20 @@ class Calibrator:
         are then replaced by the recent ones (and the map refitted at once), so an abrupt drift is
         followed within ~10 steps instead of ~a half-life.
         """
-        c = self.config
-        n = t.fast_tried[di, bi]
-        ok = n >= c.change_min_count
+        n = t.fast.tried[di, bi]
+        ok = n >= CHANGE_MIN_COUNT
         if not ok.any():
             return
         di, bi, n = di[ok], bi[ok], n[ok]
-        f = t.fast_hit[di, bi] / n
-        slow = (t.hit[di, bi] + 0.5) / (t.tried[di, bi] + 1.0)
-        changed = np.abs(f - slow) > c.change_z * np.sqrt(slow * (1 - slow) / n)
+        f = t.fast.hits[di, bi] / n
+        slow = shrunk_rate(t.slow.hits[di, bi], t.slow.tried[di, bi], 0.5, 1.0)
+        changed = np.abs(f - slow) > CHANGE_Z * np.sqrt(slow * (1 - slow) / n)
         if changed.any():
             di, bi = di[changed], bi[changed]
-            scale = t.fast_tried[di, bi] / np.maximum(t.tried[di, bi], 1e-12)
+            scale = t.fast.tried[di, bi] / np.maximum(t.slow.tried[di, bi], 1e-12)
             t.conf[di, bi] *= scale
-            t.hit[di, bi] = t.fast_hit[di, bi]
-            t.tried[di, bi] = t.fast_tried[di, bi]
+            t.slow.hits[di, bi] = t.fast.hits[di, bi]
+            t.slow.tried[di, bi] = t.fast.tried[di, bi]
             t.changes += int(changed.sum())
             t.calibrated = None  # refit now
 
@@ -282,7 +269,7 @@ class Calibrator:
         of the prediction, ``realised`` accepted fraction. A calibrated map has predicted ~ realised.
         """
         t = self._table(name)
-        edges = self.config.conf_edges
+        edges = CONF_EDGES
         rows = []
         for b in range(len(edges) - 1):
             n = float(t.pred_n[b])
@@ -296,8 +283,8 @@ class Calibrator:
         confidence, the realised rate and the current calibrated estimate at depth 1."""
         t = self._table(name)
         calibrated = self._fit(t)
-        edges = self.config.conf_edges
-        tried, hit, conf = t.tried.sum(0), t.hit.sum(0), t.conf.sum(0)
+        edges = CONF_EDGES
+        tried, hit, conf = t.slow.tried.sum(0), t.slow.hits.sum(0), t.conf.sum(0)
         return [{"bin": [edges[b], edges[b + 1]], "weight": float(tried[b]), "stated": float(conf[b] / tried[b]),
                  "realised": float(hit[b] / tried[b]), "calibrated_depth1": float(calibrated[0, b])}
                 for b in range(len(edges) - 1) if tried[b] > 1e-6]
@@ -311,12 +298,13 @@ class Calibrator:
     # -- persistence ---------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {name: {"hit": t.hit.tolist(), "tried": t.tried.tolist(), "conf": t.conf.tolist(), "steps": t.steps}
+        return {name: {"hit": t.slow.hits.tolist(), "tried": t.slow.tried.tolist(), "conf": t.conf.tolist(),
+                       "steps": t.steps}
                 for name, t in self._tables.items()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore learned counts, all tables or none: raises ValueError for a table of another shape (another
-        config) or with negative or non-finite counts."""
+        """Restore learned counts, all tables or none: raises ValueError for a table of another shape (other
+        bins) or with negative or non-finite counts."""
         shape = self.shape
         if not isinstance(state, dict):
             raise ValueError(f"calibration state must be an object, not {type(state).__name__}")
@@ -338,7 +326,7 @@ class Calibrator:
             tables[name] = (arrs, steps)
         for name, (arrs, steps) in tables.items():
             t = self._table(name)
-            t.hit, t.tried, t.conf = arrs
-            t.fast_hit, t.fast_tried = np.zeros(shape), np.zeros(shape)
+            t.slow.hits, t.slow.tried, t.conf = arrs
+            t.fast.hits, t.fast.tried = np.zeros(shape), np.zeros(shape)
             t.steps = steps
             t.calibrated, t.fitted_at = None, -1

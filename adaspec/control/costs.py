@@ -1,24 +1,8 @@
 """Online cost model: how long the target takes to verify n tokens, and each speculator to propose.
 
-The controller trades expected accepted tokens against time, so it needs c(n),
-the seconds of one target forward over ``n`` tokens (the pending token plus
-``n - 1`` draft nodes). Its shape decides everything: on a CPU c(n) grows
-quickly with n, on a GPU it
-is nearly flat up to dozens of tokens. Nothing here assumes either; the curve
-is measured from the forwards the engine actually runs.
-
-Estimator (``Curve``). Per n keep the last ``window`` timings and take their
-median (robust to the spikes of a shared machine, follows drift within a
-window). Fit the medians with weighted isotonic regression (a forward over more
-tokens never costs less), interpolate linearly between measured sizes and
-extrapolate past the largest with a fraction of the fitted slope. Sizes never
-measured are priced at ``explore_discount`` times that estimate: optimistic
-enough that the controller tries them once when they are close to the best
-choice, bounded so it does not chase them. Before two sizes are measured a
-prior shape stands in (each extra token costs ``prior_slope`` of a one-token
-forward), so the first drafts are modest rather than as large as the budget.
-An optional recorded curve (seed) gives the shape for unmeasured sizes,
-rescaled to the level of what was measured.
+The controller trades expected accepted tokens against time, so it needs c(n), the seconds of one target forward over
+``n`` tokens. Its shape decides everything (steep on a CPU, nearly flat on a GPU), and nothing here assumes either:
+the curve is measured from the forwards the engine runs (:class:`Curve` says how).
 """
 
 from __future__ import annotations
@@ -27,7 +11,6 @@ import json
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -35,23 +18,19 @@ import numpy as np
 
 from .calibration import pool_adjacent_violators
 
-__all__ = ["CostConfig", "Curve", "CostModel", "load_cost_curve", "parse_cost_curve"]
+__all__ = ["Curve", "CostModel", "load_cost_curve", "parse_cost_curve"]
 
 
-@dataclass
-class CostConfig:
-    """How timings become cost estimates (defaults need no tuning)."""
-
-    window: int = 31
-    """Recent timings kept per size; the estimate is their median (a 31-sample median is within ~4% for
-    15% timing noise, and follows a lasting change after ~16 timings)."""
-    explore_discount: float = 0.8
-    """Unmeasured target sizes are priced at this fraction of the interpolated estimate (optimism, bounded)."""
-    extrapolation_slope: float = 0.5
-    """Beyond the largest measured size, grow at this fraction of the fitted slope (optimistic)."""
-    prior_slope: float = 0.1
-    """Until two sizes are measured, each extra token is assumed to cost this fraction of a one-token
-    forward: between a GPU (~0.002) and llama.cpp on two CPU cores (~0.5), so early drafts stay modest."""
+WINDOW = 31
+"""Recent timings kept per size; the estimate is their median (a 31-sample median is within ~4% for 15% timing
+noise, and follows a lasting change after ~16 timings)."""
+EXPLORE_DISCOUNT = 0.8
+"""Unmeasured target sizes are priced at this fraction of the interpolated estimate (optimism, bounded)."""
+EXTRAPOLATION_SLOPE = 0.5
+"""Beyond the largest measured size, grow at this fraction of the fitted slope (optimistic)."""
+PRIOR_SLOPE = 0.1
+"""Until two sizes are measured, each extra token is assumed to cost this fraction of a one-token forward: between
+a GPU (~0.002) and llama.cpp on two CPU cores (~0.5), so early drafts stay modest."""
 
 
 class Curve:
@@ -60,6 +39,19 @@ class Curve:
     Refitting (medians, isotonic fit, table) runs after every timing while few are known and
     every ``max_refit_interval`` timings later, and at once when a size is measured for the
     first time (so its exploration discount ends immediately).
+
+    Per n it keeps the last ``WINDOW`` timings and take their
+    median (robust to the spikes of a shared machine, follows drift within a
+    window). Fit the medians with weighted isotonic regression (a forward over more
+    tokens never costs less), interpolate linearly between measured sizes and
+    extrapolate past the largest with a fraction of the fitted slope. Sizes never
+    measured are priced at ``EXPLORE_DISCOUNT`` times that estimate: optimistic
+    enough that the controller tries them once when they are close to the best
+    choice, bounded so it does not chase them. Before two sizes are measured a
+    prior shape stands in (each extra token costs ``PRIOR_SLOPE`` of a one-token
+    forward), so the first drafts are modest rather than as large as the budget.
+    An optional recorded curve (seed) gives the shape for unmeasured sizes,
+    rescaled to the level of what was measured.
     """
 
     def __init__(self, window: int = 31, explore_discount: float = 1.0, extrapolation_slope: float = 0.5,
@@ -185,11 +177,9 @@ class Curve:
 class CostModel:
     """The target's verify cost per size (chains and trees apart) and each speculator's proposal cost."""
 
-    def __init__(self, config: CostConfig | None = None, seed: Mapping[int, float] | None = None):
-        self.config = config or CostConfig()
-        c = self.config
-        self.chain = Curve(c.window, c.explore_discount, c.extrapolation_slope, c.prior_slope)
-        self.tree = Curve(c.window, c.explore_discount, c.extrapolation_slope, c.prior_slope)
+    def __init__(self, seed: Mapping[int, float] | None = None):
+        self.chain = Curve(WINDOW, EXPLORE_DISCOUNT, EXTRAPOLATION_SLOPE, PRIOR_SLOPE)
+        self.tree = Curve(WINDOW, EXPLORE_DISCOUNT, EXTRAPOLATION_SLOPE, PRIOR_SLOPE)
         self._propose: dict[str, Curve] = {}
         self._tree_key: tuple | None = None
         self._tree_table = np.zeros(0)
@@ -197,8 +187,8 @@ class CostModel:
             self.chain.seed(seed)
 
     @classmethod
-    def from_json(cls, path: str | Path, config: CostConfig | None = None) -> "CostModel":
-        return cls(config, seed=load_cost_curve(path))
+    def from_json(cls, path: str | Path) -> "CostModel":
+        return cls(seed=load_cost_curve(path))
 
     def observe_verify(self, n: int, seconds: float, tree: bool = False) -> None:
         (self.tree if tree else self.chain).add(n, seconds)
@@ -206,7 +196,7 @@ class CostModel:
     def observe_propose(self, name: str, budget: int, seconds: float) -> None:
         curve = self._propose.get(name)
         if curve is None:
-            curve = self._propose[name] = Curve(self.config.window, explore_discount=1.0, extrapolation_slope=1.0)
+            curve = self._propose[name] = Curve(WINDOW, explore_discount=1.0, extrapolation_slope=1.0)
         curve.add(max(1, budget), seconds)
 
     def verify_costs(self, upto: int) -> tuple[np.ndarray, np.ndarray]:

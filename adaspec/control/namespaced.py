@@ -1,18 +1,8 @@
 """One controller per namespace, so that what the controller learns from one tenant never steers another.
 
-The adaptive controller learns two kinds of things. From acceptance -- which
-drafts the target confirmed -- it learns calibration tables, budgets and each
-speculator's expected gain: those are functions of the traffic's text, so a
-tenant whose drafts are cut by tables that another tenant's traffic shaped
-could infer that traffic from its own step timing. From the clock it learns
-how long the hardware takes to verify ``n`` tokens and to run each speculator:
-a property of the machine and the model, which every tenant already observes
-in its own latency. So each namespace gets its own controller and all of them
-share one ``CostModel``.
-
-Namespaces are kept up to ``max_namespaces``; the least recently used one is
-dropped beyond that (it starts again from the defaults, as a new tenant does).
-The learned state of every namespace is saved in one checksummed file.
+Calibration, budgets and gains are functions of a tenant's text, so each namespace gets its own controller; costs
+are a property of the machine and the model, so all of them share one ``CostModel`` (the reasoning is on
+:class:`NamespacedController`). The learned state of every namespace is saved in one checksummed file.
 """
 
 from __future__ import annotations
@@ -26,7 +16,7 @@ from typing import Callable, Mapping, Sequence
 from ..speculators.base import DecodeContext, Draft
 from ..store import StoreCorruptError, restore, save_blob
 from .adaptive import AdaptiveController
-from .base import Controller, StepFeedback
+from .base import Controller, StepFeedback, StepPlan
 from .costs import CostModel
 
 STATE_KIND = "adaspec.controller"
@@ -34,7 +24,22 @@ STATE_VERSION = 1
 
 
 class NamespacedController(Controller):
-    """The controller protocol, routed by ``ctx.namespace`` to that namespace's ``AdaptiveController``."""
+    """The controller protocol, routed by ``ctx.namespace`` to that namespace's ``AdaptiveController``.
+
+    The adaptive controller learns two kinds of things. From acceptance -- which
+    drafts the target confirmed -- it learns calibration tables, budgets and each
+    speculator's expected gain: those are functions of the traffic's text, so a
+    tenant whose drafts are cut by tables that another tenant's traffic shaped
+    could infer that traffic from its own step timing. From the clock it learns
+    how long the hardware takes to verify ``n`` tokens and to run each speculator:
+    a property of the machine and the model, which every tenant already observes
+    in its own latency. So each namespace gets its own controller and all of them
+    share one ``CostModel``.
+
+    Namespaces are kept up to ``max_namespaces``; the least recently used one is
+    dropped beyond that (it starts again from the defaults, as a new tenant does).
+    The learned state of every namespace is saved in one checksummed file.
+    """
 
     def __init__(self, make: Callable[[CostModel], AdaptiveController] | None = None,
                  costs: CostModel | None = None, max_namespaces: int = 256):
@@ -68,7 +73,7 @@ class NamespacedController(Controller):
 
     # -- protocol ------------------------------------------------------------------------------
 
-    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> Mapping[str, int]:
+    def plan(self, ctx: DecodeContext, names: Sequence[str]) -> StepPlan:
         with self._lock:
             self._request_ns[ctx.request_id] = ctx.namespace
             self._request_ns.move_to_end(ctx.request_id)
@@ -76,8 +81,9 @@ class NamespacedController(Controller):
                 self._request_ns.popitem(last=False)
         return self.controller(ctx.namespace).plan(ctx, names)
 
-    def choose(self, ctx: DecodeContext, proposals: Mapping[str, Draft]) -> Draft:
-        return self.controller(ctx.namespace).choose(ctx, proposals)
+    def choose(self, ctx: DecodeContext, plan: StepPlan, proposals: Mapping[str, Draft],
+               propose_seconds: Mapping[str, float]) -> StepPlan:
+        return self.controller(ctx.namespace).choose(ctx, plan, proposals, propose_seconds)
 
     def observe(self, feedback: StepFeedback) -> None:
         self.controller(feedback.ctx.namespace).observe(feedback)

@@ -1,13 +1,8 @@
 """adaspec's compiled CPU kernels: matrix products over GGUF weight blocks with fp32 activations (``qmm.cpp``)
 and the decoder layers of a Llama model built on them (``decoder.cpp``), both row independent by construction.
 
-The extension is compiled once per machine and torch version on first use (about 30 s; ``make setup`` does it
-ahead of time) and cached under ``$ADASPEC_CACHE/kernels``. Where it cannot be built or loaded (no C++
-compiler, a torch without headers), ``available()`` is false, ``unavailable_reason()`` says why, and the
-model falls back to torch's kernels. The code path (AVX-512, AVX2, scalar) is picked from the CPU at run time;
-``ADASPEC_KERNELS_ISA=avx2`` (or ``scalar``) runs a narrower one, to measure what another CPU family would get.
-
-``reference_qmm`` is the plain computation the kernels must agree with: dequantise the blocks, fp32 matmul.
+Compiled once per machine and torch version on first use and cached (:func:`build`); where that fails the model
+falls back to torch's kernels. ``reference_qmm`` is the plain computation the kernels must agree with.
 """
 
 from __future__ import annotations
@@ -39,7 +34,14 @@ def _build_dir() -> Path:
 
 
 def build() -> None:
-    """Compile (or find the cached build of) the extension and load it into this process; raises on failure."""
+    """Compile (or find the cached build of) the extension and load it into this process; raises on failure.
+
+    The extension is compiled once per machine and torch version on first use (about 30 s; ``make setup`` does it
+    ahead of time) and cached under ``$ADASPEC_CACHE/kernels``. Where it cannot be built or loaded (no C++
+    compiler, a torch without headers), ``available()`` is false, ``unavailable_reason()`` says why, and the
+    model falls back to torch's kernels. The code path (AVX-512, AVX2, scalar) is picked from the CPU at run time;
+    ``ADASPEC_KERNELS_ISA=avx2`` (or ``scalar``) runs a narrower one, to measure what another CPU family would get.
+    """
     if "loaded" in _state:
         return
     from torch.utils import cpp_extension

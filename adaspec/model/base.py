@@ -1,12 +1,7 @@
 """The target-model protocol: token ids in, logits (and hidden states) out.
 
-A model holds weights only; every sequence owns a ``KVCache``. The cache holds
-``length`` committed positions. ``forward`` writes new tokens at
-``length .. length + n - 1`` without committing them; ``cache.commit(keep)``
-then keeps the listed rows of that forward (an accepted root-first path) as the
-next committed positions and discards the rest. Rejected positions are simply
-overwritten by the next forward, so rollback costs nothing for a linear draft
-and a small gather for a tree.
+A model holds weights only; every sequence owns a ``KVCache``, whose ``commit`` keeps the accepted rows of the last
+forward and discards the rest, so rollback is cheap and explicit (:class:`KVCache`).
 """
 
 from __future__ import annotations
@@ -33,6 +28,12 @@ class ForwardOutput:
 
 
 class KVCache(Protocol):
+    """One sequence's keys and values. The cache holds ``length`` committed positions. ``forward`` writes new tokens
+    at ``length .. length + n - 1`` without committing them; ``cache.commit(keep)`` then keeps the listed rows of
+    that forward (an accepted root-first path) as the next committed positions and discards the rest. Rejected
+    positions are simply overwritten by the next forward, so rollback costs nothing for a linear draft and a small
+    gather for a tree."""
+
     @property
     def length(self) -> int:
         """Committed positions."""

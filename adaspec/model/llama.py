@@ -1,23 +1,8 @@
 """A Llama-architecture target written for speculative decoding.
 
-It works on token ids only, keeps its KV cache in one preallocated tensor per
-sequence, and runs a chain or a token tree of new tokens in one forward. That
-forward is row independent bit for bit: row i of a k-token (chain or tree)
-forward equals the one-token forward of that token after its path, because the
-projections are row independent and each row attends to its own keys, in
-decoding order, in its own attention call. Greedy speculation over this target
-therefore reproduces plain greedy decoding exactly, with no near-tie caveat.
-
-Weights come in the Hugging Face layout (``q_proj`` etc.) and are rearranged
-once at load:
-
-* the projections are fused (``qkv``, ``gate_up``), so a layer costs four
-  matrix products, each a ``Linear`` from ``model/quant.py`` (fp32, int4 or
-  half precision);
-* the rows of ``q_proj``/``k_proj`` are reordered so that the two halves that
-  RoPE rotates together become adjacent pairs (llama.cpp's GGUF order). RoPE is
-  then one complex multiplication, ``(a + ib) * e^{i pos theta_j}``, which is
-  the same arithmetic as Hugging Face's ``q * cos + rotate_half(q) * sin``.
+It works on token ids only, keeps its KV cache in one preallocated tensor per sequence, and runs a chain or a token
+tree of new tokens in one forward that is row independent bit for bit, so greedy speculation over this target
+reproduces plain greedy decoding exactly. How, and the weight layout it uses, on :class:`LlamaModel`.
 """
 
 from __future__ import annotations
@@ -219,6 +204,25 @@ class LlamaModel:
     (``model/quant.py``); ``dtype`` is the dtype of activations and KV cache.
     With ``int4`` the LM head stays exact fp32: it is the one projection where
     fp32 through oneDNN is faster than the int4 kernel for more than two rows.
+
+    It works on token ids only, keeps its KV cache in one preallocated tensor per
+    sequence, and runs a chain or a token tree of new tokens in one forward. That
+    forward is row independent bit for bit: row i of a k-token (chain or tree)
+    forward equals the one-token forward of that token after its path, because the
+    projections are row independent and each row attends to its own keys, in
+    decoding order, in its own attention call. Greedy speculation over this target
+    therefore reproduces plain greedy decoding exactly, with no near-tie caveat.
+
+    Weights come in the Hugging Face layout (``q_proj`` etc.) and are rearranged
+    once at load:
+
+    * the projections are fused (``qkv``, ``gate_up``), so a layer costs four
+      matrix products, each a ``Linear`` from ``model/quant.py`` (fp32, int4 or
+      half precision);
+    * the rows of ``q_proj``/``k_proj`` are reordered so that the two halves that
+      RoPE rotates together become adjacent pairs (llama.cpp's GGUF order). RoPE is
+      then one complex multiplication, ``(a + ib) * e^{i pos theta_j}``, which is
+      the same arithmetic as Hugging Face's ``q * cos + rotate_half(q) * sin``.
     """
 
     backend = "torch"

@@ -1,33 +1,8 @@
 """A target backend over llama.cpp (llama-cpp-python's C API): every architecture llama.cpp runs, from its GGUF.
 
-One ``llama_context`` serves every sequence of the model. Its KV memory is
-unified: a cell holds one position's keys and values and the set of sequence ids
-that see it, so a token shared by several sequences is computed and stored once.
-
-* Each ``LlamaCppCache`` owns a *home* sequence id; its committed positions are
-  the cells of that sequence.
-* A chain of k tokens is one ``llama_decode`` of k rows in the home sequence;
-  ``commit(keep)`` removes the cells past the accepted prefix.
-* A token tree is one ``llama_decode`` too. Every leaf gets a sequence (the
-  first leaf the home sequence, the others scratch ids that first share the
-  committed prefix), and each tree token is put in the sequences of every leaf
-  below it, so it attends to the committed cache and its own ancestors only::
-
-        root(0) ─ a(1) ─ b(2)          leaf b: sequences {home}
-               └─ c(3)                 leaf c: sequences {s1}
-        rows: 0 -> {home, s1}, 1 -> {home}, 2 -> {home}, 3 -> {s1}
-
-  ``commit(keep)`` makes the home sequence hold exactly the accepted path (it
-  is a prefix of some leaf's path, whose sequence has exactly those cells) and
-  drops the scratch sequences, which frees every rejected cell.
-
-Numerics: with flash attention on (llama.cpp's CPU default, set here) a verified row equals the same position
-decoded alone bit for bit while the sequence spans fewer than 256 KV cells; past that the one-row attention
-takes another path and rows differ by rounding (up to ~1 logit on the bundled model). Some weight types also
-get batch-size-dependent matmul kernels. So speculative greedy output equals plain greedy output of this
-backend except at near-ties (measured in tests/test_llamacpp.py). Rejected tree cells below accepted ones are
-parked in a per-cache sequence until the cache is dropped: a later token would otherwise fill the hole and sit
-before older positions, changing the order the attention sums in. The torch backend is the bit-exact one.
+One ``llama_context`` serves every sequence of the model in llama.cpp's unified KV memory; a chain or a token tree
+is one ``llama_decode`` and ``commit`` keeps the accepted path (how, on :class:`LlamaCppModel`). Outputs equal
+llama.cpp's own plain decoding up to its batch noise (README, "Guarantees"); the torch backend is the bit-exact one.
 """
 
 from __future__ import annotations
@@ -92,7 +67,37 @@ class LlamaCppModel:
     """``TargetModel`` over llama.cpp. ``threads``: llama.cpp's threads (default: the cores this process may use).
 
     ``cells``: KV cells shared by all live sequences (prompt + output of every request in flight, plus drafts).
-    ``max_context``: the longest single sequence, at most the trained context and ``cells``."""
+    ``max_context``: the longest single sequence, at most the trained context and ``cells``.
+
+    One ``llama_context`` serves every sequence of the model. Its KV memory is
+    unified: a cell holds one position's keys and values and the set of sequence ids
+    that see it, so a token shared by several sequences is computed and stored once.
+
+    * Each ``LlamaCppCache`` owns a *home* sequence id; its committed positions are
+      the cells of that sequence.
+    * A chain of k tokens is one ``llama_decode`` of k rows in the home sequence;
+      ``commit(keep)`` removes the cells past the accepted prefix.
+    * A token tree is one ``llama_decode`` too. Every leaf gets a sequence (the
+      first leaf the home sequence, the others scratch ids that first share the
+      committed prefix), and each tree token is put in the sequences of every leaf
+      below it, so it attends to the committed cache and its own ancestors only::
+
+            root(0) ─ a(1) ─ b(2)          leaf b: sequences {home}
+                   └─ c(3)                 leaf c: sequences {s1}
+            rows: 0 -> {home, s1}, 1 -> {home}, 2 -> {home}, 3 -> {s1}
+
+      ``commit(keep)`` makes the home sequence hold exactly the accepted path (it
+      is a prefix of some leaf's path, whose sequence has exactly those cells) and
+      drops the scratch sequences, which frees every rejected cell.
+
+    Numerics: with flash attention on (llama.cpp's CPU default, set here) a verified row equals the same position
+    decoded alone bit for bit while the sequence is short; past that the one-row attention takes another path
+    and rows differ by rounding (README, "Guarantees", gives the figures). Some weight types also
+    get batch-size-dependent matmul kernels. So speculative greedy output equals plain greedy output of this
+    backend except at near-ties (measured in tests/test_llamacpp.py). Rejected tree cells below accepted ones are
+    parked in a per-cache sequence until the cache is dropped: a later token would otherwise fill the hole and sit
+    before older positions, changing the order the attention sums in. The torch backend is the bit-exact one.
+    """
 
     capabilities = Capabilities(trees=True, hidden_states=True, rows_exact=False)
     device = torch.device("cpu")

@@ -1,17 +1,8 @@
 """Load a target model and its tokenizer: the bundled SmolLM2 GGUF, any GGUF file, or a Hugging Face directory.
 
-A GGUF file is converted once into a cache directory that is itself a Hugging
-Face model directory (``config.json``, fp32 ``model.safetensors``, tokenizer
-files) plus ``gguf_blocks.safetensors``, the file's raw 4/8-bit blocks, which
-the ``int4`` kernels use as they are. The directory is keyed by the file's
-SHA-256 and written atomically (temporary directory, fsync, rename), so later
-starts only hash the file and map the weights.
-
-Conversion notes: tensors are dequantised with ``gguf``'s reference code (the
-Q4_0/Q4_1/Q8_0 values are exact in fp32); llama.cpp stores the rows of
-``attn_q``/``attn_k`` permuted for its RoPE layout, which is undone here (the
-same permutation transformers undoes; the result is bit-identical to
-``LlamaForCausalLM.from_pretrained(..., gguf_file=...)``).
+A GGUF file is converted once into a cache directory that is itself a Hugging Face model directory plus the file's
+raw 4/8-bit blocks, keyed by the file's SHA-256 and written atomically, so later starts only hash the file and map
+the weights (:func:`convert_gguf`).
 """
 
 from __future__ import annotations
@@ -303,7 +294,21 @@ def _sha256(path: Path) -> str:
 
 
 def convert_gguf(path: Path, root: Path | None = None) -> Path:
-    """The cache directory for the GGUF file ``path``, converting it first if needed."""
+    """The cache directory for the GGUF file ``path``, converting it first if needed.
+
+    A GGUF file is converted once into a cache directory that is itself a Hugging
+    Face model directory (``config.json``, fp32 ``model.safetensors``, tokenizer
+    files) plus ``gguf_blocks.safetensors``, the file's raw 4/8-bit blocks, which
+    the ``int4`` kernels use as they are. The directory is keyed by the file's
+    SHA-256 and written atomically (temporary directory, fsync, rename), so later
+    starts only hash the file and map the weights.
+
+    Conversion notes: tensors are dequantised with ``gguf``'s reference code (the
+    Q4_0/Q4_1/Q8_0 values are exact in fp32); llama.cpp stores the rows of
+    ``attn_q``/``attn_k`` permuted for its RoPE layout, which is undone here (the
+    same permutation transformers undoes; the result is bit-identical to
+    ``LlamaForCausalLM.from_pretrained(..., gguf_file=...)``).
+    """
     try:
         digest = _sha256(path)
     except OSError as e:

@@ -1,40 +1,8 @@
 """Projection kernels: how ``x [n, in] -> x @ W.T [n, out]`` is computed for the target.
 
-Every kernel here is *row independent*: row i of the output depends on row i of
-the input only, bit for bit (the oneDNN and tinygemm kernels were checked for 1
-to 40 rows at the model's shapes; tests/test_model.py checks whole forwards), so
-verifying k draft tokens in one forward gives each row exactly what a one-token
-forward would give. That is what keeps speculation lossless. (The int4 scheme's
-bf16 rounding of every output would otherwise amplify last-bit differences into
-logit differences of ~0.3; see ``LlamaModel._run`` for the attention side.) There is deliberately no dynamic activation quantisation with a scale
-shared across rows (fbgemm's ``quantize_dynamic``): it would make row i depend
-on the other rows.
-
-Schemes (``Precision``):
-
-``gguf``
-    The GGUF's own blocks (``Q4_0``, ``Q4_1``, ``Q8_0``) as stored, through
-    adaspec's compiled kernels (``adaspec/kernels``) with fp32 activations:
-    each weight is dequantised to its exact fp32 value, so this computes the
-    ``fp32`` scheme's function in another summation order. Weights the file
-    does not hold in such blocks stay dense fp32. The default on CPU.
-``fp32``
-    Dense fp32 weights. On CPU the matmul runs through oneDNN with a prepacked
-    weight: MKL's sgemm is pathologically slow for 2-16 rows on AMD CPUs
-    (REFERENCES), oneDNN is not.
-``int4``
-    Group-wise 4-bit weights (groups of 32 along the input dimension) through
-    PyTorch's CPU tinygemm kernel ``aten._weight_int4pack_mm_for_cpu``, which
-    dequantises ``w = (q - 8) * scale + zero`` on the fly. GGUF ``Q4_0`` /
-    ``Q4_1`` blocks map onto it exactly (``Q4_1``: ``w = d * q + m``, so
-    ``scale = d``, ``zero = m + 8 d``); other weights are quantised min/max per
-    group (lossy). The kernel's fast path takes bf16 activations and bf16
-    scales, so the computed function is: inputs rounded to bf16, scales and
-    zeros rounded to bf16, products accumulated in fp32, outputs rounded to
-    bf16. llama.cpp itself rounds activations harder (to 8 bits per block of
-    32), so this stays as close to the GGUF model as llama.cpp is.
-``bf16`` / ``fp16``
-    Dense half-precision weights with ``F.linear`` (the CUDA default).
+Every kernel here is *row independent* (row i of the output depends on row i of the input only, bit for bit), so
+verifying k draft tokens in one forward gives each row exactly what a one-token forward would give: that is what
+keeps speculation lossless. The schemes (``gguf``, ``fp32``, ``int4``, ``bf16``/``fp16``) are on :func:`make_linear`.
 """
 
 from __future__ import annotations
@@ -300,6 +268,42 @@ def make_linear(precision: str, weight: torch.Tensor | None = None, blocks: GGUF
 
     ``gguf`` runs the blocks through the compiled kernels (dense fp32 for a weight without blocks); ``int4`` uses 4-bit GGUF blocks as they are and quantises anything else;
     the dense schemes dequantise blocks exactly. ``keep_weight``: see ``OneDnnLinear``.
+
+    Every kernel here is *row independent*: row i of the output depends on row i of
+    the input only, bit for bit (the oneDNN and tinygemm kernels were checked for 1
+    to 40 rows at the model's shapes; tests/test_model.py checks whole forwards), so
+    verifying k draft tokens in one forward gives each row exactly what a one-token
+    forward would give. That is what keeps speculation lossless. (The int4 scheme's
+    bf16 rounding of every output would otherwise amplify last-bit differences into
+    logit differences of ~0.3; see ``LlamaModel._run`` for the attention side.) There is deliberately no dynamic activation quantisation with a scale
+    shared across rows (fbgemm's ``quantize_dynamic``): it would make row i depend
+    on the other rows.
+
+    Schemes (``Precision``):
+
+    ``gguf``
+        The GGUF's own blocks (``Q4_0``, ``Q4_1``, ``Q8_0``) as stored, through
+        adaspec's compiled kernels (``adaspec/kernels``) with fp32 activations:
+        each weight is dequantised to its exact fp32 value, so this computes the
+        ``fp32`` scheme's function in another summation order. Weights the file
+        does not hold in such blocks stay dense fp32. The default on CPU.
+    ``fp32``
+        Dense fp32 weights. On CPU the matmul runs through oneDNN with a prepacked
+        weight: MKL's sgemm is pathologically slow for 2-16 rows on AMD CPUs
+        (REFERENCES), oneDNN is not.
+    ``int4``
+        Group-wise 4-bit weights (groups of 32 along the input dimension) through
+        PyTorch's CPU tinygemm kernel ``aten._weight_int4pack_mm_for_cpu``, which
+        dequantises ``w = (q - 8) * scale + zero`` on the fly. GGUF ``Q4_0`` /
+        ``Q4_1`` blocks map onto it exactly (``Q4_1``: ``w = d * q + m``, so
+        ``scale = d``, ``zero = m + 8 d``); other weights are quantised min/max per
+        group (lossy). The kernel's fast path takes bf16 activations and bf16
+        scales, so the computed function is: inputs rounded to bf16, scales and
+        zeros rounded to bf16, products accumulated in fp32, outputs rounded to
+        bf16. llama.cpp itself rounds activations harder (to 8 bits per block of
+        32), so this stays as close to the GGUF model as llama.cpp is.
+    ``bf16`` / ``fp16``
+        Dense half-precision weights with ``F.linear`` (the CUDA default).
     """
     device = torch.device(device)
     if weight is None and blocks is None:

@@ -1,12 +1,7 @@
 """``adaspec serve``: run the OpenAI-compatible server (also ``python -m adaspec.serve``).
 
-The HTTP socket opens at once and ``/health`` answers 503 ``loading`` until the
-model is loaded and the learned state restored. SIGTERM or Ctrl-C drains:
-admissions stop (``/health`` 503 ``draining``, generation routes 503), running
-requests get ``--drain-timeout`` seconds to finish and are cancelled after
-that, then the engine thread stops and the learned state is saved. A second
-signal exits at once, with status 128 + the signal number as a shell reports
-a process killed by it (the learned state then is as of the last snapshot).
+The socket opens at once (``/health`` answers 503 ``loading`` until the model is ready); SIGTERM or Ctrl-C drains,
+then saves the learned state (the sequence is on :func:`cmd_serve`).
 """
 
 from __future__ import annotations
@@ -134,6 +129,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 
 def cmd_serve(args: argparse.Namespace, loader: Callable[[ServerConfig], EngineBundle] = load_bundle) -> int:
+    """Serve until a signal: load in the background, drain, save.
+
+    The HTTP socket opens at once and ``/health`` answers 503 ``loading`` until the
+    model is loaded and the learned state restored. SIGTERM or Ctrl-C drains:
+    admissions stop (``/health`` 503 ``draining``, generation routes 503), running
+    requests get ``--drain-timeout`` seconds to finish and are cancelled after
+    that, then the engine thread stops and the learned state is saved. A second
+    signal exits at once, with status 128 + the signal number as a shell reports
+    a process killed by it (the learned state then is as of the last snapshot).
+    """
     try:
         cfg = config_from_args(args)
     except UsageError as e:

@@ -1,26 +1,9 @@
 """The OpenAI-compatible HTTP application (FastAPI), the only place that knows HTTP and chat templates.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE
-streaming), ``GET /v1/models``, ``GET /health`` (503 while loading or
-draining), ``GET /metrics`` (Prometheus text). Every error has the OpenAI
-shape (see ``errors``); bad input is a 400 naming its parameter, never a 422
-or a 500.
-
-A request goes: key -> namespace (``auth``), body -> validated request
-(``schemas``) and the checks that need no tokenizer (model, prompt length in
-characters), a place in the queue (429 when full), then messages -> chat
-template -> token ids, checks against the context and the ``max_tokens`` cap,
-and a ``Job`` for the engine thread (``scheduler``). Tokenizing comes last
-because it is the expensive part: a burst of huge prompts is refused first.
-Updates come back through an ``asyncio.Queue``; a client that
-disconnects (detected by polling while a non-streaming request runs, or by the
-streaming response being cancelled) cancels its job.
-
-Learned state: ``build_engine`` restores it from ``state_dir`` and provides
-``engine.snapshot()``, which runs on the engine thread every
-``snapshot_interval`` seconds; at shutdown ``Engine.close()`` runs the engine's
-save hooks there too. With isolated tenants the engine is built without
-speculators that learn one model from every namespace (``shared_learning=False``).
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (JSON or SSE), ``GET /v1/models``, ``GET /health``,
+``GET /metrics``. Every error has the OpenAI shape; bad input is a 400 naming its parameter, never a 422 or a 500.
+Tokenizing comes after the cheap checks and a place in the queue, so a burst of huge prompts is refused first; the
+path of a request and the handling of learned state are on :func:`create_app`.
 """
 
 from __future__ import annotations
@@ -282,6 +265,24 @@ class ServerState:
 
 
 def create_app(cfg: ServerConfig, loader: Callable[[ServerConfig], EngineBundle] = load_bundle) -> FastAPI:
+    """The application for ``cfg``; ``loader`` builds the engine (in the background: ``/health`` says when).
+
+    A request goes: key -> namespace (``auth``), body -> validated request
+    (``schemas``) and the checks that need no tokenizer (model, prompt length in
+    characters), a place in the queue (429 when full), then messages -> chat
+    template -> token ids, checks against the context and the ``max_tokens`` cap,
+    and a ``Job`` for the engine thread (``scheduler``). Tokenizing comes last
+    because it is the expensive part: a burst of huge prompts is refused first.
+    Updates come back through an ``asyncio.Queue``; a client that
+    disconnects (detected by polling while a non-streaming request runs, or by the
+    streaming response being cancelled) cancels its job.
+
+    Learned state: ``build_engine`` restores it from ``state_dir`` and provides
+    ``engine.snapshot()``, which runs on the engine thread every
+    ``snapshot_interval`` seconds; at shutdown ``Engine.close()`` runs the engine's
+    save hooks there too. With isolated tenants the engine is built without
+    speculators that learn one model from every namespace (``shared_learning=False``).
+    """
     state = ServerState(cfg, loader)
 
     @asynccontextmanager

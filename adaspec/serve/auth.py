@@ -1,29 +1,9 @@
 """API keys and the tenant namespace each key maps to.
 
-Keys come from ``--api-key`` (repeatable) and the ``ADASPEC_API_KEYS`` environment
-variable (comma-separated). With at least one key configured, every ``/v1``
-route needs ``Authorization: Bearer <key>``; the key is compared with
-``hmac.compare_digest`` against every configured key (no early exit, so the
-comparison time does not reveal which key or how much of it matched).
-``/health`` stays open for orchestrators. ``/metrics`` is open unless a
-metrics key is set (``--metrics-key`` or ``ADASPEC_METRICS_KEY``), which it then
-requires the same way. It shows aggregate counters and namespace ids, never
-prompt text.
-
-Tenant isolation. The learned speculator state is a cache of earlier traffic.
-A tenant whose next tokens are drafted from another tenant's text can measure
-it: per-step token counts and inter-token timing reveal whether a guessed
-continuation was in the cache, which is the side channel shown for speculative
-decoding in "When Speculation Spills Secrets" (2024) and for vLLM's shared
-prefix cache in CVE-2025-46570 (fixed there with a server-set ``cache_salt``).
-The server therefore sets the engine namespace itself, from the key, so one
-tenant's learned state never shapes another tenant's drafts. The id is an HMAC
-of the key under a secret of this server, kept in the state directory so a
-tenant's learned state survives restarts; it appears in ``/metrics`` and in
-the state files, and without the secret nobody can test a guessed key against
-it. Without keys all traffic is one tenant (``default``);
-``--shared-namespace`` puts every key into one shared namespace on purpose
-(one organisation, several keys), trading that isolation for faster learning.
+With keys configured (``--api-key``, ``ADASPEC_API_KEYS``) every ``/v1`` route needs ``Authorization: Bearer <key>``,
+compared in constant time. The server sets the engine namespace itself, from the key (an HMAC under a secret of
+this server), so one tenant's learned state never shapes another tenant's drafts: speculation is a side channel
+otherwise. The rules and the reasons are on :class:`KeyRing`.
 """
 
 from __future__ import annotations
@@ -83,6 +63,33 @@ def tenant_secret(state_dir: str | os.PathLike | None) -> bytes:
 
 @dataclass(frozen=True)
 class KeyRing:
+    """The configured API keys and the namespace each one maps to.
+
+    Keys come from ``--api-key`` (repeatable) and the ``ADASPEC_API_KEYS`` environment
+    variable (comma-separated). With at least one key configured, every ``/v1``
+    route needs ``Authorization: Bearer <key>``; the key is compared with
+    ``hmac.compare_digest`` against every configured key (no early exit, so the
+    comparison time does not reveal which key or how much of it matched).
+    ``/health`` stays open for orchestrators. ``/metrics`` is open unless a
+    metrics key is set (``--metrics-key`` or ``ADASPEC_METRICS_KEY``), which it then
+    requires the same way. It shows aggregate counters and namespace ids, never
+    prompt text.
+
+    Tenant isolation. The learned speculator state is a cache of earlier traffic.
+    A tenant whose next tokens are drafted from another tenant's text can measure
+    it: per-step token counts and inter-token timing reveal whether a guessed
+    continuation was in the cache, which is the side channel shown for speculative
+    decoding in "When Speculation Spills Secrets" (2024) and for vLLM's shared
+    prefix cache in CVE-2025-46570 (fixed there with a server-set ``cache_salt``).
+    The server therefore sets the engine namespace itself, from the key, so one
+    tenant's learned state never shapes another tenant's drafts. The id is an HMAC
+    of the key under a secret of this server, kept in the state directory so a
+    tenant's learned state survives restarts; it appears in ``/metrics`` and in
+    the state files, and without the secret nobody can test a guessed key against
+    it. Without keys all traffic is one tenant (``default``);
+    ``--shared-namespace`` puts every key into one shared namespace on purpose
+    (one organisation, several keys), trading that isolation for faster learning.
+    """
     keys: tuple[bytes, ...]
     shared_namespace: bool = False
     secret: bytes = b""

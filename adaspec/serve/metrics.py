@@ -1,26 +1,8 @@
 """Prometheus metrics of the server, in its own ``CollectorRegistry``.
 
-Speculation counters use vLLM's names under the ``adaspec:`` prefix
-(REFERENCES, "Conventions users expect"); the client library appends
-``_total`` to counters, exactly as vLLM's exposition does::
-
-    adaspec:spec_decode_num_drafts_total                 steps that verified a non-empty draft
-    adaspec:spec_decode_num_draft_tokens_total           draft nodes verified
-    adaspec:spec_decode_num_accepted_tokens_total        draft nodes accepted
-    adaspec:spec_decode_num_accepted_tokens_per_pos_total{position}   steps whose draft was accepted past depth position
-
-so mean acceptance length = 1 + accepted / drafts. Besides those: steps by the
-chosen speculator (``none`` = no speculation), the lookahead (draft nodes
-verified per step, 0 included), request outcomes by finish reason, prompt and
-generation tokens, running and waiting requests, rejected requests by reason,
-latency histograms (TTFT, inter-token latency, end-to-end, queue time) and,
-where the speculators report it, learned-state size per speculator and
-namespace. The standard ``process_*`` metrics (resident memory, CPU seconds) come
-with it.
-
-Inter-token latency is observed once per engine step that emitted tokens: the
-time since the previous emission of the same request. Tokens accepted in the
-same step reach the client together, so this is what a streaming client sees.
+Speculation counters use vLLM's names under the ``adaspec:`` prefix (so dashboards built for vLLM read them);
+besides them: steps by chosen speculator, lookahead, request outcomes, token counts, queue sizes, latency histograms
+and learned-state sizes. The list is on :class:`ServerMetrics`.
 """
 
 from __future__ import annotations
@@ -32,6 +14,8 @@ from typing import Iterable, Mapping
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from ..stats import StepCounts
+
 PREFIX = "adaspec:"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
@@ -41,16 +25,10 @@ _LOOKAHEAD_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass
-class StatsCursor:
+class StatsCursor(StepCounts):
     """The part of a request's ``RequestStats`` already counted, so each step adds only its difference."""
 
-    output_tokens: int = 0
-    forwards: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    draft_steps: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
-    chosen: dict[str, int] = field(default_factory=dict)
 
 
 class _LearnedStateCollector:
@@ -75,7 +53,30 @@ class _LearnedStateCollector:
 
 
 class ServerMetrics:
-    """All server metrics; methods are thread-safe (prometheus_client's primitives are)."""
+    """All server metrics; methods are thread-safe (prometheus_client's primitives are).
+
+    Speculation counters use vLLM's names under the ``adaspec:`` prefix
+    (REFERENCES, "Conventions users expect"); the client library appends
+    ``_total`` to counters, exactly as vLLM's exposition does::
+
+        adaspec:spec_decode_num_drafts_total                 steps that verified a non-empty draft
+        adaspec:spec_decode_num_draft_tokens_total           draft nodes verified
+        adaspec:spec_decode_num_accepted_tokens_total        draft nodes accepted
+        adaspec:spec_decode_num_accepted_tokens_per_pos_total{position}   steps whose draft was accepted past depth position
+
+    so mean acceptance length = 1 + accepted / drafts. Besides those: steps by the
+    chosen speculator (``none`` = no speculation), the lookahead (draft nodes
+    verified per step, 0 included), request outcomes by finish reason, prompt and
+    generation tokens, running and waiting requests, rejected requests by reason,
+    latency histograms (TTFT, inter-token latency, end-to-end, queue time) and,
+    where the speculators report it, learned-state size per speculator and
+    namespace. The standard ``process_*`` metrics (resident memory, CPU seconds) come
+    with it.
+
+    Inter-token latency is observed once per engine step that emitted tokens: the
+    time since the previous emission of the same request. Tokens accepted in the
+    same step reach the client together, so this is what a streaming client sees.
+    """
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -144,4 +145,5 @@ class ServerMetrics:
         cur.output_tokens, cur.forwards, cur.drafted = stats.output_tokens, stats.forwards, stats.drafted
         cur.accepted, cur.draft_steps = stats.accepted, stats.draft_steps
         cur.accepted_per_pos = list(stats.accepted_per_pos)
-        cur.chosen = dict(stats.chosen)
+        cur.chosen.clear()
+        cur.chosen.update(stats.chosen)

@@ -1,31 +1,9 @@
 """One engine worker thread that interleaves requests step by step.
 
-The model runs on one thread only: torch already spreads one forward over the
-cores, and two forwards in parallel threads would only fight for them. The
-worker repeats a *round*:
-
-1. run queued worker tasks (learned-state snapshots), in order;
-2. admit at most one waiting request (``Engine.start``: its prefill and first token),
-   so a burst of arrivals cannot stall the requests already running;
-3. give every running request one ``Engine.step`` (one speculative step), round robin,
-   finishing those that are done or cancelled.
-
-Each request therefore advances by one target forward per round whatever its
-neighbours do; a request's share of the model is 1 / (running requests).
-Steps of different requests are not batched into one forward: the target
-models verify one sequence per forward, so batching verification across
-requests would need a batched (ragged, per-sequence KV) forward first.
-
-Admission is bounded: at most ``max_active`` requests run and ``max_queue`` wait;
-``submit`` raises ``QueueFull`` beyond that (the server answers 429). A consumer
-that must do expensive work before it can submit (tokenizing a long prompt)
-takes a place first with ``reserve``, so a burst beyond the bound is refused
-before any of that work is done. A consumer
-that goes away calls ``cancel``: a waiting request is dropped at once, a
-running one is finished as cancelled at its next turn (its speculators then
-learn from it as an unfinished request). Everything the engine touches,
-speculator state included, is touched from this thread only; learned-state
-snapshots are worker tasks for that reason.
+The model runs on one thread only (torch already spreads one forward over the cores). Each round admits at most one
+waiting request and gives every running request one ``Engine.step``, so a request's share of the model is
+1 / (running requests); admission is bounded (``QueueFull``: the server answers 429), and everything the engine
+touches is touched from this thread only. The round and its rules are on :class:`Scheduler`.
 """
 
 from __future__ import annotations
@@ -119,6 +97,33 @@ class Job:
 
 
 class Scheduler:
+    """The model runs on one thread only: torch already spreads one forward over the
+    cores, and two forwards in parallel threads would only fight for them. The
+    worker repeats a *round*:
+
+    1. run queued worker tasks (learned-state snapshots), in order;
+    2. admit at most one waiting request (``Engine.start``: its prefill and first token),
+       so a burst of arrivals cannot stall the requests already running;
+    3. give every running request one ``Engine.step`` (one speculative step), round robin,
+       finishing those that are done or cancelled.
+
+    Each request therefore advances by one target forward per round whatever its
+    neighbours do; a request's share of the model is 1 / (running requests).
+    Steps of different requests are not batched into one forward: the target
+    models verify one sequence per forward, so batching verification across
+    requests would need a batched (ragged, per-sequence KV) forward first.
+
+    Admission is bounded: at most ``max_active`` requests run and ``max_queue`` wait;
+    ``submit`` raises ``QueueFull`` beyond that (the server answers 429). A consumer
+    that must do expensive work before it can submit (tokenizing a long prompt)
+    takes a place first with ``reserve``, so a burst beyond the bound is refused
+    before any of that work is done. A consumer
+    that goes away calls ``cancel``: a waiting request is dropped at once, a
+    running one is finished as cancelled at its next turn (its speculators then
+    learn from it as an unfinished request). Everything the engine touches,
+    speculator state included, is touched from this thread only; learned-state
+    snapshots are worker tasks for that reason.
+    """
     def __init__(self, engine: Engine, metrics: ServerMetrics, config: SchedulerConfig | None = None,
                  state_sizes: Callable[[], Mapping[tuple[str, str], float]] | None = None,
                  clock: Callable[[], float] = time.perf_counter):

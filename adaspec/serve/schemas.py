@@ -1,16 +1,8 @@
 """Request bodies of the OpenAI API subset the server implements, validated strictly.
 
-Types are strict (``"5"`` is not an integer, ``1`` is not a boolean) and every
-parameter the server cannot honour is rejected by name rather than silently
-ignored: ``n`` other than 1, ``logprobs``, ``echo``, ``best_of``, ``suffix``,
-penalties, ``logit_bias``, tools and non-text response formats. Fields the API
-defines as informational (``user``, ``metadata``, ``service_tier``...) and unknown
-fields are ignored, as the OpenAI API does.
-
-Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1, ``max_tokens`` 16
-for completions and "up to the context" for chat. ``top_k`` is an extension
-(0 or -1 = off); so is the ``adaspec`` object (``{"stats": true}`` returns the
-request's speculation statistics).
+Types are strict and every parameter the server cannot honour is rejected by name rather than silently ignored;
+defaults follow the OpenAI API; ``top_k`` and the ``adaspec`` object are extensions. The rules are on
+:func:`parse_body`.
 """
 
 from __future__ import annotations
@@ -222,7 +214,20 @@ class ChatCompletionRequest(_Sampling):
 
 
 def parse_body(model: type[_Strict], data: Any) -> Any:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming its parameter."""
+    """Validate a decoded JSON body; the first problem becomes a 400 naming its parameter.
+
+    Types are strict (``"5"`` is not an integer, ``1`` is not a boolean) and every
+    parameter the server cannot honour is rejected by name rather than silently
+    ignored: ``n`` other than 1, ``logprobs``, ``echo``, ``best_of``, ``suffix``,
+    penalties, ``logit_bias``, tools and non-text response formats. Fields the API
+    defines as informational (``user``, ``metadata``, ``service_tier``...) and unknown
+    fields are ignored, as the OpenAI API does.
+
+    Defaults follow the OpenAI API: ``temperature`` 1, ``top_p`` 1, ``max_tokens`` 16
+    for completions and "up to the context" for chat. ``top_k`` is an extension
+    (0 or -1 = off); so is the ``adaspec`` object (``{"stats": true}`` returns the
+    request's speculation statistics).
+    """
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.", None, "invalid_type")
     try:

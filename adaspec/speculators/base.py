@@ -1,23 +1,8 @@
 """The speculator protocol and the draft value every speculator returns.
 
-A draft is a token tree rooted at the *pending* token: the last token the engine
-has emitted but the target has not yet consumed. ``parents[i] == -1`` means node
-``i`` hangs directly off the pending token; a linear draft has
-``parents == [-1, 0, 1, ..., n-2]``.
-
-``probs[i]`` is the speculator's own confidence that node ``i`` is what the
-target produces *given that its parent was accepted* (a conditional
-probability). The probability of reaching node ``i`` is the product along its
-path, and the expected number of accepted tokens is the sum of those path
-products (SuffixDecoding's score; REFERENCES "Choosing the lookahead").
-
-Worked example: tokens ``[7, 8, 9]``, parents ``[-1, 0, -1]``, probs
-``[0.9, 0.5, 0.05]`` is the tree::
-
-    pending ─┬─ 7 (0.9) ── 8 (0.5)
-             └─ 9 (0.05)
-
-path probabilities ``[0.9, 0.45, 0.05]``, score ``1.4``.
+A draft is a token tree rooted at the *pending* token (emitted, not yet consumed by the target) whose nodes carry the
+speculator's conditional confidence; its score, the expected number of accepted tokens, is what controllers route
+on. :class:`Draft` draws an example.
 """
 
 from __future__ import annotations
@@ -31,7 +16,27 @@ import numpy as np
 
 @dataclass(frozen=True)
 class Draft:
-    """Token ids proposed ahead of the target, as a tree, with confidences."""
+    """Token ids proposed ahead of the target, as a tree, with confidences.
+
+    A draft is a token tree rooted at the *pending* token: the last token the engine
+    has emitted but the target has not yet consumed. ``parents[i] == -1`` means node
+    ``i`` hangs directly off the pending token; a linear draft has
+    ``parents == [-1, 0, 1, ..., n-2]``.
+
+    ``probs[i]`` is the speculator's own confidence that node ``i`` is what the
+    target produces *given that its parent was accepted* (a conditional
+    probability). The probability of reaching node ``i`` is the product along its
+    path, and the expected number of accepted tokens is the sum of those path
+    products (SuffixDecoding's score; REFERENCES "Choosing the lookahead").
+
+    Worked example: tokens ``[7, 8, 9]``, parents ``[-1, 0, -1]``, probs
+    ``[0.9, 0.5, 0.05]`` is the tree::
+
+        pending ─┬─ 7 (0.9) ── 8 (0.5)
+                 └─ 9 (0.05)
+
+    path probabilities ``[0.9, 0.45, 0.05]``, score ``1.4``.
+    """
 
     tokens: np.ndarray  # [n] int64
     parents: np.ndarray  # [n] int64, -1 = child of the pending token, else an earlier index
@@ -65,6 +70,11 @@ class Draft:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def origin(self) -> str:
+        """Whose draft this is, for statistics: its source ("unnamed" without one), "none" when it is empty."""
+        return (self.source or "unnamed") if len(self) else "none"
 
     @cached_property
     def is_chain(self) -> bool:

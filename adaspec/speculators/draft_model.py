@@ -1,22 +1,8 @@
 """Standard two-model speculative decoding: a smaller causal LM with the same tokenizer drafts a chain.
 
-The draft model keeps its own KV cache per request. Before each proposal the
-cache is synchronised with the request's tokens: the longest common prefix of
-what the cache holds and ``ctx.tokens`` stays, the rest is truncated (rejected
-draft tokens roll back for free), and the missing tokens (the accepted ones
-and the pending token) are run and committed. Worked example, cache holds
-``[p0 p1 p2 | d1 d2 d3]`` (prompt, then last step's draft), the target accepted
-``d1`` and emitted ``y``: ``ctx.tokens = [p0 p1 p2 d1 y]``, so the cache is cut
-to 4 positions and ``[y]`` is run.
-
-Greedy drafting (``sample=False``) proposes argmax tokens with their draft
-probabilities as confidences and no ``Draft.dist``: greedy verification
-needs none, and sampled verification treats the tokens as one-hot proposals,
-which is lossless for any draft. Sampled drafting (``sample=True``) draws each
-token from the draft distribution ``q`` and returns ``q`` in ``Draft.dist``
-([n, vocab]) so the verifier accepts with min(1, p/q) (Leviathan et al. 2023).
-A draft token must be sampled from ``q`` for that rule to be lossless, which is
-why a greedy draft never carries ``dist``.
+The draft model keeps its own KV cache per request, synchronised with the request's tokens before each proposal
+(rejected draft tokens roll back for free). Greedy drafting gives argmax tokens; sampled drafting returns the draft
+distribution so the verifier can accept with min(1, p/q). Details on :class:`DraftModelSpeculator`.
 """
 
 from __future__ import annotations
@@ -53,7 +39,26 @@ class _Seq:
 
 
 class DraftModelSpeculator(SpeculatorBase):
-    """Any model with the target protocol (``new_cache``/``prefill``/``forward``) as a chain drafter."""
+    """Any model with the target protocol (``new_cache``/``prefill``/``forward``) as a chain drafter.
+
+    The draft model keeps its own KV cache per request. Before each proposal the
+    cache is synchronised with the request's tokens: the longest common prefix of
+    what the cache holds and ``ctx.tokens`` stays, the rest is truncated (rejected
+    draft tokens roll back for free), and the missing tokens (the accepted ones
+    and the pending token) are run and committed. Worked example, cache holds
+    ``[p0 p1 p2 | d1 d2 d3]`` (prompt, then last step's draft), the target accepted
+    ``d1`` and emitted ``y``: ``ctx.tokens = [p0 p1 p2 d1 y]``, so the cache is cut
+    to 4 positions and ``[y]`` is run.
+
+    Greedy drafting (``sample=False``) proposes argmax tokens with their draft
+    probabilities as confidences and no ``Draft.dist``: greedy verification
+    needs none, and sampled verification treats the tokens as one-hot proposals,
+    which is lossless for any draft. Sampled drafting (``sample=True``) draws each
+    token from the draft distribution ``q`` and returns ``q`` in ``Draft.dist``
+    ([n, vocab]) so the verifier accepts with min(1, p/q) (Leviathan et al. 2023).
+    A draft token must be sampled from ``q`` for that rule to be lossless, which is
+    why a greedy draft never carries ``dist``.
+    """
 
     name = "draft_model"
 

@@ -1,13 +1,6 @@
 """The draft head as speculators: ``HeadSpeculator`` (the static head, learns nothing) and
-``OnlineHeadSpeculator`` (the same head, trained on the fly). The network is in :mod:`.head_model`.
-
-Online learning (Online Speculative Decoding, Liu et al. 2024): every
-verification step yields training pairs for free. With ``H_0`` the hidden state
-that produced the pending token ``T_0`` and ``outcome.hidden[j] = H_{j+1}``,
-``outcome.emitted[j] = T_{j+1}``, the pairs are ``(H_j, T_j) -> (H_{j+1}, T_{j+1})``
-for ``j = 0 .. accepted``. A background thread distils the head on them (forward
-KL to ``softmax(E_V H_{j+1})`` plus a feature regression), weighting pairs the
-head got wrong, and publishes each new version by swapping one reference.
+``OnlineHeadSpeculator`` (the same head, trained on the fly from the training pairs every verification step yields;
+how, on that class). The network is in :mod:`.head_model`.
 """
 
 from __future__ import annotations
@@ -117,6 +110,24 @@ class HeadSpeculator(SpeculatorBase):
         pass
 
 
+BUFFER_SIZE = 8192
+"""Most recent training pairs kept (FIFO): recent traffic only, so the copy follows the current workload."""
+RECENT_FRACTION = 0.5
+"""Share of each batch drawn from the newest pairs, the rest uniformly from the buffer (learn new, keep old)."""
+WRONG_WEIGHT = 1.0
+"""Loss weight of pairs whose head top-1 disagreed with the target (OSD trains on these)."""
+RIGHT_WEIGHT = 0.1
+"""Loss weight of pairs the head already got right (keeps it from forgetting them)."""
+FEATURE_COEF = 0.1
+"""Weight of the feature regression term: the static head's training value (train/static.py)."""
+IDLE_SHARE = 0.5
+"""Fraction of wall time the learner may compute when nothing was observed for ``IDLE_AFTER_S``."""
+IDLE_AFTER_S = 2.0
+"""Idle = no request between begin and end, and nothing observed for this many seconds."""
+GUARD_MARGIN = 0.02
+"""Reset to the static weights when online agreement < static - margin over a full window (noise allowance)."""
+
+
 @dataclass
 class OnlineConfig:
     """How the online head learns from verification steps."""
@@ -129,30 +140,14 @@ class OnlineConfig:
     """Learning waits for this many pairs observed since it last ran."""
     passes: float = 2.0
     """Expected times each new pair is trained on: ceil(passes * new / batch_size) update steps per digest."""
-    buffer_size: int = 8192
-    """Most recent training pairs kept (FIFO)."""
-    recent_fraction: float = 0.5
-    """Share of each batch drawn from the newest pairs, the rest uniformly from the buffer."""
-    wrong_weight: float = 1.0
-    """Loss weight of pairs whose head top-1 disagreed with the target (OSD trains on these)."""
-    right_weight: float = 0.1
-    """Loss weight of pairs the head already got right (keeps it from forgetting them)."""
-    feature_coef: float = 0.1
-    """Weight of the feature regression term."""
     publish_every: int = 4
     """Update steps between publications of a new serving version."""
     max_share: float = 0.04
     """Fraction of wall time the learner may compute while requests are decoding, on a core decoding does not
     use; with no spare core (decoding's threads cover every core) it learns only while idle, since a learner
     sharing a core with decoding slows every step it overlaps."""
-    idle_share: float = 0.5
-    """Fraction it may use when nothing was observed for ``idle_after_s``."""
-    idle_after_s: float = 2.0
-    """Idle = no request between begin and end, and nothing observed for this many seconds."""
     guard_window: int = 512
     """Pairs in the sliding window that compares online vs static top-1 agreement."""
-    guard_margin: float = 0.02
-    """Reset to the static weights when online agreement < static - margin over a full window."""
     background: bool = True
     """Learn in a daemon thread; False learns only when ``learn_now`` is called (tests, replay)."""
 
@@ -165,6 +160,14 @@ class OnlineHeadSpeculator(HeadSpeculator):
     it (prequential top-1 agreement, the drift guard's measure), trains the
     private copy, and publishes a frozen clone by replacing one reference. A
     proposal reads that reference once, so every draft comes from one version.
+
+    Online learning (Online Speculative Decoding, Liu et al. 2024): every
+    verification step yields training pairs for free. With ``H_0`` the hidden state
+    that produced the pending token ``T_0`` and ``outcome.hidden[j] = H_{j+1}``,
+    ``outcome.emitted[j] = T_{j+1}``, the pairs are ``(H_j, T_j) -> (H_{j+1}, T_{j+1})``
+    for ``j = 0 .. accepted``. A background thread distils the head on them (forward
+    KL to ``softmax(E_V H_{j+1})`` plus a feature regression), weighting pairs the
+    head got wrong, and publishes each new version by swapping one reference.
     """
 
     name = "head_online"
@@ -188,7 +191,7 @@ class OnlineHeadSpeculator(HeadSpeculator):
         self._spare_core = len(os.sched_getaffinity(0)) > torch.get_num_threads() \
             if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > torch.get_num_threads()
         self._pending: deque = deque()  # new pairs not yet evaluated: (h_in [d], tok_in, h_out [d], tok_out)
-        self._buffer: deque = deque(maxlen=self.online.buffer_size)
+        self._buffer: deque = deque(maxlen=BUFFER_SIZE)
         self._guard: deque = deque(maxlen=self.online.guard_window)  # (online_right, static_right) per pair
         self._prev_hidden: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
@@ -287,7 +290,7 @@ class OnlineHeadSpeculator(HeadSpeculator):
         self._guard.extend(zip(on.tolist(), st.tolist()))
         if self.updates and len(self._guard) == self._guard.maxlen:
             g = np.asarray(self._guard, dtype=np.float64)
-            if g[:, 0].mean() < g[:, 1].mean() - self.online.guard_margin:
+            if g[:, 0].mean() < g[:, 1].mean() - GUARD_MARGIN:
                 log.warning("online head agreement %.3f fell below the static head's %.3f: reset to static",
                             g[:, 0].mean(), g[:, 1].mean())
                 self.reset_to_static()
@@ -299,7 +302,7 @@ class OnlineHeadSpeculator(HeadSpeculator):
     def _update(self, n_new: int) -> None:
         cfg = self.online
         buf = list(self._buffer)
-        n_recent = min(n_new, int(cfg.batch_size * cfg.recent_fraction))
+        n_recent = min(n_new, int(cfg.batch_size * RECENT_FRACTION))
         idx = list(range(len(buf) - n_recent, len(buf)))
         idx += random.choices(range(len(buf)), k=max(0, min(cfg.batch_size, len(buf)) - n_recent))
         h_in = torch.stack([buf[i][0] for i in idx])
@@ -309,8 +312,8 @@ class OnlineHeadSpeculator(HeadSpeculator):
         f = head(h_in, t_in)  # [b, d]
         with torch.no_grad():
             wrong = head.logits(f).argmax(-1) != head.logits(h_out).argmax(-1)
-            w = torch.where(wrong, cfg.wrong_weight, cfg.right_weight)
-        loss, _ = distill_loss(head, f, h_out, w, cfg.feature_coef)
+            w = torch.where(wrong, WRONG_WEIGHT, RIGHT_WEIGHT)
+        loss, _ = distill_loss(head, f, h_out, w, FEATURE_COEF)
         self._opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -367,12 +370,12 @@ class OnlineHeadSpeculator(HeadSpeculator):
                 idle = self._idle()
                 if not idle:
                     self.compute_busy_s += dt
-                share = self.online.idle_share if idle else self.online.max_share
+                share = IDLE_SHARE if idle else self.online.max_share
                 if self._stop.wait(dt * (1.0 / share - 1.0)):
                     return
 
     def _idle(self) -> bool:
-        return not self._active and time.monotonic() - self._last_observe > self.online.idle_after_s
+        return not self._active and time.monotonic() - self._last_observe > IDLE_AFTER_S
 
     def pause(self) -> None:
         """Hold the background learner (after its unit of work in flight) until ``resume``; pairs keep queueing.

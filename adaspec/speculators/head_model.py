@@ -1,23 +1,9 @@
 """The draft head (the network, its drafting loop and its checkpoints), on the target's hidden state.
 
-The head (EAGLE-style, Li et al. 2024) predicts the target's *next hidden state*
-from the current one and the token that hidden state produced::
-
-    h_t      target's last hidden state (after the final norm) at position t; its logits gave x_{t+1}
-    f_{t+1} = head(h_t, emb(x_{t+1}))          # ≈ h_{t+1}
-    q(x_{t+2}) = softmax(E_V f_{t+1})          # E_V: the target's (tied) embedding rows of the draft vocabulary
-
-Within one draft the head runs on its own predictions: ``f_{t+2} = head(f_{t+1},
-emb(x̂_{t+2}))`` and so on. It has no attention, so a draft *tree* costs one
-batched head step per depth and a request needs no per-request state: the
-engine's ``ctx.hidden`` is all a proposal starts from.
-
-Body: input RMSNorms on both halves, a fusing projection ``2d -> d``, ``num_blocks``
-pre-norm SiLU-gated MLP blocks with a residual, and an output RMSNorm. The LM head
-is the target's (tied) embedding restricted to a reduced draft vocabulary (the
-tokens the target predicts most often on the training data) with an int8 kernel,
-which makes a head step a fraction of a target forward on CPU; tokens outside it
-can never be proposed (``adaspec/checkpoints/README.md`` gives the figures).
+The head (EAGLE-style, Li et al. 2024) predicts the target's next hidden state from the current one and the token it
+produced, and drafts through the target's own (tied) embedding restricted to a reduced draft vocabulary. It has no
+attention, so a draft tree costs one batched head step per depth and a request needs no state of its own. The
+network is described on :class:`DraftHead`; measured figures are in ``adaspec/checkpoints/README.md``.
 """
 
 from __future__ import annotations
@@ -91,6 +77,25 @@ class DraftHead(nn.Module):
     not parameters, so ``state_dict()`` holds the head's own weights only.
     ``vocab_ids`` ([V] int64, sorted) are the full-vocabulary ids of the draft
     vocabulary; ``None`` means the full vocabulary.
+
+    The head (EAGLE-style, Li et al. 2024) predicts the target's *next hidden state*
+    from the current one and the token that hidden state produced::
+
+        h_t      target's last hidden state (after the final norm) at position t; its logits gave x_{t+1}
+        f_{t+1} = head(h_t, emb(x_{t+1}))          # ≈ h_{t+1}
+        q(x_{t+2}) = softmax(E_V f_{t+1})          # E_V: the target's (tied) embedding rows of the draft vocabulary
+
+    Within one draft the head runs on its own predictions: ``f_{t+2} = head(f_{t+1},
+    emb(x̂_{t+2}))`` and so on. It has no attention, so a draft *tree* costs one
+    batched head step per depth and a request needs no per-request state: the
+    engine's ``ctx.hidden`` is all a proposal starts from.
+
+    Body: input RMSNorms on both halves, a fusing projection ``2d -> d``, ``num_blocks``
+    pre-norm SiLU-gated MLP blocks with a residual, and an output RMSNorm. The LM head
+    is the target's (tied) embedding restricted to a reduced draft vocabulary (the
+    tokens the target predicts most often on the training data) with an int8 kernel,
+    which makes a head step a fraction of a target forward on CPU; tokens outside it
+    can never be proposed.
     """
 
     def __init__(self, cfg: HeadConfig, embed: torch.Tensor, vocab_ids: torch.Tensor | None = None,

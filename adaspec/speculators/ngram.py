@@ -1,20 +1,9 @@
 """Prompt lookup: draft by copying what followed the last occurrence of the context's final n-gram.
 
-The request's own tokens (prompt + output so far) are the only source. For
-``n = max_ngram .. min_ngram`` it looks for the most recent earlier position
-where the last ``n`` tokens occurred, and drafts the tokens that followed
-there. Worked example with ``max_ngram=3``::
-
-    context  [1, 2, 3, 4, 2, 3]      last 3-gram [4, 2, 3]: no earlier occurrence
-                                     last 2-gram [2, 3] occurred at positions 1..2
-    draft    [4, 2, 3]               the tokens after it (up to the budget, and only
-                                     tokens already in the context)
-
-Confidence (``Draft.probs``): one conditional acceptance probability per match
-length ``n``, the same for every token of the draft. It starts at a fixed
-prior (:attr:`PromptLookupConfig.prior`) and is then counted from this speculator's own verified drafts:
-``p_n = (accepted_n + s * prior_n) / (tried_n + s)`` where ``tried`` counts
-draft tokens whose parent was accepted and ``s`` is the prior's strength.
+The request's own tokens (prompt + output so far) are the only source; a worked example is on
+:meth:`PromptLookupSpeculator.lookup`. Confidence (``Draft.probs``): one conditional acceptance probability per match
+length, the prior (:attr:`PromptLookupConfig.prior`) shrunk toward what this speculator's own verified drafts showed
+(:mod:`.confidence`).
 """
 
 from __future__ import annotations
@@ -24,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
+from .confidence import AcceptanceCounts
 
 _GATHER_MAX = 256  # candidates above this are narrowed token by token before one vectorised gather
 
@@ -92,8 +82,7 @@ class PromptLookupSpeculator(SpeculatorBase):
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {c.min_ngram}, {c.max_ngram}")
         if not c.prior or not all(0.0 < p < 1.0 for p in c.prior):
             raise ValueError("prior must be a non-empty sequence of probabilities in (0, 1)")
-        self._tried = np.zeros(c.max_ngram + 1)
-        self._accepted = np.zeros(c.max_ngram + 1)
+        self._counts = AcceptanceCounts(c.max_ngram + 1, c.prior_strength)  # per match length
 
     # -- protocol ------------------------------------------------------------------------------
 
@@ -110,13 +99,22 @@ class PromptLookupSpeculator(SpeculatorBase):
         d = outcome.draft
         if d.source == self.name and len(d) and 1 <= d.match_len <= self.config.max_ngram:
             a = outcome.num_accepted
-            self._accepted[d.match_len] += a
-            self._tried[d.match_len] += min(a + 1, len(d))
+            self._counts.add(d.match_len, a, min(a + 1, len(d)))
 
     # -- mechanics -----------------------------------------------------------------------------
 
     def lookup(self, tokens: np.ndarray, budget: int) -> tuple[int, np.ndarray] | None:
-        """``(n, continuation)`` for the longest matching n-gram's most recent earlier occurrence, or None."""
+        """``(n, continuation)`` for the longest matching n-gram's most recent earlier occurrence, or None.
+
+        For ``n = max_ngram .. min_ngram`` it looks for the most recent earlier position
+        where the last ``n`` tokens occurred, and drafts the tokens that followed
+        there. Worked example with ``max_ngram=3``::
+
+            context  [1, 2, 3, 4, 2, 3]      last 3-gram [4, 2, 3]: no earlier occurrence
+                                             last 2-gram [2, 3] occurred at positions 1..2
+            draft    [4, 2, 3]               the tokens after it (up to the budget, and only
+                                             tokens already in the context)
+        """
         L = len(tokens)
         c = self.config
         if L < 2:
@@ -135,6 +133,5 @@ class PromptLookupSpeculator(SpeculatorBase):
 
     def confidence(self, n: int) -> float:
         """Conditional acceptance estimate for a draft token found with an n-gram match."""
-        c = self.config
-        prior = c.prior[min(n, len(c.prior)) - 1]
-        return float((self._accepted[n] + c.prior_strength * prior) / (self._tried[n] + c.prior_strength))
+        prior = self.config.prior
+        return float(self._counts.rate(prior[min(n, len(prior)) - 1], n))

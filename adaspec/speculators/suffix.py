@@ -1,27 +1,10 @@
 """The adaptive model-free speculator: suffix matching over past outputs and the request itself.
 
-Evidence: *global*, every finished output of the namespace (:mod:`.suffix_index`), and *local*, the request's
-prompt and output so far (``DecodeContext.array``). For the end of the context the speculator collects the
-occurrences of its last tokens in both, each with its match length ``m`` (global: the longest indexed order that
-matched, extended beyond it up to ``SuffixConfig.max_depth``; local: exact), a weight (global: halves every
-``SuffixConfig.half_life_tokens`` tokens of age; local: ``SuffixConfig.local_weight``) and its continuation; only
-the most recent ``SuffixConfig.max_rows`` per match-length level and source are kept. :mod:`.suffix_tree` scores
-them into a draft tree.
-
-Online correction (``self_calibrate``): after each step the last draft is
-scored against the tokens that actually followed (whichever draft the
-engine verified), and per namespace, per (highest evidence level, probability
-bin) the ratio of observed to expected hits rescales later confidences, so
-they follow the traffic (e.g. a code namespace where long matches are surer
-than in chat).
-
-Learning: ``observe`` feeds the online correction; ``end`` appends the output to
-the namespace's global index. Cancelled requests are learned from too
-(``learn_cancelled``): their tokens are real target output. Memory is bounded
-per namespace (FIFO eviction of whole outputs), in total (the oldest outputs of
-any namespace go first) and in the number of namespaces (least recently used
-dropped). A hash collision in the index can only add a wrong candidate, never
-change the output: verification is lossless.
+Evidence comes from every finished output of the namespace (:mod:`.suffix_index`) and from the request's own prompt
+and output (``DecodeContext.array``); :mod:`.suffix_tree` scores the occurrences into a draft tree, and an online
+correction per namespace keeps the confidences calibrated to the traffic. Memory is bounded per namespace, in total
+and in namespaces; a hash collision can only add a wrong candidate, never change the output. Details on
+:class:`SuffixSpeculator`.
 """
 
 from __future__ import annotations
@@ -37,6 +20,7 @@ import numpy as np
 
 from .base import (PAD, ContextBuffer, DecodeContext, Draft, SpeculatorBase, StepOutcome, label_nodes, path_probs,
                    token_array)
+from .confidence import AcceptanceCounts
 from .ngram import match_lengths
 from .suffix_index import SuffixIndex
 from .suffix_tree import NO_NODES, Rows, SortedRows, TreeNodes, build_tree, continuations, recent_per_level
@@ -44,6 +28,21 @@ from ..store import StoreCorruptError, arrays_from_bytes, arrays_to_bytes, pack,
 
 STATE_KIND = "adaspec.suffix"
 STATE_VERSION = 1
+MAX_ROWS = 16
+"""Most recent occurrences kept per level and source (mixture); 32 or 64 change ShareGPT replay by < 0.01 accepted
+tokens per step and cost time."""
+SD_MAX_ROWS = 1024
+"""suffixdecoding: occurrences looked at per source (its suffix tree counts all of them)."""
+MAX_DRAFT_DEPTH = 32
+"""Deepest draft node: as deep as the longest context suffix compared by default."""
+CORRECTION_BINS = 10
+"""Probability bins of the online correction (part of the saved state's shape)."""
+CORRECTION_MEMORY = 5000.0
+"""Expected accepted tokens per correction cell after which its counts are halved (follows drift)."""
+MIN_LEARN_TOKENS = 2
+"""Outputs shorter than this are not indexed: they hold no continuation."""
+MAX_REQUESTS = 4096
+"""Live request views kept; the least recently used one is dropped beyond it (a request's view is rebuilt)."""
 
 
 @dataclass
@@ -62,9 +61,6 @@ class SuffixConfig:
     ShareGPT replay (1, 2, 3, 4, 6, 8, 12, 16) scores the same; leaving out 1 costs 0.08 tokens per step."""
     levels: tuple[int, ...] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
     """Match-length thresholds of the evidence levels of the mixture."""
-    max_rows: int = 16
-    """Most recent occurrences kept per level and source (mixture); 32 or 64 change ShareGPT replay by < 0.01
-    accepted tokens per step and cost time."""
     beta: float = 8.0
     """Smoothing strength of every level towards the shorter one (pseudo-count); 8 gives calibrated
     confidences on ShareGPT replay (1 is overconfident, 16 underconfident)."""
@@ -73,24 +69,16 @@ class SuffixConfig:
     self_calibrate: bool = True
     """Correct confidences online, per namespace, from how earlier drafts fared against the tokens that
     followed (whichever draft the engine verified), per evidence level and probability bin."""
-    calibration_bins: int = 10
-    """Probability bins of the online correction."""
     calibration_strength: float = 50.0
     """Pseudo-count (in expected accepted tokens) that holds a correction factor at 1 until evidence builds."""
-    calibration_memory: float = 5000.0
-    """Expected accepted tokens per cell after which the cell's counts are halved (follows drift)."""
     half_life_tokens: float | None = 500_000.0
     """Age (tokens of newer history in the namespace) at which a global occurrence counts half; None: no decay."""
     min_prob: float = 0.1
     """Nodes whose path probability falls below this are not proposed."""
-    max_draft_depth: int = 32
-    """Deepest draft node."""
     spec_factor: float = 1.0
     """suffixdecoding: at most ``spec_factor * match_len + spec_offset`` tokens."""
     spec_offset: float = 0.0
     """suffixdecoding: see ``spec_factor``."""
-    sd_max_rows: int = 1024
-    """suffixdecoding: occurrences looked at per source (its suffix tree counts all of them)."""
     max_tokens_per_namespace: int = 1_000_000
     """Global history kept per namespace; the oldest whole outputs are evicted beyond it."""
     max_total_tokens: int = 4_000_000
@@ -101,10 +89,6 @@ class SuffixConfig:
     """Add the output of cancelled requests to the global index (it is real target output)."""
     learn_prompts: bool = False
     """Also add prompts to the global index (helps workloads that repeat prompt text, e.g. agent loops)."""
-    min_learn_tokens: int = 2
-    """Outputs shorter than this are not indexed."""
-    max_requests: int = 4096
-    """Live request views kept; the least recently used one is dropped beyond it."""
 
     def __post_init__(self) -> None:
         if self.scoring not in ("mixture", "suffixdecoding"):
@@ -115,51 +99,47 @@ class SuffixConfig:
             raise ValueError("levels must be increasing match lengths starting at 1")
         if self.max_depth < self.orders[-1]:
             raise ValueError("max_depth must be at least the largest order")
-        if self.max_depth > PAD or self.max_draft_depth > PAD:
-            raise ValueError(f"max_depth and max_draft_depth must be at most {PAD}")
-        for name in ("max_rows", "max_tokens_per_namespace", "max_total_tokens", "max_namespaces", "max_requests",
-                     "max_draft_depth", "sd_max_rows"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
+        if self.max_depth > PAD:
+            raise ValueError(f"max_depth must be at most {PAD}")
+        if min(self.max_tokens_per_namespace, self.max_total_tokens, self.max_namespaces) < 1:
+            raise ValueError("max_tokens_per_namespace, max_total_tokens and max_namespaces must be positive")
         if self.beta <= 0 or self.local_weight < 0 or not 0 <= self.min_prob < 1:
             raise ValueError("need beta > 0, local_weight >= 0 and 0 <= min_prob < 1")
         if self.half_life_tokens is not None and self.half_life_tokens <= 0:
             raise ValueError("half_life_tokens must be positive or None")
 
 
-class ConfidenceCorrection:
+class ConfidenceCorrection(AcceptanceCounts):
     """Online correction of draft confidences: observed / expected accepted tokens per (level, bin) cell.
 
-    A node tested against the true continuation (its parent was on the true
-    path) adds its raw probability to ``expected`` and 1 to ``hits`` if it was
-    right. The factor ``(hits + s) / (expected + s)`` is 1 without evidence.
-    Cells are halved once ``expected`` passes ``memory``, so the factor follows
-    drift in the traffic.
+    A node tested against the true continuation (its parent was on the true path) adds its raw probability to
+    ``expected`` (the counts' ``tried``) and 1 to ``hits`` if it was right; the factor is ``rate(1.0)``, 1 without
+    evidence. Cells are halved once ``expected`` passes ``memory``, so the factor follows drift in the traffic.
     """
 
     def __init__(self, levels: int, bins: int, strength: float, memory: float):
-        self.hits = np.zeros((levels, bins))
-        self.expected = np.zeros((levels, bins))
-        self.strength = strength
+        super().__init__((levels, bins), strength)
         self.memory = memory
         self._factor: np.ndarray | None = None
+
+    @property
+    def expected(self) -> np.ndarray:
+        return self.tried
 
     def factor(self) -> np.ndarray:
         """[levels, bins] multiplier of raw confidences."""
         if self._factor is None:
-            self._factor = (self.hits + self.strength) / (self.expected + self.strength)
+            self._factor = self.rate(1.0)
         return self._factor
 
     def set(self, hits: np.ndarray, expected: np.ndarray) -> None:
-        self.hits, self.expected, self._factor = hits, expected, None
+        self.hits, self.tried, self._factor = hits, expected, None
 
     def update(self, level: np.ndarray, bins: np.ndarray, raw: np.ndarray, hit: np.ndarray) -> None:
-        np.add.at(self.hits, (level, bins), hit.astype(np.float64))
-        np.add.at(self.expected, (level, bins), raw)
-        full = self.expected > self.memory
+        self.add((level, bins), hit.astype(np.float64), raw)
+        full = self.tried > self.memory
         if full.any():
-            self.hits[full] *= 0.5
-            self.expected[full] *= 0.5
+            self.scale(0.5, full)
         self._factor = None
 
 
@@ -178,7 +158,31 @@ class _RequestView:
     pending: tuple[int, TreeNodes] | None = None  # (context length when proposed, nodes)
 
 class SuffixSpeculator(SpeculatorBase):
-    """Adaptive suffix speculator; see the module docstring. Thread-safe (one lock)."""
+    """Adaptive suffix speculator; see the module docstring. Thread-safe (one lock).
+
+    Evidence: *global*, every finished output of the namespace (:mod:`.suffix_index`), and *local*, the request's
+    prompt and output so far (``DecodeContext.array``). For the end of the context the speculator collects the
+    occurrences of its last tokens in both, each with its match length ``m`` (global: the longest indexed order that
+    matched, extended beyond it up to ``SuffixConfig.max_depth``; local: exact), a weight (global: halves every
+    ``SuffixConfig.half_life_tokens`` tokens of age; local: ``SuffixConfig.local_weight``) and its continuation; only
+    the most recent ``MAX_ROWS`` per match-length level and source are kept. :mod:`.suffix_tree` scores
+    them into a draft tree.
+
+    Online correction (``self_calibrate``): after each step the last draft is
+    scored against the tokens that actually followed (whichever draft the
+    engine verified), and per namespace, per (highest evidence level, probability
+    bin) the ratio of observed to expected hits rescales later confidences, so
+    they follow the traffic (e.g. a code namespace where long matches are surer
+    than in chat).
+
+    Learning: ``observe`` feeds the online correction; ``end`` appends the output to
+    the namespace's global index. Cancelled requests are learned from too
+    (``learn_cancelled``): their tokens are real target output. Memory is bounded
+    per namespace (FIFO eviction of whole outputs), in total (the oldest outputs of
+    any namespace go first) and in the number of namespaces (least recently used
+    dropped). A hash collision in the index can only add a wrong candidate, never
+    change the output: verification is lossless.
+    """
 
     def __init__(self, config: SuffixConfig | None = None, name: str = "suffix"):
         self.config = config if config is not None else SuffixConfig()
@@ -235,7 +239,7 @@ class SuffixSpeculator(SpeculatorBase):
             outputs = [ctx.tokens[: ctx.prompt_len]] if self.config.learn_prompts else []
             outputs.append(ctx.tokens[ctx.prompt_len :])
             for out in outputs:
-                if len(out) >= self.config.min_learn_tokens:
+                if len(out) >= MIN_LEARN_TOKENS:
                     self.add(ctx.namespace, out)
 
     # -- learned state -------------------------------------------------------------------------
@@ -329,7 +333,7 @@ class SuffixSpeculator(SpeculatorBase):
         calibrated = meta.get("calibrated", [])
         if not isinstance(calibrated, list) or not all(isinstance(n, str) for n in calibrated):
             raise StoreCorruptError("calibrated list malformed")
-        shape = (len(self.config.levels), self.config.calibration_bins)
+        shape = (len(self.config.levels), CORRECTION_BINS)
         for i, ns in enumerate(calibrated):
             hits, expected = arrays.get(f"cal_hits_{i}"), arrays.get(f"cal_expected_{i}")
             if hits is None or expected is None:
@@ -380,7 +384,7 @@ class SuffixSpeculator(SpeculatorBase):
         view = self._requests.get(ctx.request_id)
         if view is None:
             view = self._requests[ctx.request_id] = _RequestView()
-            while len(self._requests) > self.config.max_requests:
+            while len(self._requests) > MAX_REQUESTS:
                 self._requests.popitem(last=False)
         else:
             self._requests.move_to_end(ctx.request_id)
@@ -390,8 +394,8 @@ class SuffixSpeculator(SpeculatorBase):
         cal = self._calibrations.get(namespace)
         if cal is None:
             c = self.config
-            cal = self._calibrations[namespace] = ConfidenceCorrection(len(c.levels), c.calibration_bins,
-                                                              c.calibration_strength, c.calibration_memory)
+            cal = self._calibrations[namespace] = ConfidenceCorrection(len(c.levels), CORRECTION_BINS,
+                                                                       c.calibration_strength, CORRECTION_MEMORY)
             while len(self._calibrations) > c.max_namespaces:
                 self._calibrations.popitem(last=False)
         else:
@@ -438,10 +442,10 @@ class SuffixSpeculator(SpeculatorBase):
     def _propose(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, calib: ConfidenceCorrection | None,
                  budget: int) -> tuple[Draft, TreeNodes]:
         c = self.config
-        depth = min(budget, c.max_draft_depth)
+        depth = min(budget, MAX_DRAFT_DEPTH)
         if c.scoring == "suffixdecoding":
             return self._propose_sd(ctxbuf, index, budget, depth), NO_NODES
-        local, glob = self._rows(ctxbuf, index, depth, c.max_rows)
+        local, glob = self._rows(ctxbuf, index, depth, MAX_ROWS)
         rows = Rows.concat([local, glob]) if len(glob) else local
         if not len(rows):
             return Draft.empty(self.name), NO_NODES
@@ -457,7 +461,7 @@ class SuffixSpeculator(SpeculatorBase):
         """SuffixDecoding's rule (baseline): best-scoring candidate over sources and match lengths."""
         c = self.config
         best: tuple[float, TreeNodes, int] = (0.0, NO_NODES, 0)
-        for rows in self._rows(ctxbuf, index, depth, c.sd_max_rows, include_self=True):
+        for rows in self._rows(ctxbuf, index, depth, SD_MAX_ROWS, include_self=True):
             if not len(rows):
                 continue
             s = SortedRows.of(rows.cont)

@@ -1,45 +1,9 @@
 """From occurrences to a draft tree: the suffix speculator's scoring.
 
 An *occurrence* is an earlier position whose preceding tokens match the end of the context, with its match length
-``m``, a weight and its *continuation* (the tokens that followed it); :class:`Rows` holds them.
-
-Scoring (``scoring="mixture"``, the default)
-    Occurrences are sorted by continuation, so every draft-tree node is a
-    contiguous range of them (their continuations agree on the path). At a node,
-    level ``j`` (occurrences whose match length reaches ``levels[j]``) has
-    weighted count ``C_j`` and per-child counts ``c_j(x)``. The next-token
-    probability interpolates the levels from short to long matches, each
-    smoothed towards the shorter one (hierarchical Dirichlet smoothing, as in
-    PPM / interpolated n-gram models)::
-
-        P_0(x) = c_0(x) / (C_0 + beta)                       # beta / (C_0 + beta): a token never seen here
-        P_j(x) = (c_j(x) + beta * P_{j-1}(x)) / (C_j + beta)   (levels with C_j = 0 pass P_{j-1} on)
-
-    A long match with few occurrences and a short match with many both count,
-    each by its evidence, and local and global occurrences pool into the same
-    counts. Below a draft node of depth ``t`` an occurrence's match length is
-    ``m + t`` (if the path is accepted, the occurrence matched it too), so
-    confidence grows along a path that keeps agreeing with one source.
-    ``Draft.probs`` is ``P_top(child)``, a conditional probability.
-
-    Worked example: occurrences with continuations ``[5, 6]`` (m=4), ``[5, 7]``
-    (m=1), ``[8]`` (m=1), unit weights, levels ``(1, 4)``, beta 1. Root: level 0
-    counts 5:2, 8:1 (C_0=3); level 1 counts 5:1 (C_1=1). ``P(5) = (1 + 1 * 2/4)
-    / 2 = 0.75``, ``P(8) = (0 + 1 * 1/4) / 2 = 0.125``.
-
-Scoring (``scoring="suffixdecoding"``)
-    SuffixDecoding's rule as a baseline: for every match length ``L`` and each
-    source separately, occurrences with ``m >= L``; ``p = child.count /
-    node.count`` (occurrences that end at the node count in ``node.count``,
-    the context's own end included for the local source); at most ``factor * L
-    + offset`` tokens and tree depth ``max_depth - L``; path probability >=
-    ``min_prob``; the candidate with the highest score (sum of path
-    probabilities) wins. It looks at up to :attr:`SuffixConfig.sd_max_rows`
-    occurrences per source rather than all of them.
-
-Drafts are trees built best first by path probability up to the budget (or a
-chain, ``tree=False``); nodes come out in that order, so ``Draft.prefix(k)`` is
-the best ``k``-node subtree.
+``m``, a weight and its *continuation* (the tokens that followed it); :class:`Rows` holds them. :func:`build_tree`
+scores them into a draft tree, by evidence interpolated across match lengths (the default) or by SuffixDecoding's
+rule (the baseline), best first by path probability, so ``Draft.prefix(k)`` is the best ``k``-node subtree.
 """
 
 from __future__ import annotations
@@ -169,6 +133,40 @@ def build_tree(s: SortedRows, m: np.ndarray, w: np.ndarray, levels: np.ndarray, 
     ``min_prob`` (ties: shallower first), which is what best-first expansion
     yields and always a subtree; with ``tree=False`` only each node's most
     likely child is eligible (a chain).
+
+    Scoring (``scoring="mixture"``, the default)
+        Occurrences are sorted by continuation, so every draft-tree node is a
+        contiguous range of them (their continuations agree on the path). At a node,
+        level ``j`` (occurrences whose match length reaches ``levels[j]``) has
+        weighted count ``C_j`` and per-child counts ``c_j(x)``. The next-token
+        probability interpolates the levels from short to long matches, each
+        smoothed towards the shorter one (hierarchical Dirichlet smoothing, as in
+        PPM / interpolated n-gram models)::
+
+            P_0(x) = c_0(x) / (C_0 + beta)                       # beta / (C_0 + beta): a token never seen here
+            P_j(x) = (c_j(x) + beta * P_{j-1}(x)) / (C_j + beta)   (levels with C_j = 0 pass P_{j-1} on)
+
+        A long match with few occurrences and a short match with many both count,
+        each by its evidence, and local and global occurrences pool into the same
+        counts. Below a draft node of depth ``t`` an occurrence's match length is
+        ``m + t`` (if the path is accepted, the occurrence matched it too), so
+        confidence grows along a path that keeps agreeing with one source.
+        ``Draft.probs`` is ``P_top(child)``, a conditional probability.
+
+        Worked example: occurrences with continuations ``[5, 6]`` (m=4), ``[5, 7]``
+        (m=1), ``[8]`` (m=1), unit weights, levels ``(1, 4)``, beta 1. Root: level 0
+        counts 5:2, 8:1 (C_0=3); level 1 counts 5:1 (C_1=1). ``P(5) = (1 + 1 * 2/4)
+        / 2 = 0.75``, ``P(8) = (0 + 1 * 1/4) / 2 = 0.125``.
+
+    Scoring (``scoring="suffixdecoding"``)
+        SuffixDecoding's rule as a baseline: for every match length ``L`` and each
+        source separately, occurrences with ``m >= L``; ``p = child.count /
+        node.count`` (occurrences that end at the node count in ``node.count``,
+        the context's own end included for the local source); at most ``factor * L
+        + offset`` tokens and tree depth ``max_depth - L``; path probability >=
+        ``min_prob``; the candidate with the highest score (sum of path
+        probabilities) wins. It looks at up to ``suffix.SD_MAX_ROWS``
+        occurrences per source rather than all of them.
     """
     R = len(s.cont)
     D = min(max_depth, s.cont.shape[1])

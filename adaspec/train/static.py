@@ -1,28 +1,8 @@
 """Train the static draft head by distillation from the target (``python -m adaspec.train.static``).
 
-Recipe
-------
-1. Teacher features by teacher forcing over chat-templated ShareGPT
-   conversations (``teacher.py``, cached on disk).
-2. Draft vocabulary: the ``draft_vocab`` tokens the target most often predicts
-   on the training split (plus its special tokens).
-3. Loss, for positions ``i`` and unroll depths ``j = 1..K``::
-
-       f_{i,0} = h_i
-       f_{i,j} = head(f_{i,j-1}, x_{i+j})          # its own features, as when drafting
-       L = sum_j decay^(j-1) * [ KL(softmax(E_V h_{i+j}) || softmax(E_V f_{i,j})) + c * smoothL1(f_{i,j}, h_{i+j}) ]
-
-4. Held-out acceptance each epoch (``evaluate``): greedy top-1 agreement of
-   the head's chain with the target on held-out assistant tokens, per depth.
-
-Depth ``j`` is *conditional*: it counts positions where depths ``< j`` were
-accepted and the held-out text went on with the target's greedy token (so the
-target's hidden states along the draft are known); among those, the share
-where the head's depth-``j`` token is the target's argmax. With conditional
-rates ``a_1..a_k`` the expected accepted tokens of a k-chain is
-``sum_j prod_{l<=j} a_l``.
-
-Training is resumable: its state is written atomically every
+Teacher features of chat-templated ShareGPT conversations (``teacher.py``), a reduced draft vocabulary, a loss
+unrolled over the head's own features, and held-out acceptance per depth each epoch; the recipe is on
+:func:`train_step` and :func:`evaluate`. Training is resumable: its state is written atomically every
 ``checkpoint_every`` steps and an interrupted run continues from there.
 """
 
@@ -123,6 +103,13 @@ def evaluate(head: DraftHead, data: TeacherData, depth: int, max_positions: int 
     ``full_vocab`` drafts over the whole target vocabulary with the same head
     (what the reduced vocabulary costs). ``coverage`` is the share of depth-1
     target tokens inside the draft vocabulary (an upper bound on depth-1 acceptance).
+
+    Depth ``j`` is *conditional*: it counts positions where depths ``< j`` were
+    accepted and the held-out text went on with the target's greedy token (so the
+    target's hidden states along the draft are known); among those, the share
+    where the head's depth-``j`` token is the target's argmax. With conditional
+    rates ``a_1..a_k`` the expected accepted tokens of a k-chain is
+    ``sum_j prod_{l<=j} a_l``.
     """
     pos = start_positions(data, depth, assistant_only=True)[:max_positions]
     attempts = torch.zeros(depth)
@@ -170,7 +157,23 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def train_step(head: DraftHead, data: TeacherData, g: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Loss of one batch of start positions ``g`` [b] unrolled ``cfg.unroll`` steps."""
+    """Loss of one batch of start positions ``g`` [b] unrolled ``cfg.unroll`` steps.
+
+    Recipe
+    ------
+    1. Teacher features by teacher forcing over chat-templated ShareGPT
+       conversations (``teacher.py``, cached on disk).
+    2. Draft vocabulary: the ``draft_vocab`` tokens the target most often predicts
+       on the training split (plus its special tokens).
+    3. Loss, for positions ``i`` and unroll depths ``j = 1..K``::
+
+           f_{i,0} = h_i
+           f_{i,j} = head(f_{i,j-1}, x_{i+j})          # its own features, as when drafting
+           L = sum_j decay^(j-1) * [ KL(softmax(E_V h_{i+j}) || softmax(E_V f_{i,j})) + c * smoothL1(f_{i,j}, h_{i+j}) ]
+
+    4. Held-out acceptance each epoch (``evaluate``): greedy top-1 agreement of
+       the head's chain with the target on held-out assistant tokens, per depth.
+    """
     j = torch.arange(1, cfg.unroll + 1)
     toks = data.tokens[g[:, None] + j]  # [b, K]
     feats = head.unroll(data.hidden[g].float(), toks)  # [b, K, d]

@@ -1,19 +1,9 @@
 """Teacher features by teacher forcing, cached on disk as safetensors shards.
 
-For every training sequence the target runs one forward over the whole
-sequence (no generation) and we keep, per position ``i``:
-
-- ``hidden[i]`` [d] fp16: the last hidden state after the final norm. The
-  teacher distribution over the next token is ``softmax(E h_i)``, so the
-  hidden state *is* the distribution (for a tied LM head) and nothing else needs
-  storing;
-- ``argmax[i]``: the target's greedy next token (draft-vocabulary counts and
-  held-out acceptance);
-- ``tokens[i]`` and ``assistant[i]``.
-
-Shards are written atomically and listed in ``manifest.json``; an interrupted
-run resumes after the last complete shard. The cache directory is keyed by the
-target fingerprint and the data config, so another target never reads it.
+For every training sequence the target runs one forward and we keep, per position, its last hidden state (which is
+the teacher's next-token distribution, for a tied LM head), its greedy next token, the token and whether it is the
+assistant's (:class:`TeacherData`). Shards are written atomically and listed in a manifest, so an interrupted run
+resumes; the cache is keyed by the target fingerprint and the data config.
 """
 
 from __future__ import annotations
@@ -35,7 +25,19 @@ from .data import DataConfig, Sequence_, iter_sequences
 
 @dataclass
 class TeacherData:
-    """Concatenated teacher features of one split."""
+    """Concatenated teacher features of one split.
+
+    For every training sequence the target runs one forward over the whole
+    sequence (no generation) and we keep, per position ``i``:
+
+    - ``hidden[i]`` [d] fp16: the last hidden state after the final norm. The
+      teacher distribution over the next token is ``softmax(E h_i)``, so the
+      hidden state *is* the distribution (for a tied LM head) and nothing else needs
+      storing;
+    - ``argmax[i]``: the target's greedy next token (draft-vocabulary counts and
+      held-out acceptance);
+    - ``tokens[i]`` and ``assistant[i]``.
+    """
 
     hidden: torch.Tensor  # [N, d] fp16
     tokens: torch.Tensor  # [N] int64

@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..control.adaptive import AdaptiveConfig, AdaptiveController, best_prefix
-from ..control.base import Controller, StepFeedback
+from ..control.base import Controller, StepFeedback, StepPlan
 from ..control.costs import CostModel
 from ..control.namespaced import NamespacedController
 from ..speculators.base import DecodeContext, Draft, Speculator, StepOutcome
@@ -75,9 +75,10 @@ class BatchCosts(CostModel):
 @dataclass
 class _Live:
     ctx: DecodeContext
+    plan: StepPlan | None = None  # the controller's plan of the step in flight (None: nothing was planned)
     proposals: dict[str, Draft] = field(default_factory=dict)
     spent: dict[str, float] = field(default_factory=dict)
-    draft: Draft = field(default_factory=Draft.empty)
+    draft: Draft = field(default_factory=Draft.empty)  # what was sent to vLLM (the plan's draft, trimmed)
 
 
 def default_parts(max_draft: int) -> tuple[list[Speculator], NamespacedController]:
@@ -174,26 +175,27 @@ class SpeculationService:
         outcome = StepOutcome(draft, list(range(accepted)), emitted)
         for s in self.speculators:
             s.observe(ctx, outcome)
-        if live.proposals or len(draft):
+        if live.plan is not None:
             # the batch's step time is learned in ``step``; the per-request verify time has no meaning here
-            self.controller.observe(StepFeedback(ctx, live.proposals, live.spent, draft, outcome, 0.0))
-        live.proposals, live.spent, live.draft = {}, {}, Draft.empty()
+            self.controller.observe(StepFeedback(ctx, live.plan, live.proposals, live.spent, outcome, 0.0))
+        live.plan, live.proposals, live.spent, live.draft = None, {}, {}, Draft.empty()
         return live
 
     def _propose(self, live: _Live, room: int) -> Draft:
         if room <= 0:
             return Draft.empty()
         ctx = live.ctx
-        budgets = self.controller.plan(ctx, self.names)
+        plan = self.controller.plan(ctx, self.names)
         for s in self.speculators:
-            b = min(int(budgets.get(s.name, 0)), room)
+            b = min(int(plan.budgets.get(s.name, 0)), room)
             if b > 0:
                 t = self.clock()
                 live.proposals[s.name] = s.propose(ctx, b)
                 live.spent[s.name] = self.clock() - t
-        if not live.proposals:
-            return Draft.empty()
-        return self.controller.choose(ctx, live.proposals).prefix(room)
+        if live.proposals:
+            plan = self.controller.choose(ctx, plan, live.proposals, live.spent)
+        live.plan = plan
+        return plan.draft.prefix(room)
 
     def _trim(self, rows: Sequence[BatchRow], drafts: dict[str, Draft]) -> dict[str, Draft]:
         """The drafts cut to the best-first prefix of all their nodes that maximises the batch's tokens per
