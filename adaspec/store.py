@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import struct
@@ -23,6 +24,8 @@ import numpy as np
 
 from .files import fsync_dir
 from .files import remove_temporaries, write_atomic  # noqa: F401  (re-exported: the store's write path)
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"ADASPEC\0"
 CONTAINER_VERSION = 1
@@ -44,6 +47,25 @@ class Persistent(Protocol):
     def load(self, path: str | os.PathLike, vocab_size: int | None = None) -> bool:
         """Restore from ``save`` through :func:`restore` (True); a missing or damaged file leaves the component
         clean (False). ``vocab_size`` bounds the token ids a state file may hold."""
+
+
+def restore_components(directory: str | os.PathLike, speculators, controller,
+                       vocab_size: int | None = None) -> list[tuple[Persistent, Path]]:
+    """Restore every persistent component's learned state from ``directory`` (one file each: ``<name>.state``
+    per speculator, ``controller.state``) and return the (component, file) pairs that a snapshot saves.
+
+    Temporary files of a snapshot that a crash interrupted are deleted first (with a warning); a damaged or
+    mis-shaped file is moved aside and its component starts clean (:func:`restore`)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for p in remove_temporaries(directory):
+        log.warning("removed %s, left by an interrupted snapshot", p.name)
+    files = [(s, directory / f"{s.name}.state") for s in speculators if isinstance(s, Persistent)]
+    if isinstance(controller, Persistent):
+        files.append((controller, directory / "controller.state"))
+    for obj, path in files:
+        obj.load(path, vocab_size)
+    return files
 
 
 def quarantine(path: str | os.PathLike) -> Path | None:

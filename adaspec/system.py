@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from .control.base import FixedController
 from .engine import Engine
-
-log = logging.getLogger(__name__)
 
 MODES = ("adaptive", "plain", "ngram", "suffix", "head")
 """adaptive: every speculator under the confidence-aware controller (the full system, default);
@@ -58,26 +55,9 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
         controller = NamespacedController()
     engine = Engine(model, tokenizer, specs, controller)
     if state_dir is not None:
-        _attach_state(engine, Path(state_dir))
+        from .store import restore_components
+
+        engine.state_files = restore_components(state_dir, engine.speculators, engine.controller,
+                                                engine.model.vocab_size)
     engine.on_close.extend(s.close for s in specs)
     return engine
-
-
-def _attach_state(engine: Engine, directory: Path) -> None:
-    """Restore every component's learned state from ``directory`` and list its files in ``engine.state_files``
-    (what ``engine.snapshot()`` saves).
-
-    Each component keeps one file, ``<name>.state``. Temporary files of a snapshot that a crash interrupted are
-    deleted first; a damaged or mis-shaped file is moved aside with a warning and its component starts clean
-    (``store.restore``)."""
-    from .store import Persistent, remove_temporaries
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for p in remove_temporaries(directory):
-        log.warning("removed %s, left by an interrupted snapshot", p.name)
-    files = [(s, directory / f"{s.name}.state") for s in engine.speculators if isinstance(s, Persistent)]
-    if isinstance(engine.controller, Persistent):
-        files.append((engine.controller, directory / "controller.state"))
-    for obj, path in files:
-        obj.load(path, engine.model.vocab_size)
-    engine.state_files = files

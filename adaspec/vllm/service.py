@@ -8,7 +8,6 @@ second of the whole batch (``best_prefix`` over the forest of drafts, the batch'
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +20,8 @@ from ..control.base import Controller, StepFeedback, StepPlan
 from ..control.costs import CostModel
 from ..control.namespaced import NamespacedController
 from ..speculators.base import DecodeContext, Draft, Speculator, StepOutcome
-from ..store import Persistent, remove_temporaries
+from ..store import Persistent, restore_components
 
-log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_S = 10.0
 """Least seconds between snapshots of the learned state, taken after requests finish. vLLM gives a proposer no
@@ -115,7 +113,7 @@ class SpeculationService:
         self.state_files: list[tuple[Persistent, Path]] = []
         self._saved_at = clock()
         if state_dir is not None:
-            self._attach(Path(state_dir))
+            self.state_files = restore_components(state_dir, self.speculators, self.controller)
 
     @classmethod
     def default(cls, max_draft: int, state_dir: str | Path | None = None,
@@ -228,17 +226,6 @@ class SpeculationService:
         self._unsaved |= finished
 
     # -- learned state ---------------------------------------------------------------------------
-
-    def _attach(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        for p in remove_temporaries(directory):
-            log.warning("removed %s, left by an interrupted snapshot", p.name)
-        files = [(s, directory / f"{s.name}.state") for s in self.speculators if isinstance(s, Persistent)]
-        if isinstance(self.controller, Persistent):
-            files.append((self.controller, directory / "controller.state"))
-        for obj, path in files:
-            obj.load(path)
-        self.state_files = files
 
     def snapshot(self) -> None:
         """Save every component's learned state, each file atomically."""
