@@ -42,10 +42,11 @@ class StepFeedback:
 
 
 class Controller(Protocol):
-    """The controller protocol (call order in the module docstring). Controllers subclass it explicitly, so
-    they inherit the default of the optional hook.
+    """The controller protocol. Controllers subclass it explicitly, so they inherit the default of the optional
+    hook.
 
-    Each engine step calls, in order::
+    Each engine step calls, in order (``choose`` only when some speculator proposed; otherwise the plan's draft
+    stays empty)::
 
         plan = controller.plan(ctx, names)                       # StepPlan: nodes to ask each speculator for
         proposals = {name: spec.propose(ctx, plan.budgets[name]) ...}   # (and the seconds each took)
@@ -53,8 +54,7 @@ class Controller(Protocol):
         ... verify plan.draft, commit ...
         controller.observe(StepFeedback(ctx, plan, proposals, seconds, outcome, verify_seconds))
 
-    The plan travels with the step, so a controller keeps nothing per request between the calls. The chosen
-    draft's ``probs`` are the controller's own (calibrated) estimates, so ``draft.score`` is its prediction of the
+    The chosen draft's ``probs`` are the controller's own (calibrated) estimates, so ``draft.score`` is its prediction of the
     accepted tokens; the engine records it beside what was realised.
     """
 
