@@ -110,8 +110,8 @@ def test_report_of_the_run(run, tmp_path):
 
 
 def test_unknown_configuration_is_refused_before_loading_a_model(tmp_path):
-    args = Namespace(configs="adaspec,turbo", peers="", scenario="drift", out=str(tmp_path), model="/nonexistent",
-                     full=False, seed=0, max_tokens=None, hf_every=None, no_costs=True, from_run=None)
+    args = Namespace(engine="adaspec", configs="adaspec,turbo", peers="", scenario="drift", out=str(tmp_path),
+                     model="/nonexistent", full=False, seed=0, max_tokens=None, hf_every=None, no_costs=True, from_run=None)
     with pytest.raises(ValueError, match="turbo"):
         drift.run(args)
     args.configs, args.peers = "adaptive", "vllm"
