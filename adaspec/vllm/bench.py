@@ -121,6 +121,8 @@ def run(args) -> int:
     from .serve import _require_vllm
 
     _require_vllm()
+    if args.passes < 1:
+        raise ValueError(f"--passes must be at least 1, not {args.passes}")
     configs = [c for c in args.configs.split(",") if c] if args.configs else list(CONFIGS)
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
