@@ -17,7 +17,8 @@ if importlib.util.find_spec("vllm") is None:
         raise RuntimeError("vLLM is required here (ADASPEC_REQUIRE_VLLM is set) but not installed")
     pytest.skip("vLLM is not installed (pip install 'adaspec[vllm]')", allow_module_level=True)
 
-from adaspec.vllm.bench import CONFIGS, summarise  # noqa: E402
+from adaspec.bench.workloads import WorkItem  # noqa: E402
+from adaspec.vllm.bench import CONFIGS, prompts_of, summarise  # noqa: E402
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
@@ -34,9 +35,8 @@ def test_the_runner_layout_is_the_one_the_proposer_reads():
 
 
 def _items(max_tokens=40):
-    return [{"id": f"p{i}", "phase": 0, "phase_name": "test", "messages": [{"role": "user", "content": p}],
-             "prompt": None, "max_tokens": max_tokens, "temperature": 0.0, "seed": 0, "user_turns": []}
-            for i, p in enumerate(PROMPTS)]
+    return [WorkItem(f"p{i}", "test", "chat", 0, "test", "test", messages=[{"role": "user", "content": p}],
+                     max_tokens=max_tokens).to_dict() for i, p in enumerate(PROMPTS)]
 
 
 def _run(tmp_path, name, config, items, passes, state_dir=None):
@@ -60,10 +60,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("vllm")
     items = _items()
     plain = _run(tmp, "plain", "vllm", items, passes=2)
-    prompts = {}
-    for r in plain:
-        prompts.setdefault(r["id"].rsplit("/t", 1)[0], []).append(r["prompt_ids"]) if r["pass"] == 0 else None
-    replay = [dict(i, prompt_ids=prompts[i["id"]]) for i in items]
+    replay = prompts_of(plain, items)
     state = tmp / "state"
     learned = _run(tmp, "adaspec", "adaspec", replay, passes=2, state_dir=state)
     restarted = _run(tmp, "restarted", "adaspec", replay, passes=1, state_dir=state)

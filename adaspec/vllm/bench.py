@@ -45,6 +45,8 @@ def worker(spec_path: str, out_path: str) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from ..bench.workloads import WorkItem, turn_messages
+
     spec = json.loads(Path(spec_path).read_text())
     t0 = time.perf_counter()
     llm = LLM(model=spec["model"], speculative_config=spec["speculative_config"], **ENGINE_ARGS)
@@ -61,8 +63,8 @@ def worker(spec_path: str, out_path: str) -> int:
                 elif item.get("prompt") is not None:
                     ids = tok.encode(item["prompt"])
                 else:
-                    text = tok.apply_chat_template(_messages(item, answers), add_generation_prompt=True,
-                                                   tokenize=False)
+                    messages = turn_messages(WorkItem(**item), answers) if item["user_turns"] else item["messages"]
+                    text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
                     ids = tok.encode(text, add_special_tokens=False)
                 params = SamplingParams(max_tokens=item["max_tokens"], temperature=item["temperature"],
                                         seed=item["seed"], extra_args={"adaspec_namespace": "bench"})
@@ -79,20 +81,10 @@ def worker(spec_path: str, out_path: str) -> int:
     return 0
 
 
-def _messages(item: dict, answers: list[str]) -> list[dict]:
-    turns = item.get("user_turns") or []
-    if not turns:
-        return item["messages"]
-    msgs: list[dict] = []
-    for q, a in zip(turns, answers):
-        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    return msgs + [{"role": "user", "content": turns[len(answers)]}]
-
-
 # -- the driver ----------------------------------------------------------------------------------------------
 
 
-def _prompts_of(records: list[dict], items: list[dict]) -> list[dict]:
+def prompts_of(records: list[dict], items: list[dict]) -> list[dict]:
     """The items with the prompt ids the first configuration built (turns included), so every configuration
     is sent the same tokens."""
     by_id: dict[str, list[list[int]]] = {}
@@ -142,7 +134,7 @@ def run(args) -> int:
     reference = None
     for config in configs:
         spec = {"model": str(model_dir), "speculative_config": CONFIGS[config], "passes": args.passes,
-                "items": items if reference is None else _prompts_of(results["vllm"]["records"], items)}
+                "items": items if reference is None else prompts_of(results["vllm"]["records"], items)}
         spec_path, rec_path = out / f"{config}.spec.json", out / f"{config}.json"
         spec_path.write_text(json.dumps(spec))
         env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE", "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL",
@@ -157,11 +149,12 @@ def run(args) -> int:
         if reference is None:
             reference = {(r["pass"], r["id"]): r["output_ids"] for r in results[config]["records"]}
         print(f"{config}: {time.perf_counter() - t:.0f} s (engine start {results[config]['start_s']:.0f} s)", flush=True)
-    table = _table(results, reference, args.passes)
+    per_pass = {c: [summarise([r for r in res["records"] if r["pass"] == p], reference) for p in range(args.passes)]
+                for c, res in results.items()}
+    table = _table(per_pass)
     summary = {"scenario": args.scenario, "passes": args.passes, "load_1min": os.getloadavg()[0],
                "model": str(model_dir), "configs": {c: CONFIGS[c] for c in results},
-               "summary": {c: {f"pass{p}": summarise([r for r in res["records"] if r["pass"] == p], reference)
-                               for p in range(args.passes)} for c, res in results.items()}}
+               "summary": {c: {f"pass{p}": s for p, s in enumerate(ss)} for c, ss in per_pass.items()}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "table.md").write_text(table)
     print(table)
@@ -169,14 +162,13 @@ def run(args) -> int:
     return 0
 
 
-def _table(results: dict, reference: dict, passes: int) -> str:
-    plain = {p: summarise([r for r in results["vllm"]["records"] if r["pass"] == p], reference)
-             for p in range(passes)}
+def _table(per_pass: dict[str, list[dict]]) -> str:
+    """One row per configuration and pass, from ``summarise`` of each; speed as a ratio to no speculation."""
+    plain = per_pass["vllm"]
     lines = ["| configuration | pass | mean accepted tokens / forward | median tok/s | tok/s vs vllm | "
              "greedy outputs equal to vllm |", "|---|---|---|---|---|---|"]
-    for c, res in results.items():
-        for p in range(passes):
-            s = summarise([r for r in res["records"] if r["pass"] == p], reference)
+    for c, summaries in per_pass.items():
+        for p, s in enumerate(summaries):
             ratio = s["median_tok_s"] / plain[p]["median_tok_s"] if plain[p]["median_tok_s"] else 0.0
             lines.append(f"| {c} | {p + 1} | {s['mean_accepted']:.3f} | {s['median_tok_s']:.1f} | {ratio:.2f}x | "
                          f"{s['equal_to_plain']}/{s['greedy']} |")
