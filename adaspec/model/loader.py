@@ -12,8 +12,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from .. import files
-from ..files import cache_root
+from ..files import cache_root, publish_dir
 from .gguf_header import GGUFHeaderError, read_header
 from .llama import LlamaConfig, LlamaModel
 from .quant import PRECISIONS, GGUFBlocks, INT4_KINDS
@@ -317,31 +315,7 @@ def convert_gguf(path: Path, root: Path | None = None) -> Path:
     final = root / f"gguf-v{CONVERTER_VERSION}-{digest[:24]}"
     if (final / "adaspec.json").is_file():
         return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
-    try:
-        _convert_into(path, tmp, digest)
-        for f in tmp.iterdir():
-            _fsync(f)
-        _fsync(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "adaspec.json").is_file():  # not a concurrent conversion that won the race
-                raise
-        _fsync(root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return publish_dir(final, lambda tmp: _convert_into(path, tmp, digest), "adaspec.json")
 
 
 def _convert_into(path: Path, out: Path, digest: str) -> None:

@@ -11,11 +11,10 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from ..files import cache_root
+from ..files import cache_root, publish_dir
 from ..model.gguf_header import read_header
 from ..model.loader import ModelLoadError, bundled_gguf_path, convert_gguf
 
@@ -42,15 +41,16 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike | None = None
         raise ModelLoadError(str(e)) from None
     if arch == "llama":
         converted = convert_gguf(src)
-        dest = Path(out) if out else cache_root() / f"vllm-{converted.name}"
-        if not (dest / "config.json").is_file():
-            _publish(dest, lambda tmp: _copy_converted(converted, tmp))
+        name, fill = f"vllm-{converted.name}", lambda tmp: _copy_converted(converted, tmp)
+    else:
+        name = f"vllm-{src.stem}-{src.stat().st_size}-{int(src.stat().st_mtime)}"
+        fill = lambda tmp: _convert_with_transformers(src, tmp)  # noqa: E731
+    dest = Path(out) if out else cache_root() / name
+    if (dest / "config.json").is_file():
         return dest
-    digest = f"{src.stem}-{src.stat().st_size}-{int(src.stat().st_mtime)}"
-    dest = Path(out) if out else cache_root() / f"vllm-{digest}"
-    if not (dest / "config.json").is_file():
-        _publish(dest, lambda tmp: _convert_with_transformers(src, tmp))
-    return dest
+    if dest.exists() and any(dest.iterdir()):
+        raise ModelLoadError(f"{str(dest)!r} exists and holds no exported model; choose an empty or new folder")
+    return publish_dir(dest, fill, "config.json")
 
 
 def _copy_converted(converted: Path, tmp: Path) -> None:
@@ -74,20 +74,6 @@ def _convert_with_transformers(src: Path, tmp: Path) -> None:
     model.config.__dict__.pop("quantization_config", None)
     model.save_pretrained(str(tmp), safe_serialization=True)
     tok.save_pretrained(str(tmp))
-
-
-def _publish(dest: Path, fill) -> None:
-    """Fill a temporary sibling of ``dest`` and rename it into place, so a crash leaves no half export."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{dest.name}-", dir=dest.parent))
-    try:
-        fill(tmp)
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
