@@ -7,7 +7,7 @@ VVENV ?= .venv-vllm
 VPY := $(VVENV)/bin/python
 VSTAMP := $(VVENV)/.installed
 
-.PHONY: setup setup-vllm demo test test-vllm test-slow bench bench-vllm serve clean
+.PHONY: setup setup-vllm peers demo test test-vllm test-slow bench bench-vllm serve clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ $(STAMP): pyproject.toml tools/install-llama-cpp.sh
 	# Compile adaspec's CPU kernels now rather than at the first model load.
 	$(PY) -m adaspec.kernels
 	touch $(STAMP)
+
+# llama-server from the llama.cpp the pinned llama-cpp-python vendors, for this CPU family (5-10 minutes, once per
+# machine; the benchmarks build it on first use otherwise)
+peers: setup
+	$(PY) -m adaspec.llamacpp_build server
 
 demo: setup
 	$(VENV)/bin/adaspec demo

@@ -1,5 +1,6 @@
 """The installed llama.cpp (the peer every speed claim is measured against) is built for this CPU family:
-no AMX code (ggml's AMX path segfaults under KVM), and no AVX-512 code where the CPU lacks AVX-512."""
+no AMX code (ggml's AMX path segfaults under KVM), and no AVX-512 code where the CPU lacks AVX-512. The same check
+runs on the llama-server build (tests/test_llama_server.py, slow)."""
 
 from __future__ import annotations
 
@@ -22,14 +23,18 @@ def _ggml_cpu_library() -> Path:
     return found[0]
 
 
-def test_llama_cpp_has_no_amx_and_no_instructions_this_cpu_lacks() -> None:
+def assert_built_for_this_cpu(binary: Path) -> None:
+    """No AMX instruction in ``binary``, and no AVX-512 register where this CPU lacks AVX-512."""
     if shutil.which("objdump") is None:
         pytest.skip("objdump is not installed")
-    lib = _ggml_cpu_library()
-    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True,
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(binary)], capture_output=True, text=True,
                           check=True).stdout
     assert len(text) > 100_000  # really disassembled
     assert not re.search(r"\b(tileloadd|tileloaddt1|tdpbssd|tdpbsud|tdpbusd|tdpbuud|tdpbf16ps|ldtilecfg)\b", text)
     flags = set(Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split())
     if "avx512f" not in flags:
         assert "zmm" not in text, "an AVX-512 build on a CPU without AVX-512"
+
+
+def test_llama_cpp_has_no_amx_and_no_instructions_this_cpu_lacks() -> None:
+    assert_built_for_this_cpu(_ggml_cpu_library())

@@ -27,7 +27,12 @@ from .report import ReportConfig, RequestRecord, config_name, write_report
 ADASPEC_CONFIGS = ("plain", "ngram", "suffix", "head", "adaptive", "oracle")
 """adaspec's configurations: the engine's modes (``system.MODES``, the names ``--mode`` takes), plain first (every
 other output is checked against it), and the oracle."""
-PEER_CONFIGS = ("llama.cpp", "llama.cpp-pld", "hf", "hf-pld")
+PEER_CONFIGS = ("llama.cpp", "llama.cpp-pld", "hf", "hf-pld", "llama-server", "llama-server-ngram",
+                "llama-server-ngram-tuned", "llama-server-draft")
+DEFAULT_PEERS = ("llama.cpp", "llama.cpp-pld", "hf", "hf-pld", "llama-server", "llama-server-ngram",
+                 "llama-server-ngram-tuned")
+"""The peers of a default run: every one but the draft-model llama-server, which needs --draft-model."""
+SERVER_PLAIN = "llama-server"
 
 
 @dataclass
@@ -38,6 +43,7 @@ class BenchPlan:
     peers: list[str]
     hf_every: int  # run the (slow) transformers peers on every n-th request only
     gguf_path: str | None = None  # the model file the peers load (None: the bundled GGUF), the same as adaspec's
+    draft_model: str | None = None  # llama-server-draft's draft GGUF
 
 
 def default_plan(scenario: str, full: bool, seed: int, max_tokens: int | None) -> list[workloads.WorkItem]:
@@ -100,14 +106,18 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
     - ``ngram``, ``suffix``, ``head``: one speculator alone at a fixed lookahead;
     - ``adaptive``: the full system (every speculator under the confidence-aware controller);
     - ``oracle``: drafts the plain output itself (the ceiling of this hardware);
-    - peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate).
+    - peers: ``llama.cpp`` / ``llama.cpp-pld`` (same GGUF, same threads), ``hf`` / ``hf-pld`` (transformers generate),
+      ``llama-server`` plain and with its own speculation (``-ngram``, ``-ngram-tuned``, ``-draft``; same GGUF, same
+      threads, over HTTP).
 
     ``--backend both`` runs every adaspec configuration on the torch backend and again, named ``<config>@llamacpp``,
     on the llama.cpp backend, in the same loop; each backend's outputs are checked against its own plain decoding.
 
     Background learners (the online head) run only while their own configuration decodes, within their busy-time
-    duty cycle, so no configuration is timed while another one learns. Peers decode greedily and skip sampled
-    requests.
+    duty cycle, so no configuration is timed while another one learns. The llama-cpp-python and transformers peers
+    decode greedily and skip sampled requests; the llama-server peers run every request, each in its own server
+    process for the whole stream. A llama-server peer's output is checked against llama-server plain (its own
+    engine), every other peer's against adaspec plain.
     """
     from .peers import PeerConfig, make_peers
 
@@ -119,8 +129,8 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
         from ..engine import Engine
 
         engines["oracle"] = Engine(model, tok, [oracle], FixedController(16))
-    peers = make_peers(plan.peers, PeerConfig(gguf_path=plan.gguf_path, n_threads=_peer_threads())) \
-        if plan.peers else None
+    peers = make_peers(plan.peers, PeerConfig(gguf_path=plan.gguf_path, n_threads=_peer_threads(),
+                                              draft_model=plan.draft_model)) if plan.peers else None
     # background learners work only while their own configuration decodes (within their duty cycle), so that
     # they take no CPU time from the configuration being timed next
     learners = {c: list(e.speculators) for c, e in engines.items()}
@@ -159,10 +169,17 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
                     records.append(RequestRecord.from_stats(config, item, index, g.stats, request_id=rid,
                                                             matches_reference=g.tokens == reference if checked
                                                             else None))
-                for name, peer in (peers.peers.items() if peers and item.temperature == 0 else ()):
-                    if name.startswith("hf") and n % plan.hf_every:
+                for name, peer in (peers.peers.items() if peers else ()):
+                    if (item.temperature > 0 and not peer.samples) or (name.startswith("hf") and n % plan.hf_every):
                         continue
-                    res = peer.generate(ids, item.max_tokens, references.get("plain"))
+                    if name.startswith(SERVER_PLAIN):
+                        reference = references.get(SERVER_PLAIN) if name != SERVER_PLAIN else \
+                            references.get("plain") if item.temperature == 0 else None
+                    else:
+                        reference = references.get("plain")
+                    res = peer.generate(ids, item.max_tokens, reference, temperature=item.temperature, seed=item.seed)
+                    if name == SERVER_PLAIN:
+                        references[name] = res.tokens
                     records.append(RequestRecord.from_peer(item, index, res, request_id=rid))
                 index += 1
     finally:
@@ -220,7 +237,11 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "work; with --engine vllm: vllm, vllm-ngram, vllm-suffix, adaspec)")
     ap.add_argument("--passes", type=int, default=1,
                     help="--engine vllm: run the stream this many times in one engine (2 = repeated traffic)")
-    ap.add_argument("--peers", default=",".join(PEER_CONFIGS), help="comma-separated peers ('' for none)")
+    ap.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                    help=f"comma-separated peers ('' for none) from {', '.join(PEER_CONFIGS)}; the llama-server ones "
+                         "build llama-server once per machine on first use (`make peers` builds it ahead)")
+    ap.add_argument("--draft-model", default=None, metavar="GGUF",
+                    help="the draft model of the llama-server-draft peer (a GGUF with the target's tokenizer)")
     ap.add_argument("--hf-every", type=int, default=None, help="run transformers peers on every n-th request")
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
@@ -268,7 +289,12 @@ def run(args: argparse.Namespace) -> int:
     if peers and args.model and not str(args.model).lower().endswith(".gguf"):
         print(f"peers skipped: they run GGUF files, and {args.model} is not one")
         peers = []
-    plan = BenchPlan(args.scenario, items, configs, peers, args.hf_every or (1 if args.full else 4), args.model)
+    if "llama-server-draft" in peers and not args.draft_model:
+        print("peer llama-server-draft skipped: it needs --draft-model GGUF")
+        peers.remove("llama-server-draft")
+    plan = BenchPlan(args.scenario, items, configs, peers, args.hf_every or (1 if args.full else 4), args.model,
+                     args.draft_model)
+    load_before = os.getloadavg()  # the machine's load when the run starts, for the report
     costs = None
     if not args.no_costs:
         costs = cost_curves(model, "llama.cpp" in peers, args.model, second)
@@ -277,7 +303,8 @@ def run(args: argparse.Namespace) -> int:
     meta = {"scenario": args.scenario, "full": args.full, "configs": configs, "peers": peers, "seed": args.seed,
             "requests": len(items), "seconds": time.perf_counter() - t0, "model": tok.name,
             "device": str(model.device), "hf_every": plan.hf_every, "backend": model.backend,
-            "backend_reason": model.backend_reason, "second_backend": second.backend if second else None}
+            "backend_reason": model.backend_reason, "second_backend": second.backend if second else None,
+            "load_average_before": load_before}
     files = write_report(records, out, _report_config(args.full), costs=costs, meta=meta,
                          title=f"adaspec bench: {args.scenario}")
     print(files.markdown.read_text())

@@ -1,6 +1,9 @@
 """Load test of a running ``adaspec serve`` with ShareGPT first turns (vLLM's serving benchmark recipe).
 
     python -m adaspec.bench.load --url http://127.0.0.1:8000 --concurrency 8 --requests 64
+    python -m adaspec.bench.load --compare plain,adaptive,llama-server,llama-server-ngram --concurrency 1,8
+
+The second form starts each server itself, one after another, and prints them side by side (:mod:`.serving`).
 
 Clients send streaming chat requests back to back; per request it measures TTFT, ITL, TPOT and E2E, and it reports
 throughput, percentiles, errors and the server's speculation figures (what each means: :func:`summarise`).
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import sys
@@ -132,8 +136,10 @@ async def one_request(client: httpx.AsyncClient, cfg: LoadConfig, model: str, pr
 
 
 async def scrape(client: httpx.AsyncClient) -> dict[str, float]:
-    """Flat ``{sample name{labels}: value}`` of the server's /metrics."""
+    """Flat ``{sample name{labels}: value}`` of the server's /metrics (empty for a server without them)."""
     r = await client.get("/metrics")
+    if r.status_code in (404, 501):
+        return {}
     r.raise_for_status()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(r.text):
@@ -236,8 +242,11 @@ def summarise(cfg: LoadConfig, model: str, results: list[RequestResult], wall: f
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    drafts = delta("adaspec:spec_decode_num_drafts_total")
-    accepted = delta("adaspec:spec_decode_num_accepted_tokens_total")
+    # adaspec's metrics, or llama-server's (the same names under its own prefix; its steps are not counted alike)
+    prefix = "adaspec:" if any(k.startswith("adaspec:") for k in after) else "llamacpp:"
+    drafts = delta(prefix + "spec_decode_num_drafts_total")
+    draft_tokens = delta(prefix + "spec_decode_num_draft_tokens_total")
+    accepted = delta(prefix + "spec_decode_num_accepted_tokens_total")
     gen = delta("adaspec:generation_tokens_total")
     steps = sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith("adaspec:spec_decode_steps_total{"))
     return {
@@ -249,7 +258,8 @@ def summarise(cfg: LoadConfig, model: str, results: list[RequestResult], wall: f
         "tpot_s": lat([t for r in ok if (t := r.tpot) is not None]), "e2e_s": lat([r.e2e for r in ok]),
         "server": {"rss_before_mib": rss_before / 2**20 if rss_before else None,
                    "rss_after_mib": rss_after / 2**20 if rss_after else None,
-                   "drafts": drafts, "accepted_tokens": accepted,
+                   "drafts": drafts, "draft_tokens": draft_tokens, "accepted_tokens": accepted,
+                   "acceptance_rate": accepted / draft_tokens if draft_tokens else None,
                    "mean_acceptance_length": 1 + accepted / drafts if drafts else None,
                    "tokens_per_step": gen / steps if steps else None},
     }
@@ -282,25 +292,44 @@ def format_report(s: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaspec.bench.load", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default=LoadConfig.url)
-    ap.add_argument("--concurrency", type=int, default=LoadConfig.concurrency)
+    ap.add_argument("--concurrency", default=str(LoadConfig.concurrency),
+                    help="clients; with --compare a comma-separated list, each run in turn")
     ap.add_argument("--requests", type=int, default=LoadConfig.requests)
     ap.add_argument("--max-tokens", type=int, default=LoadConfig.max_tokens)
     ap.add_argument("--temperature", type=float, default=LoadConfig.temperature)
     ap.add_argument("--api-key", default=None)
-    ap.add_argument("--model", default=None)
+    ap.add_argument("--model", default=None, help="model id in the API (default: the first /v1/models lists)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-prompt-chars", type=int, default=LoadConfig.max_prompt_chars)
     ap.add_argument("--pid", type=int, default=None, help="server PID on this machine (RSS from /proc)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the summary as JSON")
+    cmp = ap.add_argument_group("comparing servers (--compare starts them itself; --url is not used)")
+    cmp.add_argument("--compare", default=None, metavar="SETUPS",
+                     help="comma-separated: adaspec modes (plain, ngram, suffix, head, adaptive) and llama-server "
+                          "setups (llama-server, llama-server-ngram, llama-server-ngram-tuned, llama-server-draft)")
+    cmp.add_argument("--passes", type=int, default=1, help="send the same requests this many times per server")
+    cmp.add_argument("--serve-model", default=None, metavar="PATH", help="model file (default: the bundled GGUF)")
+    cmp.add_argument("--threads", type=int, default=int(os.environ.get("ADASPEC_THREADS", "2")),
+                     help="threads of every server (default: ADASPEC_THREADS, else 2)")
+    cmp.add_argument("--draft-model", default=None, metavar="GGUF", help="llama-server-draft's draft model")
     args = ap.parse_args(argv)
     try:
-        cfg = LoadConfig(url=args.url.rstrip("/"), concurrency=args.concurrency, requests=args.requests,
+        if args.compare is not None:
+            from . import serving
+
+            base = LoadConfig(requests=args.requests, max_tokens=args.max_tokens, temperature=args.temperature,
+                              seed=args.seed, max_prompt_chars=args.max_prompt_chars)
+            return serving.run(args, base)
+        cfg = LoadConfig(url=args.url.rstrip("/"), concurrency=int(args.concurrency), requests=args.requests,
                          max_tokens=args.max_tokens, temperature=args.temperature, api_key=args.api_key,
                          model=args.model, seed=args.seed, max_prompt_chars=args.max_prompt_chars, pid=args.pid)
         summary = asyncio.run(run_load(cfg))
     except (ValueError, FileNotFoundError) as e:
         print(f"load: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a server of --compare could not start; its log is in the message
+        print(f"load: error: {e}", file=sys.stderr)
+        return 1
     except httpx.HTTPError as e:
         print(f"load: error: cannot reach {args.url}: {e}", file=sys.stderr)
         return 1

@@ -1,23 +1,28 @@
 """Peer decoders measured the same way as adaspec: same GGUF weights, same prompt ids, greedy.
 
-``hf`` / ``hf-pld`` (transformers ``generate``, plain and with prompt lookup) and ``llama.cpp`` / ``llama.cpp-pld``
-(llama-cpp-python on the GGUF itself, plain and with its prompt-lookup draft); how each is timed is on :class:`Peer`.
-A peer whose package is missing raises ``PeerUnavailable``; ``available(name)`` checks without loading anything.
+``hf`` / ``hf-pld`` (transformers ``generate``, plain and with prompt lookup), ``llama.cpp`` / ``llama.cpp-pld``
+(llama-cpp-python on the GGUF itself, plain and with its prompt-lookup draft: kernel speed without HTTP or
+scheduling), and the llama-server peers (what CPU users run: plain, its ``ngram-mod`` speculation, a draft model;
+over HTTP, like ``adaspec serve``). How each is timed is on :class:`Peer`. A peer that cannot run here raises
+``PeerUnavailable`` with the reason; ``available(name)`` checks without loading anything.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 from ..files import bundled_gguf_path
+from .servers import LLAMA_SERVER_SETUPS
 
-PEERS = ("hf", "hf-pld", "llama.cpp", "llama.cpp-pld")
-_REQUIRES = {"hf": ("torch", "transformers", "gguf", "accelerate"), "llama.cpp": ("llama_cpp",)}
+PEERS = ("hf", "hf-pld", "llama.cpp", "llama.cpp-pld", *LLAMA_SERVER_SETUPS)
+_REQUIRES = {"hf": ("torch", "transformers", "gguf", "accelerate"), "llama.cpp": ("llama_cpp",),
+             "llama-server": ("httpx",)}
 
 
 class PeerUnavailable(RuntimeError):
@@ -35,6 +40,8 @@ def bundled_gguf() -> Path:
 def _backend(name: str) -> str:
     if name not in PEERS:
         raise ValueError(f"unknown peer {name!r}; choose from {PEERS}")
+    if name.startswith("llama-server"):
+        return "llama-server"
     return "hf" if name.startswith("hf") else "llama.cpp"
 
 
@@ -68,6 +75,7 @@ class PeerConfig:
     max_ngram_size: int = 2  # longest n-gram the prompt lookup matches (both libraries default to 2)
     stop_at_eos: bool = True  # stop at the end-of-sequence token (False: always produce max_tokens)
     warmup_tokens: int = 4  # tokens generated once at construction so the first timed call is warm (0 = none)
+    draft_model: str | None = None  # llama-server-draft's draft GGUF (same tokenizer as the target)
 
 
 @dataclass
@@ -81,6 +89,9 @@ class PeerResult:
     ttft_seconds: float | None  # time to the first generated token
     matches_reference: bool | None = None  # tokens == reference, when one was given
     common_prefix: int | None = None  # length of the common prefix with the reference
+    drafted: int = 0  # draft tokens verified (peers that report them: llama-server's timings)
+    accepted: int = 0  # draft tokens accepted
+    timings: dict | None = None  # the engine's own figures of the call (llama-server's ``timings``)
 
     @property
     def tok_s(self) -> float:
@@ -130,6 +141,8 @@ class Peer:
     """
 
     name: str = ""
+    samples: bool = False
+    """Whether the peer runs sampled requests (temperature > 0, seeded); the others decode greedily only."""
 
     def __init__(self, config: PeerConfig):
         self.config = config
@@ -138,27 +151,37 @@ class Peer:
     def tokenize(self, text: str) -> list[int]:
         raise NotImplementedError
 
-    def _generate(self, ids: list[int], max_tokens: int, first_token: Callable[[], None]) -> list[int]:
-        """Greedy ids after ``ids`` (EOS excluded); calls ``first_token()`` once when the first id is known."""
+    def _generate(self, ids: list[int], max_tokens: int, first_token: Callable[[], None],
+                  temperature: float = 0.0, seed: int | None = None) -> list[int]:
+        """Ids after ``ids`` (EOS excluded), greedy unless ``temperature`` > 0 (peers with ``samples`` only);
+        calls ``first_token()`` once when the first id is known."""
         raise NotImplementedError
+
+    def _call_figures(self) -> tuple[int, int, dict | None]:
+        """(drafted, accepted, the engine's own timings) of the last ``_generate``, for peers that report them."""
+        return 0, 0, None
 
     def close(self) -> None:
         pass
 
-    def generate(self, prompt: str | Sequence[int], max_tokens: int,
-                 reference: Sequence[int] | None = None) -> PeerResult:
-        """Generate greedily from chat-templated text or token ids; time the whole call."""
+    def generate(self, prompt: str | Sequence[int], max_tokens: int, reference: Sequence[int] | None = None,
+                 temperature: float = 0.0, seed: int | None = None) -> PeerResult:
+        """Generate from chat-templated text or token ids (greedy unless ``temperature`` > 0); time the whole call."""
         if max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        if temperature > 0 and not self.samples:
+            raise ValueError(f"peer {self.name!r} decodes greedily only")
         ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
         first: list[float] = []
         t0 = time.perf_counter()
-        out = self._generate(ids, max_tokens, lambda: first or first.append(time.perf_counter()))
+        out = self._generate(ids, max_tokens, lambda: first or first.append(time.perf_counter()), temperature, seed)
         seconds = time.perf_counter() - t0
         out = out[:max_tokens]
-        res = PeerResult(self.name, len(ids), out, seconds, first[0] - t0 if first else None)
+        drafted, accepted, timings = self._call_figures()
+        res = PeerResult(self.name, len(ids), out, seconds, first[0] - t0 if first else None,
+                         drafted=drafted, accepted=accepted, timings=timings)
         if reference is not None:
             res.matches_reference, res.common_prefix = compare(out, reference)
         return res
@@ -199,7 +222,8 @@ class HFPeer(Peer):
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def _generate(self, ids: list[int], max_tokens: int, first_token: Callable[[], None]) -> list[int]:
+    def _generate(self, ids: list[int], max_tokens: int, first_token: Callable[[], None],
+                  temperature: float = 0.0, seed: int | None = None) -> list[int]:
         calls = []
 
         class _Streamer:  # put() gets the prompt first, then the new tokens of every step
@@ -251,7 +275,8 @@ class LlamaCppPeer(Peer):
     def tokenize(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
 
-    def _generate(self, ids: list[int], max_tokens: int, first_token: Callable[[], None]) -> list[int]:
+    def _generate(self, ids: list[int], max_tokens: int, first_token: Callable[[], None],
+                  temperature: float = 0.0, seed: int | None = None) -> list[int]:
         if len(ids) + max_tokens > self.config.n_ctx:
             raise ValueError(f"{len(ids)} prompt + {max_tokens} new tokens exceed the context of {self.config.n_ctx}")
         self.llm.reset()  # no KV reuse across calls: every peer prefills the whole prompt
@@ -272,6 +297,88 @@ class LlamaCppPeer(Peer):
             llm.close()
 
 
+class LlamaServerPeer(Peer):
+    """llama-server (built from the pinned llama.cpp) in a process of its own, one per configuration, over HTTP.
+
+    Each request goes to ``/completion`` as token ids, streamed, with the prompt cache off; the time runs from
+    sending the request to the last chunk, the first token's time from the first chunk that carries tokens. Its
+    ``timings`` give the draft tokens verified and accepted. Sampled requests run with the sampler reduced to the
+    temperature (top-k, top-p and min-p off) and the request's seed; llama-server verifies them by sampling the
+    target and comparing (acceptance p(token)), not by rejection sampling.
+    """
+
+    samples = True
+
+    def __init__(self, config: PeerConfig = PeerConfig(), setup: str = "llama-server"):
+        super().__init__(config)
+        self.name = setup
+        import httpx
+
+        from ..llamacpp_build import BuildError
+        from .servers import start_llama_server
+
+        path = Path(config.gguf_path) if config.gguf_path else bundled_gguf()
+        try:
+            self.server = start_llama_server(setup, path, config.n_threads, ctx_per_slot=config.n_ctx,
+                                             draft_model=config.draft_model)
+        except (BuildError, RuntimeError, ValueError) as e:
+            raise PeerUnavailable(f"peer {setup!r}: {e}") from e
+        self.http = httpx.Client(base_url=self.server.url, timeout=600)
+        self._figures: tuple[int, int, dict | None] = (0, 0, None)
+        self._warmup()
+
+    def tokenize(self, text: str) -> list[int]:
+        r = self.http.post("/tokenize", json={"content": text, "add_special": False, "parse_special": True})
+        r.raise_for_status()
+        return [int(t) for t in r.json()["tokens"]]
+
+    def request_body(self, ids: list[int], max_tokens: int, temperature: float, seed: int | None) -> dict:
+        body = {"prompt": ids, "n_predict": max_tokens, "stream": True, "return_tokens": True, "cache_prompt": False,
+                "temperature": temperature, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                "ignore_eos": not self.config.stop_at_eos}
+        if seed is not None:
+            body["seed"] = seed
+        return body
+
+    def _generate(self, ids: list[int], max_tokens: int, first_token: Callable[[], None],
+                  temperature: float = 0.0, seed: int | None = None) -> list[int]:
+        if len(ids) + max_tokens > self.config.n_ctx:
+            raise ValueError(f"{len(ids)} prompt + {max_tokens} new tokens exceed the context of {self.config.n_ctx}")
+        out: list[int] = []
+        final: dict = {}
+        with self.http.stream("POST", "/completion", json=self.request_body(ids, max_tokens, temperature, seed)) as r:
+            if r.status_code != 200:
+                r.read()
+                raise RuntimeError(f"{self.name} answered {r.status_code}: {r.text[:300]}")
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(f"{self.name}: {chunk['error']}")
+                tokens = chunk.get("tokens") or []
+                if tokens and not out:
+                    first_token()
+                out.extend(int(t) for t in tokens)
+                if chunk.get("stop"):
+                    final = chunk
+                    break
+        timings = final.get("timings") or {}
+        self._figures = (int(timings.get("draft_n", 0)), int(timings.get("draft_n_accepted", 0)), timings or None)
+        return out  # streamed chunks carry one token each and never the end-of-sequence token
+
+    def _call_figures(self) -> tuple[int, int, dict | None]:
+        return self._figures
+
+    def close(self) -> None:
+        http, self.http = getattr(self, "http", None), None
+        if http is not None:
+            http.close()
+        server = getattr(self, "server", None)
+        if server is not None:
+            server.stop()
+
+
 def make_peer(name: str, config: PeerConfig = PeerConfig()) -> Peer:
     """Build one peer by name; raises ``PeerUnavailable`` (with the reason) when it cannot run here."""
     backend = _backend(name)
@@ -280,6 +387,8 @@ def make_peer(name: str, config: PeerConfig = PeerConfig()) -> Peer:
         raise PeerUnavailable(f"peer {name!r} skipped: missing package(s) {', '.join(missing)}")
     if backend == "hf":
         return HFPeer(config, lookup=name.endswith("-pld"))
+    if backend == "llama-server":
+        return LlamaServerPeer(config, setup=name)
     return LlamaCppPeer(config, lookup=name.endswith("-pld"))
 
 

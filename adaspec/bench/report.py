@@ -62,6 +62,13 @@ class RequestRecord:
         return self.output_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     @property
+    def decode_tok_s(self) -> float | None:
+        """Tokens per second after the first token (the prefill left out); None without a first-token time."""
+        if self.ttft_seconds is None or self.output_tokens < 2 or self.wall_seconds <= self.ttft_seconds:
+            return None
+        return (self.output_tokens - 1) / (self.wall_seconds - self.ttft_seconds)
+
+    @property
     def accepted_per_forward(self) -> float:
         """Output tokens per target forward (1.00 for plain decoding); NaN when forwards are unknown."""
         return self.output_tokens / self.forwards if self.forwards > 0 else math.nan
@@ -93,12 +100,13 @@ class RequestRecord:
         """From a work item and a ``peers.PeerResult`` (forwards unknown: 0)."""
         return cls(result.peer, request_id or item.id, index, item.phase, item.phase_name, item.domain, item.scenario,
                    prompt_tokens=result.prompt_tokens, output_tokens=len(result.tokens), wall_seconds=result.seconds,
-                   ttft_seconds=result.ttft_seconds, matches_reference=result.matches_reference)
+                   ttft_seconds=result.ttft_seconds, matches_reference=result.matches_reference,
+                   drafted=result.drafted, accepted=result.accepted)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RequestRecord":
         names = {f.name for f in fields(cls)}
-        unknown = set(d) - names - {"tok_s", "accepted_per_forward"}
+        unknown = set(d) - names - {"tok_s", "accepted_per_forward", "decode_tok_s"}
         if unknown:
             raise ValueError(f"unknown RequestRecord fields {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in names})
@@ -110,6 +118,7 @@ class ReportConfig:
 
     baseline: str = "plain"  # "speedup" column: ratio to this configuration
     peer: str = "llama.cpp"  # "vs llama.cpp" column
+    server_peer: str = "llama-server"  # "vs llama-server" column
     oracle: str = "oracle"  # "of oracle" column
     window: int = 9  # rolling-median window of the stream plots, in requests
     flat_k: int = 16  # projection: forwards of up to flat_k tokens cost as much as one
@@ -179,10 +188,13 @@ class SummaryRow:
     output_tokens: int
     tok_s_median: float
     tok_s_total: float  # all output tokens / all wall seconds
+    decode_tok_s_median: float | None  # median over requests of tokens after the first / seconds after the first
     speedup: float | None  # median paired ratio to ReportConfig.baseline
     vs_peer: float | None  # ... to ReportConfig.peer
+    vs_server: float | None  # ... to ReportConfig.server_peer
     of_oracle: float | None  # ... to ReportConfig.oracle
     accepted_per_forward: float | None  # Σ output tokens / Σ forwards over requests with known forwards
+    acceptance_rate: float | None  # Σ accepted / Σ drafted draft tokens, when any were drafted
     mix: dict[str, float]  # share of steps per draft source
     projected_speedup: float | None  # accelerator projection (flat c(k)), when steps were recorded
     reference_matches: str | None  # "matched/checked", when outputs were checked
@@ -221,11 +233,16 @@ def _row(config: str, phase: str, rs: Sequence[RequestRecord], by_config: Mappin
     def ratio(other: str) -> float | None:
         return None if other == config or other not in by_config else _paired_ratio(rs, by_config[other])
 
+    decode = [d for r in rs if (d := r.decode_tok_s) is not None]
+    drafted = sum(r.drafted for r in rs)
     return SummaryRow(
         config=config, phase=phase, requests=len(rs), output_tokens=out_tokens,
         tok_s_median=_median([r.tok_s for r in rs]), tok_s_total=out_tokens / wall if wall > 0 else math.nan,
-        speedup=ratio(cfg.baseline), vs_peer=ratio(cfg.peer), of_oracle=ratio(cfg.oracle),
+        decode_tok_s_median=_median(decode) if decode else None,
+        speedup=ratio(cfg.baseline), vs_peer=ratio(cfg.peer), vs_server=ratio(cfg.server_peer),
+        of_oracle=ratio(cfg.oracle),
         accepted_per_forward=(sum(r.output_tokens for r in known) / sum(r.forwards for r in known)) if known else None,
+        acceptance_rate=sum(r.accepted for r in rs) / drafted if drafted else None,
         mix={k: v / steps for k, v in sorted(mix.items(), key=lambda kv: -kv[1])} if steps else {},
         projected_speedup=project_records(stepped, cfg.flat_k, cfg.draft_share) if stepped else None,
         reference_matches=f"{sum(bool(r.matches_reference) for r in checked)}/{len(checked)}" if checked else None,
@@ -238,11 +255,16 @@ def summarize(records: Sequence[RequestRecord], cfg: ReportConfig = ReportConfig
     Table columns (per configuration, overall and per phase):
 
     * ``tok/s``: median over requests of output tokens / wall seconds (prefill included);
+    * ``decode tok/s``: median over requests of the tokens after the first / the seconds after the first token;
     * ``speedup``: median of tok/s(config) / tok/s(baseline) on the same requests (baseline: adaspec plain);
-    * ``vs llama.cpp``: the same ratio against llama.cpp plain;
+    * ``vs llama.cpp``: the same ratio against llama.cpp plain (llama-cpp-python, in process);
+    * ``vs llama-server``: the same ratio against llama-server plain (over HTTP);
     * ``of oracle``: the same ratio against the oracle speculator (every draft accepted: the ceiling on this hardware);
     * ``acc/fwd``: output tokens / target forwards, the prefill counted (Spec-Bench's mean accepted tokens; plain = 1.00);
-    * ``mix``: share of steps whose verified draft came from each speculator ("none" = no speculation).
+    * ``acc. rate``: accepted / drafted draft tokens (llama-server's from its ``timings``);
+    * ``mix``: share of steps whose verified draft came from each speculator ("none" = no speculation);
+    * ``ref match``: outputs equal to the reference: adaspec plain of the same backend, or for the llama-server
+      peers llama-server plain.
     """
     if not records:
         raise ValueError("no records to summarize")
@@ -267,8 +289,8 @@ def _fmt(x: float | None, spec: str = ".2f", suffix: str = "") -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}{suffix}"
 
 
-TABLE_COLUMNS = ("config", "phase", "requests", "tok/s", "speedup", "vs llama.cpp", "of oracle", "acc/fwd",
-                 "proj. speedup", "mix", "ref match")
+TABLE_COLUMNS = ("config", "phase", "requests", "tok/s", "decode tok/s", "speedup", "vs llama.cpp",
+                 "vs llama-server", "of oracle", "acc/fwd", "acc. rate", "proj. speedup", "mix", "ref match")
 
 
 def markdown_table(rows: Sequence[SummaryRow]) -> str:
@@ -276,10 +298,11 @@ def markdown_table(rows: Sequence[SummaryRow]) -> str:
     lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for r in rows:
         mix = ", ".join(f"{k} {v:.0%}" for k, v in list(r.mix.items())[:4])
-        cells = [r.config, r.phase, str(r.requests), _fmt(r.tok_s_median, ".1f"), _fmt(r.speedup, ".2f", "x"),
-                 _fmt(r.vs_peer, ".2f", "x"), _fmt(r.of_oracle, ".0%") if r.of_oracle is not None else "–",
-                 _fmt(r.accepted_per_forward), _fmt(r.projected_speedup, ".2f", "x"), mix or "–",
-                 r.reference_matches or "–"]
+        cells = [r.config, r.phase, str(r.requests), _fmt(r.tok_s_median, ".1f"), _fmt(r.decode_tok_s_median, ".1f"),
+                 _fmt(r.speedup, ".2f", "x"), _fmt(r.vs_peer, ".2f", "x"), _fmt(r.vs_server, ".2f", "x"),
+                 _fmt(r.of_oracle, ".0%") if r.of_oracle is not None else "–", _fmt(r.accepted_per_forward),
+                 _fmt(r.acceptance_rate, ".0%") if r.acceptance_rate is not None else "–",
+                 _fmt(r.projected_speedup, ".2f", "x"), mix or "–", r.reference_matches or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -477,7 +500,7 @@ def write_report(records: Sequence[RequestRecord], out_dir: str | os.PathLike, c
         plots["cost_curve"] = plot_cost_curve(costs, out / "cost_curve.png", cfg.flat_k)
     md = [f"# {title}", "", markdown_table(rows), "",
           f"Ratios are medians of per-request ratios on the same requests; baseline `{cfg.baseline}`, "
-          f"peer `{cfg.peer}`, ceiling `{cfg.oracle}`. Projected speedup: flat c(k) up to k={cfg.flat_k}, "
+          f"peers `{cfg.peer}` and `{cfg.server_peer}`, ceiling `{cfg.oracle}`. Projected speedup: flat c(k) up to k={cfg.flat_k}, "
           f"draft cost {cfg.draft_share:.0%} of c(1) per speculating step.", ""]
     md += [f"![{k}]({p.name})" for k, p in plots.items()]
     md_path = out / "summary.md"
