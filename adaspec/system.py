@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import torch
 
 from .control.base import FixedController
 from .engine import Engine
+
+log = logging.getLogger("adaspec")
 
 MODES = ("adaptive", "plain", "ngram", "suffix", "head")
 """adaptive: every speculator under the confidence-aware controller (the full system, default);
@@ -23,11 +28,31 @@ def available_modes(model=None) -> tuple[str, ...]:
     return tuple(m for m in MODES if m != "head" or has_head)
 
 
+_told: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _told:
+        _told.add(message)
+        log.warning(message)
+
+
+def online_learning_pays(model) -> bool:
+    """Whether the online head's background learner can run beside decoding without slowing it: the target decodes
+    on an accelerator, or the CPU has a core that decoding's threads leave free. With every core decoding (two
+    threads on two cores), a learner that computes even in the gaps between requests slows the steps it overlaps
+    (README, "Learning never costs speed"), so it is left out and the log says so."""
+    from .speculators.head import spare_core
+
+    return model.device.type != "cpu" or spare_core()
+
+
 def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None = None,
                  shared_learning: bool = True) -> Engine:
     """An engine for ``mode``. With ``state_dir``, learned state is restored now and saved by ``engine.snapshot()``
     (also run by ``engine.close()``). ``shared_learning=False`` leaves out the online head, which learns one set of
-    weights from every namespace (the server does that when tenants are isolated)."""
+    weights from every namespace (the server does that when tenants are isolated); so does a machine where
+    learning would cost decoding speed (:func:`online_learning_pays`)."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     from .speculators.head import HeadSpeculator, OnlineHeadSpeculator
@@ -50,8 +75,12 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
         head = HeadSpeculator.for_target(model)
         if head is not None:
             specs.append(head)
-            if shared_learning:
+            if shared_learning and online_learning_pays(model):
                 specs.append(OnlineHeadSpeculator.for_target(model))
+            elif shared_learning:
+                _say_once(f"online draft-head learning is off: decoding's {torch.get_num_threads()} threads use "
+                          "every core, and a learner beside them slows each step it overlaps; the static head "
+                          "drafts alone (give decoding fewer threads, e.g. --threads, to leave the learner a core)")
         controller = NamespacedController()
     engine = Engine(model, tokenizer, specs, controller)
     if state_dir is not None:

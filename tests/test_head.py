@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from adaspec.engine import Engine
 from adaspec.model.llama import LlamaConfig, LlamaModel
 from adaspec.speculators.base import DecodeContext
 from adaspec.speculators.draft_model import DraftModelConfig, DraftModelSpeculator
-from adaspec.speculators.head import HeadSpeculator, OnlineConfig, OnlineHeadSpeculator
+from adaspec.speculators.head import EVAL_CHUNK, HeadSpeculator, OnlineConfig, OnlineHeadSpeculator
 from adaspec.speculators.head_model import (DraftConfig, DraftHead, HeadConfig, LMHead, distill_loss, draft_with_head,
                                             load_checkpoint, save_checkpoint, target_fingerprint)
 from adaspec.train.data import Sequence_
@@ -230,6 +231,69 @@ def test_background_learner_updates_without_blocking(target):
     finally:
         spec.close()
     assert spec._thread is None
+
+
+def test_decoding_never_waits_for_a_slow_learner(target, monkeypatch):
+    """A unit of learner work that takes a second (a stand-in for a slow machine) runs while the engine decodes:
+    no step waits for it."""
+    started, release = threading.Event(), threading.Event()
+
+    def slow_update(self, n_new: int) -> None:
+        started.set()
+        release.wait(1.0)
+
+    monkeypatch.setattr(OnlineHeadSpeculator, "_update", slow_update)
+    spec = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(min_new_pairs=4, batch_size=8,
+                                                                            max_share=0.5))
+    try:
+        engine = Engine(target, None, [spec], FixedController(4))
+        for i in range(12):  # more pairs than one unit digests
+            engine.generate([i + 1, 2], GREEDY)
+        assert started.wait(10)
+        t0 = time.perf_counter()
+        g = engine.generate([3, 4], GREEDY)
+        took = time.perf_counter() - t0
+        assert not release.is_set() and took < 0.5, f"decoding {len(g.tokens)} tokens took {took:.2f} s"
+    finally:
+        release.set()
+        spec.close()
+
+
+def test_one_unit_of_learner_work_digests_one_chunk(target):
+    spec = OnlineHeadSpeculator(random_head(target), online=OnlineConfig(background=False, min_new_pairs=4,
+                                                                            batch_size=8))
+    engine = Engine(target, None, [spec], FixedController(4))
+    for i in range(12):
+        engine.generate([i + 1, 2], GREEDY)
+    queued = len(spec._pending)
+    assert queued > EVAL_CHUNK
+    assert spec._step_once()
+    assert len(spec._pending) == queued - EVAL_CHUNK and spec.updates == 1
+
+
+def test_no_online_learning_where_it_would_share_decodings_cores(target, monkeypatch, caplog):
+    """With every core decoding, the adaptive engine leaves the online head out and says so once; with a core to
+    spare it learns."""
+    from adaspec import system
+    from adaspec.speculators import head as head_module
+
+    static = HeadSpeculator(random_head(target))
+    monkeypatch.setattr(HeadSpeculator, "for_target", classmethod(lambda cls, model, *a, **k: static))
+    monkeypatch.setattr(OnlineHeadSpeculator, "for_target",
+                        classmethod(lambda cls, model, *a, **k: cls(random_head(target),
+                                                                    online=OnlineConfig(background=False))))
+    monkeypatch.setattr(system, "_told", set())
+    monkeypatch.setattr(head_module, "spare_core", lambda: False)
+    with caplog.at_level("WARNING", logger="adaspec"):
+        names = [[s.name for s in system.build_engine(target, None, "adaptive").speculators] for _ in range(2)]
+    assert all("head" in n and "head_online" not in n for n in names)
+    assert sum("online draft-head learning is off" in r.getMessage() for r in caplog.records) == 1
+    monkeypatch.setattr(head_module, "spare_core", lambda: True)
+    engine = system.build_engine(target, None, "adaptive")
+    try:
+        assert "head_online" in [s.name for s in engine.speculators]
+    finally:
+        engine.close()
 
 
 def test_paused_learner_does_no_work_until_resumed(target):

@@ -120,6 +120,9 @@ RIGHT_WEIGHT = 0.1
 """Loss weight of pairs the head already got right (keeps it from forgetting them)."""
 FEATURE_COEF = 0.1
 """Weight of the feature regression term: the static head's training value (train/static.py)."""
+EVAL_CHUNK = 64
+"""Most new pairs one unit of learner work scores and buffers (one batch): a unit stays short however many pairs
+queued up while the learner waited, so a request that arrives meanwhile waits for little of it."""
 IDLE_SHARE = 0.5
 """Fraction of wall time the learner may compute when nothing was observed for ``IDLE_AFTER_S``."""
 IDLE_AFTER_S = 2.0
@@ -150,6 +153,14 @@ class OnlineConfig:
     """Pairs in the sliding window that compares online vs static top-1 agreement."""
     background: bool = True
     """Learn in a daemon thread; False learns only when ``learn_now`` is called (tests, replay)."""
+
+
+def spare_core() -> bool:
+    """Whether this process may use more cores than decoding's threads (torch's, on the calling thread), so that a
+    background learner can compute on a core decoding leaves free. Without one, a learner shares decoding's cores
+    and slows every step it overlaps."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores > torch.get_num_threads()
 
 
 class OnlineHeadSpeculator(HeadSpeculator):
@@ -187,9 +198,7 @@ class OnlineHeadSpeculator(HeadSpeculator):
         self._owed = 0  # update steps the buffered pairs still call for
         self._recent = 0  # size of the newest digested group of pairs (drawn from first in each batch)
         self._active: set[str] = set()  # requests between begin and end
-        # whether a core is left over by decoding's threads (read here, on the thread that decodes)
-        self._spare_core = len(os.sched_getaffinity(0)) > torch.get_num_threads() \
-            if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1) > torch.get_num_threads()
+        self._spare_core = spare_core()  # read here, on the thread that decodes
         self._pending: deque = deque()  # new pairs not yet evaluated: (h_in [d], tok_in, h_out [d], tok_out)
         self._buffer: deque = deque(maxlen=BUFFER_SIZE)
         self._guard: deque = deque(maxlen=self.online.guard_window)  # (online_right, static_right) per pair
@@ -254,7 +263,8 @@ class OnlineHeadSpeculator(HeadSpeculator):
         return self.updates - before
 
     def _step_once(self) -> bool:
-        """One short unit of learner work: digest the queued pairs (if enough) and run at most one update step.
+        """One short unit of learner work: digest up to ``EVAL_CHUNK`` queued pairs (if enough are queued) and run at
+        most one update step.
 
         New pairs are first scored by both heads (the drift guard), then buffered;
         they owe ``ceil(passes * new / batch_size)`` update steps, paid one per
@@ -263,8 +273,7 @@ class OnlineHeadSpeculator(HeadSpeculator):
         new = []
         with self._lock:
             if len(self._pending) >= self.online.min_new_pairs:
-                new = list(self._pending)
-                self._pending.clear()
+                new = [self._pending.popleft() for _ in range(min(len(self._pending), EVAL_CHUNK))]
         if not new and self._owed == 0:
             return False
         t0 = time.perf_counter()
