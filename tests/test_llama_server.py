@@ -7,6 +7,7 @@ import os
 import stat
 import sys
 from argparse import Namespace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -250,5 +251,9 @@ def test_real_llama_server_peers_on_the_bundled_model(tmp_path):
             assert res.tokens and res.common_prefix is not None
     finally:
         peers.close()
+    # the draft-model setup, with the model as its own draft: it drafts, and nearly every draft token is accepted
+    with LlamaServerPeer(replace(cfg, draft_model=cfg.gguf_path), "llama-server-draft") as peer:
+        res = peer.generate(ids, 24)
+    assert res.drafted > 0 and res.accepted >= 0.8 * res.drafted, (res.drafted, res.accepted)
     rows = serving.compare(["llama-server"], [2], LoadConfig(requests=2, max_tokens=8), log=lambda s: None)
     assert rows[0]["ok"] == 2 and rows[0]["output_tokens"] > 0

@@ -83,6 +83,14 @@ def _plain_of(config: str) -> str:
     return "plain" + (BACKEND_SUFFIX if config.endswith(BACKEND_SUFFIX) else "")
 
 
+def _peer_reference(peer: str, item: workloads.WorkItem, references: dict[str, list[int]]) -> list[int] | None:
+    """The output a peer's is compared with: llama-server plain's for llama-server's speculative setups (the same
+    engine), adaspec plain's for the other peers on greedy requests (sampled outputs of different engines differ)."""
+    if peer.startswith(SERVER_PLAIN) and peer != SERVER_PLAIN:
+        return references.get(SERVER_PLAIN)
+    return references.get("plain") if item.temperature == 0 else None
+
+
 def _prompt_ids(tok, prompt: str | None, messages) -> list[int]:
     """Raw prompts as they are; chats through the model's template, or as plain text for a model without one
     (a base model): the turns' contents separated by blank lines."""
@@ -172,12 +180,8 @@ def run_bench(model, tok, plan: BenchPlan, out_dir: Path, second_model=None) -> 
                 for name, peer in (peers.peers.items() if peers else ()):
                     if (item.temperature > 0 and not peer.samples) or (name.startswith("hf") and n % plan.hf_every):
                         continue
-                    if name.startswith(SERVER_PLAIN):
-                        reference = references.get(SERVER_PLAIN) if name != SERVER_PLAIN else \
-                            references.get("plain") if item.temperature == 0 else None
-                    else:
-                        reference = references.get("plain")
-                    res = peer.generate(ids, item.max_tokens, reference, temperature=item.temperature, seed=item.seed)
+                    res = peer.generate(ids, item.max_tokens, _peer_reference(name, item, references),
+                                        temperature=item.temperature, seed=item.seed)
                     if name == SERVER_PLAIN:
                         references[name] = res.tokens
                     records.append(RequestRecord.from_peer(item, index, res, request_id=rid))

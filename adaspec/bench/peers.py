@@ -325,7 +325,11 @@ class LlamaServerPeer(Peer):
             raise PeerUnavailable(f"peer {setup!r}: {e}") from e
         self.http = httpx.Client(base_url=self.server.url, timeout=600)
         self._figures: tuple[int, int, dict | None] = (0, 0, None)
-        self._warmup()
+        try:
+            self._warmup()
+        except (httpx.HTTPError, RuntimeError, ValueError) as e:
+            self.close()
+            raise PeerUnavailable(f"peer {setup!r}: the first request failed: {e}") from e
 
     def tokenize(self, text: str) -> list[int]:
         r = self.http.post("/tokenize", json={"content": text, "add_special": False, "parse_special": True})

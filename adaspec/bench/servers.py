@@ -96,8 +96,9 @@ class ManagedServer:
     def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None):
         self.name, self.cmd, self.port = name, cmd, port
         self.url = f"http://127.0.0.1:{port}"
-        self.log_path = Path(tempfile.mkstemp(prefix=f"adaspec-{name}-", suffix=".log")[1])
-        self._log = open(self.log_path, "w")
+        fd, path = tempfile.mkstemp(prefix=f"adaspec-{name}-", suffix=".log")
+        self.log_path = Path(path)
+        self._log = os.fdopen(fd, "w")
         try:
             self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})}, start_new_session=True)
