@@ -9,9 +9,10 @@ from typing import Iterator
 import uvicorn
 
 from adaspec.bench.load import wait_healthy
+from adaspec.bench.servers import free_port
 from adaspec.serve.app import EngineBundle, ServerConfig, _engine_snapshot, _engine_state_sizes, create_app
 from adaspec.system import build_engine
-from test_server import FakeModel, FakeTokenizer, _free_port
+from test_server import FakeModel, FakeTokenizer
 
 
 def loader_with(tokenizer=None, forward_s: float = 0.0):
@@ -30,7 +31,7 @@ def loader_with(tokenizer=None, forward_s: float = 0.0):
 def serving(cfg: ServerConfig, loader) -> Iterator[str]:
     """Yields the base URL once /health is 200; shuts the server down (lifespan included) afterwards."""
     app = create_app(cfg, loader)
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error", lifespan="on"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

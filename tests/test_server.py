@@ -14,8 +14,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -29,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from adaspec.bench.servers import ManagedServer, free_port  # noqa: E402
 from adaspec.model.base import Capabilities, ForwardOutput  # noqa: E402
 
 # -- the stand-in model -------------------------------------------------------------------------------
@@ -128,35 +127,19 @@ def fake_loader(cfg):
 # -- running a server ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``adaspec serve`` in a subprocess on a free port; ``stop()`` sends SIGTERM and returns the exit code."""
+class ServerProcess(ManagedServer):
+    """``adaspec serve`` (or, with ``backend="fake"``, this file's fake-model server) in a subprocess on a free port;
+    ``stop()`` sends SIGTERM and returns the exit code."""
 
     def __init__(self, args: list[str], backend: str = "real", env: dict | None = None, tmp: Path | None = None):
-        self.port = _free_port()
+        port = free_port()
         self.args = args
-        self.url = f"http://127.0.0.1:{self.port}"
         base = ([sys.executable, "-m", "adaspec.serve"] if backend == "real"
                 else [sys.executable, str(Path(__file__).resolve())])
-        self.log_path = (tmp or Path("/tmp")) / f"server-{self.port}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(base + ["--port", str(self.port)] + args, cwd=ROOT, stdout=self.log,
-                                     stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        super().__init__("serve", base + ["--port", str(port)] + args, port, env, cwd=ROOT, log_dir=tmp)
 
     def wait_ready(self, timeout: float = 180.0) -> "ServerProcess":
-        from adaspec.bench.load import wait_healthy
-
-        def alive() -> None:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
-
-        if not wait_healthy(self.url, timeout, check=alive):
-            raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+        super().wait_ready(timeout)
         return self
 
     def namespace(self, key: str) -> str:
@@ -167,20 +150,8 @@ class ServerProcess:
         assert (state_dir / SECRET_FILE).exists()
         return namespace_for_key(key, tenant_secret(state_dir))
 
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+    def output(self, tail: int | None = None) -> str:
+        return super().output(tail)
 
 
 @contextlib.contextmanager

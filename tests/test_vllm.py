@@ -17,6 +17,7 @@ if importlib.util.find_spec("vllm") is None:
         raise RuntimeError("vLLM is required here (ADASPEC_REQUIRE_VLLM is set) but not installed")
     pytest.skip("vLLM is not installed (pip install 'adaspec[vllm]')", allow_module_level=True)
 
+from adaspec.bench.servers import free_port  # noqa: E402
 from adaspec.bench.workloads import WorkItem  # noqa: E402
 from adaspec.vllm.bench import CONFIGS, prompts_of, summarise  # noqa: E402
 
@@ -90,21 +91,13 @@ def test_the_learned_state_round_trips_through_a_restart(runs):
     assert warm["mean_accepted"] > max(2.0, 1.5 * cold["mean_accepted"]), (cold, warm)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serve_answers_the_openai_client_and_learns_per_namespace(tmp_path):
     import httpx
     from openai import OpenAI
 
     from adaspec.bench.load import wait_healthy
 
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
     env = os.environ | {"OMP_WAIT_POLICY": "PASSIVE"}
     server = subprocess.Popen([sys.executable, "-m", "adaspec", "vllm-serve", "--state", str(tmp_path / "state"),

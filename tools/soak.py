@@ -14,7 +14,6 @@ import json
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from adaspec.bench.load import percentile, rss_from_proc, wait_healthy
+from adaspec.bench.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_REQUESTS = 100_000
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= args.clients <= 64 and 1 <= args.requests <= MAX_REQUESTS and 0 < args.time_limit <= MAX_SECONDS):
         ap.error(f"need 1..64 clients, 1..{MAX_REQUESTS} requests and a time limit of at most {MAX_SECONDS} s")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile("w+", prefix="soak-server-", suffix=".log", delete=False)
     cmd = [sys.executable, "-m", "adaspec.serve", "--host", "127.0.0.1", "--port", str(port)] + shlex.split(

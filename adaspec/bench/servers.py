@@ -28,21 +28,18 @@ class LlamaServerSetup:
 
     flags: tuple[str, ...]
     needs_draft: bool = False
-    about: str = ""
 
 
 LLAMA_SERVER_SETUPS = {
-    "llama-server": LlamaServerSetup((), about="plain decoding"),
-    "llama-server-ngram": LlamaServerSetup(
-        ("--spec-type", "ngram-mod"),
-        about="ngram-mod at its defaults (24-token match, drafts of 48-64 tokens)"),
+    "llama-server": LlamaServerSetup(()),  # plain decoding
+    # ngram-mod at its defaults (24-token match, drafts of 48-64 tokens)
+    "llama-server-ngram": LlamaServerSetup(("--spec-type", "ngram-mod")),
+    # ngram-mod with the shortest match it takes without a warning (16), and drafts of 2-16 tokens
     "llama-server-ngram-tuned": LlamaServerSetup(
         ("--spec-type", "ngram-mod", "--spec-ngram-mod-n-match", "16", "--spec-ngram-mod-n-min", "2",
-         "--spec-ngram-mod-n-max", "16"),
-        about="ngram-mod with the shortest match it accepts without a warning (16) and drafts of 2-16 tokens"),
-    "llama-server-draft": LlamaServerSetup(
-        ("--spec-type", "draft-simple"), needs_draft=True,
-        about="a draft model (--draft-model, same tokenizer) with llama.cpp's own draft settings"),
+         "--spec-ngram-mod-n-max", "16")),
+    # a draft model (--draft-model, same tokenizer) with llama.cpp's own draft settings
+    "llama-server-draft": LlamaServerSetup(("--spec-type", "draft-simple"), needs_draft=True),
 }
 """The llama-server peers by name. The model-free types take their lengths from their own flags, not from
 ``--spec-draft-n-max``; ``-md`` alone enables nothing, ``--spec-type draft-simple`` does."""
@@ -91,16 +88,18 @@ def adaspec_server_command(port: int, mode: str, model: str | None = None, threa
 
 class ManagedServer:
     """A server subprocess on 127.0.0.1: started at construction, ``wait_ready()`` until ``/health`` answers,
-    ``stop()`` (SIGTERM, then SIGKILL after ``timeout``). Its output goes to a log file, quoted in errors."""
+    ``stop()`` (SIGTERM or the signal given, then SIGKILL after ``timeout``). Its output goes to a log file (in
+    ``log_dir``, else the system's temporary directory), quoted in errors."""
 
-    def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None):
-        self.name, self.cmd, self.port = name, cmd, port
+    def __init__(self, name: str, cmd: list[str], port: int, env: dict[str, str] | None = None,
+                 cwd: str | os.PathLike | None = None, log_dir: str | os.PathLike | None = None):
+        self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
-        fd, path = tempfile.mkstemp(prefix=f"adaspec-{name}-", suffix=".log")
+        fd, path = tempfile.mkstemp(prefix=f"adaspec-{name}-", suffix=".log", dir=log_dir)
         self.log_path = Path(path)
         self._log = os.fdopen(fd, "w")
         try:
-            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=cwd,
                                          env={**os.environ, **(env or {})}, start_new_session=True)
         except OSError as e:
             self._log.close()
@@ -110,9 +109,11 @@ class ManagedServer:
     def pid(self) -> int:
         return self.proc.pid
 
-    def output(self, tail: int = 3000) -> str:
+    def output(self, tail: int | None = 3000) -> str:
+        """The end of the server's log (``tail`` characters; None: all of it)."""
         self._log.flush()
-        return self.log_path.read_text(errors="replace")[-tail:]
+        text = self.log_path.read_text(errors="replace")
+        return text if tail is None else text[-tail:]
 
     def wait_ready(self, timeout: float = 600.0) -> "ManagedServer":
         def alive() -> None:
@@ -124,9 +125,9 @@ class ManagedServer:
             raise RuntimeError(f"{self.name} was not ready after {timeout:.0f} s:\n{self.output()}")
         return self
 
-    def stop(self, timeout: float = 60.0) -> int:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
