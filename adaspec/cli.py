@@ -19,12 +19,14 @@ class CliError(Exception):
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+                   help="HF model directory, .gguf file or qwen2.5-coder-0.5b (default: the bundled "
+                        "SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_backend_arg(p)
-    p.add_argument("--precision", default="auto", choices=["auto", "gguf", "fp32", "int4", "bf16", "fp16"],
-                   help="auto (default): on CPU the GGUF's own blocks through adaspec's kernels (gguf), else "
-                        "fp32; gguf, fp32 and int4 are lossless under speculation. bf16 / fp16 are LOSSY under "
+    p.add_argument("--precision", default="auto", choices=["auto", "q8", "gguf", "fp32", "int4", "bf16", "fp16"],
+                   help="auto (default): on CPU the GGUF's own blocks through adaspec's kernels (q8: int8 "
+                        "activations per row, as llama.cpp computes; gguf: fp32 activations), else fp32; q8, "
+                        "gguf, fp32 and int4 are lossless under speculation. bf16 / fp16 are LOSSY under "
                         "speculation (kernels chosen by batch size)")
 
 

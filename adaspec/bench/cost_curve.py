@@ -274,7 +274,7 @@ def _table(res: dict, title: str) -> Any:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m adaspec.bench.cost_curve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="GGUF file or Hugging Face directory (default: the bundled SmolLM2)")
-    ap.add_argument("--precision", default="auto", help="auto, gguf, fp32, int4, bf16, fp16 (default auto)")
+    ap.add_argument("--precision", default="auto", help="auto, q8, gguf, fp32, int4, bf16, fp16 (default auto)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp", "both"],
                     help="target backend; both = torch and llamacpp timed in the same loop (default auto)")
@@ -289,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rich.console import Console
 
+    from ..files import resolve_model
     from ..model.loader import ModelLoadError, bundled_gguf_path, load_target
 
     console = Console()
@@ -300,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         others = {}
         if args.backend == "both":
             others["adaspec on llama.cpp"] = load_target(args.model, backend="llamacpp", threads=args.threads)[0]
-        gguf = Path(args.model) if args.model else bundled_gguf_path()
+        gguf = resolve_model(args.model) if args.model else bundled_gguf_path()
     except (ValueError, ModelLoadError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2

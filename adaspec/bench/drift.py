@@ -260,6 +260,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..files import resolve_model
     from ..model.loader import load_target
 
     if args.from_run:
@@ -279,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
         configs.insert(0, "plain")
     configs.sort(key=ADASPEC_CONFIGS.index)  # plain first: the oracle replays its output
     configs = [c for c in configs if c == "oracle" or c in available_modes()]
+    if args.model:  # a model name (files.MODEL_ALIASES) becomes its file, which the peers load too
+        args.model = str(resolve_model(args.model))
     out = Path(args.out or f"runs/bench-{args.scenario}-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_target(args.model, backend="torch" if args.backend == "both" else args.backend)

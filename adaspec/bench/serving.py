@@ -42,9 +42,9 @@ def start_server(setup: str, concurrency: int, model: str | None, threads: int,
                  draft_model: str | None = None) -> ManagedServer:
     """A ready server of ``setup`` for ``concurrency`` clients, on the given model (None: the bundled GGUF)."""
     if setup in LLAMA_SERVER_SETUPS:
-        from ..files import bundled_gguf_path
+        from ..files import bundled_gguf_path, resolve_model
 
-        return start_llama_server(setup, model or bundled_gguf_path(), threads, parallel=concurrency,
+        return start_llama_server(setup, resolve_model(model) if model else bundled_gguf_path(), threads, parallel=concurrency,
                                   draft_model=draft_model)
     port = free_port()
     # as many requests in flight as clients, so that neither server makes clients queue where the other does not

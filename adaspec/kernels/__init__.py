@@ -1,5 +1,6 @@
-"""adaspec's compiled CPU kernels: matrix products over GGUF weight blocks with fp32 activations (``qmm.cpp``)
-and the decoder layers of a Llama model built on them (``decoder.cpp``), both row independent by construction.
+"""adaspec's compiled CPU kernels: matrix products over GGUF weight blocks with fp32 activations (``qmm.cpp``) or
+with int8 activations quantised row by row (``qmm8.cpp``), and the decoder layers of a model built on them
+(``decoder.cpp``), all row independent by construction.
 
 Compiled once per machine and torch version on first use and cached (:func:`build`); where that fails the model
 falls back to torch's kernels. ``reference_qmm`` is the plain computation the kernels must agree with.
@@ -16,13 +17,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "ISAS", "available", "unavailable_reason", "isa", "force_isa", "qmm", "reference_qmm", "build",
-           "limit_this_thread"]
+__all__ = ["KINDS", "FP32_KINDS", "ISAS", "available", "unavailable_reason", "isa", "force_isa", "qmm", "qmm8",
+           "reference_qmm", "reference_qmm8", "build", "limit_this_thread"]
 
-KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}  # GGUF block types the kernels compute (codes as in qmm.cpp)
+# GGUF block types the kernels compute with int8 activations (codes as in qmm.h)
+KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7}
+FP32_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # ... and with fp32 activations
 ISAS = ("scalar", "avx2", "avx512")  # code paths, in qmm.cpp's numbering
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "qmm.cpp", _HERE / "vector.cpp", _HERE / "decoder.cpp"]
+_SOURCES = [_HERE / "qmm.cpp", _HERE / "qmm8.cpp", _HERE / "vector.cpp", _HERE / "decoder.cpp"]
 _state: dict[str, object] = {}
 
 
@@ -48,10 +51,11 @@ def build() -> None:
 
     folder = _build_dir()
     folder.mkdir(parents=True, exist_ok=True)
-    # A plain shared library of torch operators (no Python module): torch.ops.adaspec_kernels.*. It links
+    # No implicit fused multiply-adds: every one is written out, so the compiler cannot fuse an operation in
+    # one tile shape and not in another. A plain shared library of torch operators (no Python module): torch.ops.adaspec_kernels.*. It links
     # torch's own OpenMP runtime, so its parallel loops run in torch's thread pool.
     cpp_extension.load(name="adaspec_kernels", sources=[str(p) for p in _SOURCES], build_directory=str(folder),
-                       extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False,
+                       extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], is_python_module=False,
                        verbose=False)
     _state["loaded"] = True
     if os.environ.get("ADASPEC_KERNELS_ISA"):  # run a narrower path than the CPU allows, e.g. avx2 on an AVX-512 CPU
@@ -99,6 +103,37 @@ def force_isa(name: str | None) -> str:
 def qmm(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """``x [n, K] float32 @ dequant(blocks) [N, K]^T -> [n, N] float32``; ``blocks`` is ``[N, K / 32 * bytes]`` uint8."""
     return torch.ops.adaspec_kernels.qmm(x, blocks, KINDS[kind])
+
+
+def qmm8(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """``q8(x) [n, K] @ dequant(blocks) [N, K]^T -> [n, N] float32``: each row of ``x`` quantised on its own to int8
+    blocks (32 values a block, 256 for the K-quants), integer dot products with the weight blocks (qmm8.cpp)."""
+    if kind not in KINDS:
+        raise ValueError(f"the adaspec kernels do not compute {kind} blocks; they compute {', '.join(KINDS)}")
+    return torch.ops.adaspec_kernels.qmm8(x, pack8(blocks, kind), KINDS[kind], blocks.shape[0])
+
+
+def pack8(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """GGUF blocks ``[N, K / block * bytes]`` rearranged for ``qmm8`` (8 output rows interleaved; same bytes)."""
+    if kind not in KINDS:
+        raise ValueError(f"the adaspec kernels do not compute {kind} blocks; they compute {', '.join(KINDS)}")
+    return torch.ops.adaspec_kernels.pack8(blocks, KINDS[kind])
+
+
+def quantise_rows(x: torch.Tensor, block: int) -> torch.Tensor:
+    """What ``qmm8`` makes of ``x [n, K]``: each run of ``block`` values scaled by max|x| / 127 and rounded to the
+    nearest integer (ties to even), returned dequantised (fp32, exact)."""
+    g = x.float().reshape(x.shape[0], -1, block)
+    d = g.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(g * inv) * d).reshape(x.shape)
+
+
+def reference_qmm8(x: torch.Tensor, blocks: "GGUFBlocks") -> torch.Tensor:  # noqa: F821
+    """What ``qmm8`` computes, up to the order of fp32 additions: the row-quantised activations times the exactly
+    dequantised weights, summed in float64."""
+    block = 256 if blocks.kind.endswith("_K") else 32
+    return (quantise_rows(x, block).double() @ blocks.dequantize().double().T).float()
 
 
 def reference_qmm(x: torch.Tensor, blocks: "GGUFBlocks") -> torch.Tensor:  # noqa: F821

@@ -1,6 +1,8 @@
-// The decoder layers of a Llama-architecture model over GGUF blocks, for the rows of one verification (or
-// decoding) forward, in one call: RMSNorm, fused QKV, RoPE, KV-cache write, attention, output projection,
-// RMSNorm, fused gate/up, SiLU, down projection, residuals.
+// The decoder layers of a Llama-family model (Llama 2/3, Qwen2, Qwen3) over GGUF blocks, for the rows of one
+// verification (or decoding) forward, in one call: RMSNorm, fused QKV (+ bias), per-head q/k RMSNorm, RoPE,
+// KV-cache write, attention, output projection, RMSNorm, fused gate/up, SiLU, down projection, residuals.
+// A projection is one or more parts stacked along its outputs, each a GGUF block type of its own (a Q4_K_M
+// file mixes them within a layer), computed with fp32 activations (qmm.cpp) or int8 activations (qmm8.cpp).
 //
 // Row independence, by construction: every row's arithmetic is fixed by that row alone. The projections are
 // qmm.cpp's row-independent products; norms, RoPE, SiLU and residuals are per-row loops; each (row, head) of
@@ -22,14 +24,21 @@
 
 namespace {
 
+struct Part {
+  at::Tensor blocks;  // fp32 activations: [rows, in / 32 * bytes] GGUF blocks; int8: pack8's packed blocks
+  int64_t kind = 0, rows = 0;
+  bool int8 = false;
+};
+
 struct Proj {
-  at::Tensor blocks;  // [out, in / 32 * bytes] uint8
-  int64_t kind = 0;
-  int64_t out = 0, in = 0;
+  std::vector<Part> parts;  // stacked along the outputs
+  int64_t in = 0, out = 0;  // expected shape
 };
 
 struct Layer {
   at::Tensor attn_norm, mlp_norm;  // [d] float32
+  at::Tensor qkv_bias;             // [(H + 2 KV) hd] or empty
+  at::Tensor q_norm, k_norm;       // [hd] or empty
   Proj qkv, o, gate_up, down;
 };
 
@@ -49,16 +58,41 @@ class Decoder : public torch::CustomClassHolder {
     TORCH_CHECK(H_ > 0 && KV_ > 0 && H_ % KV_ == 0 && hd_ % 2 == 0 && H_ * hd_ > 0, "adaspec decoder: bad shape");
   }
 
-  void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm, at::Tensor qkv, int64_t qkv_kind, at::Tensor o,
-                 int64_t o_kind, at::Tensor gate_up, int64_t gate_up_kind, at::Tensor down, int64_t down_kind) {
+  // A layer's norms (and optional q/k/v bias and per-head q/k norm weights: empty tensors when absent); its
+  // projections follow with add_part.
+  void add_layer(at::Tensor attn_norm, at::Tensor mlp_norm, at::Tensor qkv_bias, at::Tensor q_norm,
+                 at::Tensor k_norm) {
     Layer L;
     L.attn_norm = vec(attn_norm, d_);
     L.mlp_norm = vec(mlp_norm, d_);
-    L.qkv = proj(qkv, qkv_kind, d_, (H_ + 2 * KV_) * hd_);
-    L.o = proj(o, o_kind, H_ * hd_, d_);
-    L.gate_up = proj(gate_up, gate_up_kind, d_, 2 * I_);
-    L.down = proj(down, down_kind, I_, d_);
+    const int64_t nqkv = (H_ + 2 * KV_) * hd_;
+    if (qkv_bias.numel()) L.qkv_bias = vec(qkv_bias, nqkv);
+    TORCH_CHECK(q_norm.numel() == k_norm.numel(), "adaspec decoder: q and k norms come together");
+    if (q_norm.numel()) L.q_norm = vec(q_norm, hd_), L.k_norm = vec(k_norm, hd_);
+    L.qkv.in = d_, L.qkv.out = nqkv;
+    L.o.in = H_ * hd_, L.o.out = d_;
+    L.gate_up.in = d_, L.gate_up.out = 2 * I_;
+    L.down.in = I_, L.down.out = d_;
     layers_.push_back(std::move(L));
+  }
+
+  // The next rows of projection `which` (0 qkv, 1 o, 2 gate_up, 3 down) of the last layer added.
+  void add_part(int64_t which, at::Tensor blocks, int64_t kind, int64_t rows, bool int8) {
+    TORCH_CHECK(!layers_.empty() && which >= 0 && which < 4, "adaspec decoder: add_part before add_layer");
+    Layer& L = layers_.back();
+    Proj& p = which == 0 ? L.qkv : which == 1 ? L.o : which == 2 ? L.gate_up : L.down;
+    TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && rows > 0,
+                "adaspec decoder: projection blocks must be a 2-D uint8 tensor");
+    if (int8) {
+      TORCH_CHECK(adaspec::kind_bytes(kind) > 0 && p.in % adaspec::kind_weights(kind) == 0 &&
+                      blocks.size(0) == (rows + 7) / 8 && blocks.size(1) == adaspec::packed8_bytes(kind, p.in),
+                  "adaspec decoder: packed projection blocks of the wrong shape");
+    } else {
+      TORCH_CHECK(blocks.size(0) == rows && p.in % 32 == 0 &&
+                      blocks.size(1) == p.in / 32 * adaspec::gguf_block_bytes(kind),
+                  "adaspec decoder: projection blocks of the wrong shape");
+    }
+    p.parts.push_back(Part{blocks.contiguous(), kind, rows, int8});
   }
 
   // x: [n, d] embeddings (float32), updated to the last layer's output and returned.
@@ -67,6 +101,12 @@ class Decoder : public torch::CustomClassHolder {
   // anc: [n, n] bool, row i attends to new token j when anc[i][j] (ancestor or self); empty for a chain.
   at::Tensor forward(at::Tensor x, at::Tensor rope, at::Tensor kc, at::Tensor vc, int64_t start, at::Tensor anc) {
     const int64_t n = x.size(0), nl = (int64_t)layers_.size();
+    for (const Layer& L : layers_)
+      for (const Proj* p : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+        int64_t rows = 0;
+        for (const Part& part : p->parts) rows += part.rows;
+        TORCH_CHECK(rows == p->out, "adaspec decoder: a projection has ", rows, " output rows, expected ", p->out);
+      }
     TORCH_CHECK(x.is_contiguous() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == d_,
                 "adaspec decoder: x must be a contiguous [n, hidden] float32 tensor");
     TORCH_CHECK(rope.is_contiguous() && rope.scalar_type() == at::kFloat && rope.numel() == n * hd_,
@@ -114,6 +154,15 @@ class Decoder : public torch::CustomClassHolder {
       for (int64_t i = 0; i < n; ++i) {
         float* row = QKV + i * nqkv;
         const float* cs = R + i * hd_;
+        if (L.qkv_bias.defined()) {
+          const float* b = L.qkv_bias.data_ptr<float>();
+          for (int64_t t = 0; t < nqkv; ++t) row[t] += b[t];
+        }
+        if (L.q_norm.defined())  // per head, before RoPE
+          for (int64_t hh = 0; hh < H_ + KV_; ++hh) {
+            float* p = row + hh * hd_;
+            rms_norm(p, (hh < H_ ? L.q_norm : L.k_norm).data_ptr<float>(), p, hd_, eps_);
+          }
         for (int64_t hh = 0; hh < H_ + KV_; ++hh) {  // RoPE on q and k heads: pairs (a, b) * (cos + i sin)
           float* p = row + hh * hd_;
           for (int64_t j = 0; j < half; ++j) {
@@ -155,15 +204,17 @@ class Decoder : public torch::CustomClassHolder {
     return t.to(at::kFloat).contiguous();
   }
 
-  Proj proj(const at::Tensor& blocks, int64_t kind, int64_t in, int64_t out) const {
-    TORCH_CHECK(blocks.scalar_type() == at::kByte && blocks.dim() == 2 && blocks.size(0) == out &&
-                    blocks.size(1) == in / 32 * adaspec::gguf_block_bytes(kind) && in % 32 == 0,
-                "adaspec decoder: projection blocks of the wrong shape");
-    return Proj{blocks.contiguous(), kind, out, in};
-  }
-
+  // out[n, p.out] = x[n, p.in] @ W^T, part by part.
   static void mm(const Proj& p, const float* x, int64_t n, float* out) {
-    adaspec::qmm_into(x, n, p.in, p.blocks.data_ptr<uint8_t>(), p.blocks.size(1), p.kind, out, p.out);
+    int64_t at = 0;
+    for (const Part& part : p.parts) {
+      const uint8_t* w = part.blocks.data_ptr<uint8_t>();
+      if (part.int8)
+        adaspec::qmm8_into(x, n, p.in, w, part.kind, out + at, p.out, part.rows);
+      else
+        adaspec::qmm_into(x, n, p.in, w, part.blocks.size(1), part.kind, out + at, p.out, part.rows);
+      at += part.rows;
+    }
   }
 
   int64_t H_, KV_, hd_, d_, I_;
@@ -177,6 +228,7 @@ TORCH_LIBRARY(adaspec_kernels, m) {
   m.class_<Decoder>("Decoder")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, int64_t, double>())
       .def("add_layer", &Decoder::add_layer)
+      .def("add_part", &Decoder::add_part)
       .def("forward", &Decoder::forward)
       .def("num_layers", &Decoder::num_layers);
 }

@@ -49,27 +49,10 @@ int64_t block_bytes(int64_t kind) {
   TORCH_CHECK(false, "adaspec qmm: unknown block kind ", kind);
 }
 
-// Portable fp16 -> fp32 (exact; GGUF scales are finite normals or subnormals).
 inline float half_to_float(const uint8_t* p) {
   uint16_t h;
   std::memcpy(&h, p, 2);
-  uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-  if (exp == 0) {
-    if (man == 0) {
-      bits = sign;
-    } else {  // subnormal: normalise
-      int e = -1;
-      do { ++e; man <<= 1; } while (!(man & 0x400));
-      bits = sign | (uint32_t)(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
-    }
-  } else if (exp == 0x1f) {
-    bits = sign | 0x7f800000u | man << 13;
-  } else {
-    bits = sign | (exp + 127 - 15) << 23 | man << 13;
-  }
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
+  return adaspec::half_to_float(h);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -331,7 +314,7 @@ at::Tensor qmm(const at::Tensor& x, const at::Tensor& w, int64_t kind) {
               " columns, the weight blocks hold ", w.size(1) / bb * kBlock);
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   at::Tensor out = at::empty({n, N}, x.options());
-  adaspec::qmm_into(xc.data_ptr<float>(), n, K, wc.data_ptr<uint8_t>(), wc.size(1), kind, out.data_ptr<float>(), N);
+  adaspec::qmm_into(xc.data_ptr<float>(), n, K, wc.data_ptr<uint8_t>(), wc.size(1), kind, out.data_ptr<float>(), N, N);
   return out;
 }
 
@@ -352,13 +335,13 @@ int64_t gguf_block_bytes(int64_t kind) { return block_bytes(kind); }
 int64_t active_isa() { return active(); }
 
 void qmm_into(const float* x, int64_t n, int64_t K, const uint8_t* w, int64_t ldw, int64_t kind, float* out,
-              int64_t N) {
+              int64_t ldo, int64_t N) {
   if (n == 0 || N == 0) return;
   const Isa isa = active();
   const RowsFn fn = kind == Q4_0 ? pick<Q4_0>(isa) : kind == Q4_1 ? pick<Q4_1>(isa) : pick<Q8_0>(isa);
   // Enough output rows per task that a task reads ~64 KB of weights; fewer rows than that run on one thread.
   const int64_t grain = std::max<int64_t>(16, (64 << 10) / std::max<int64_t>(ldw, 1));
-  at::parallel_for(0, N, grain, [&](int64_t o0, int64_t o1) { fn(x, n, K, w, ldw, out, N, o0, o1); });
+  at::parallel_for(0, N, grain, [&](int64_t o0, int64_t o1) { fn(x, n, K, w, ldw, out, ldo, o0, o1); });
 }
 
 }  // namespace adaspec

@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 __all__ = ["GGUFHeader", "read_header", "GGUFHeaderError"]
 
@@ -30,6 +30,7 @@ class GGUFHeaderError(ValueError):
 class GGUFHeader:
     fields: dict[str, object]  # scalar and string metadata; arrays are left out
     tensor_types: dict[str, str]  # tensor name -> GGML type name (e.g. "Q4_1")
+    data_end: int = 0  # the file size the tensors need (end of the last tensor's data); 0 when a type is unknown
 
     @property
     def architecture(self) -> str:
@@ -81,14 +82,25 @@ def _parse(m: mmap.mmap) -> GGUFHeader:
             (fields[key],) = struct.unpack_from(_SCALARS[kind], m, pos)
             pos = skip(kind, pos)
     tensors: dict[str, str] = {}
+    end: int | None = 0  # of the tensor data, relative to its start
     for _ in range(n_tensors):
         name, pos = string(pos)
         (n_dims,) = struct.unpack_from("<I", m, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
         pos += 4 + 8 * n_dims
-        (kind,) = struct.unpack_from("<I", m, pos)
+        kind, offset = struct.unpack_from("<IQ", m, pos)
         pos += 12  # type, offset
         try:
-            tensors[name] = GGMLQuantizationType(kind).name
-        except ValueError:
+            qtype = GGMLQuantizationType(kind)
+            tensors[name] = qtype.name
+            weights, size = GGML_QUANT_SIZES[qtype]
+            count = 1
+            for n in dims:
+                count *= n
+            end = None if end is None else max(end, offset + count // weights * size)
+        except (ValueError, KeyError):
             tensors[name] = f"type{kind}"
-    return GGUFHeader(fields, tensors)
+            end = None
+    alignment = int(fields.get("general.alignment", 32))  # type: ignore[call-overload]
+    data_start = (pos + alignment - 1) // alignment * alignment
+    return GGUFHeader(fields, tensors, 0 if end is None else data_start + end)

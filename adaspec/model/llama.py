@@ -1,4 +1,5 @@
-"""A Llama-architecture target written for speculative decoding.
+"""A Llama-architecture target written for speculative decoding (Llama 2/3, Qwen2, Qwen3: one decoder whose
+differences are fields of :class:`LlamaConfig`).
 
 It works on token ids only, keeps its KV cache in one preallocated tensor per sequence, and runs a chain or a token
 tree of new tokens in one forward that is row independent bit for bit, so greedy speculation over this target
@@ -15,13 +16,24 @@ import torch
 import torch.nn.functional as F
 
 from .base import Capabilities, ForwardOutput
-from .quant import DenseLinear, GGUFBlocks, Linear, QLinear, make_linear
+from .quant import DenseLinear, GGUFBlocks, Linear, QLinear, kernels_take, make_linear
 
-__all__ = ["LlamaConfig", "LlamaCache", "LlamaModel", "Linear", "DenseLinear", "tree_layout"]
+__all__ = ["ARCHITECTURES", "LlamaConfig", "llama3_freq_factors", "LlamaCache", "LlamaModel", "Linear", "DenseLinear",
+           "tree_layout"]
+
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+"""Model families the decoder computes; what differs between them is data in :class:`LlamaConfig`."""
 
 
 @dataclass
 class LlamaConfig:
+    """Dimensions and architecture features of the one decoder that runs Llama 2/3, Qwen2 and Qwen3 models.
+
+    Each family is the same pre-norm decoder (RMSNorm, grouped-query attention with RoPE, SwiGLU MLP); the
+    fields after ``tie_word_embeddings`` say where a family departs from plain Llama.
+    """
+
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -32,49 +44,112 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     max_context: int = 2048
     tie_word_embeddings: bool = True
+    head_dim: int = 0
+    """Width of one attention head; 0 means ``hidden_size / num_heads``. Qwen3 sets it explicitly (attention is
+    ``num_heads * head_dim`` wide, which need not be ``hidden_size``)."""
+    qkv_bias: bool = False
+    """The q, k and v projections add a bias (Qwen2; its output projection has none)."""
+    qk_norm: bool = False
+    """q and k are RMS-normalised per head (over ``head_dim``, own weights, ``rms_norm_eps``) before RoPE (Qwen3)."""
+    rope_freq_factors: tuple[float, ...] | None = None
+    """Per rotated pair (``head_dim / 2`` values), the divisor of RoPE's inverse frequency: Llama 3.x's long-context
+    scaling, as a GGUF stores it (``rope_freqs.weight``) and as :func:`llama3_freq_factors` computes it from a
+    Hugging Face ``rope_scaling`` of type ``llama3``. ``None``: plain RoPE."""
+    architecture: str = "llama"
+    """The family's name (one of ``ARCHITECTURES``), for messages and configs; the fields above carry the
+    differences."""
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def __post_init__(self) -> None:
+        if not self.head_dim:
+            self.head_dim = self.hidden_size // self.num_heads
+        if self.rope_freq_factors is not None:
+            self.rope_freq_factors = tuple(float(f) for f in self.rope_freq_factors)
+            if len(self.rope_freq_factors) != self.head_dim // 2:
+                raise ValueError(f"{len(self.rope_freq_factors)} RoPE frequency factors for a head of "
+                                 f"{self.head_dim} (need {self.head_dim // 2})")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "LlamaConfig":
-        """From a Hugging Face ``config.json`` dict; ``ValueError`` for what this implementation does not compute."""
+        """From a Hugging Face ``config.json`` dict (``model_type`` llama, qwen2 or qwen3); ``ValueError`` for
+        what this implementation does not compute.
+
+        Qwen2 always has q/k/v biases, Qwen3 always has q/k norms; Llama 3.x's ``rope_scaling`` of type
+        ``llama3`` becomes ``rope_freq_factors`` (adaspec's GGUF converter writes those factors as they are, under
+        ``rope_freq_factors``)."""
+        arch = cfg.get("model_type") or "llama"
+        rope = _rope(cfg)
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         try:
             heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            head_dim = int(cfg.get("head_dim") or hidden // heads)
+            theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+            factors = cfg.get("rope_freq_factors")
+            if rope_type == "llama3":
+                factors = llama3_freq_factors(head_dim, theta, rope)
             out = cls(
                 vocab_size=int(cfg["vocab_size"]),
-                hidden_size=int(cfg["hidden_size"]),
+                hidden_size=hidden,
                 intermediate_size=int(cfg["intermediate_size"]),
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
                 num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(_rope(cfg).get("rope_theta", cfg.get("rope_theta", 10000.0))),
+                rope_theta=theta,
                 max_context=int(cfg.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                head_dim=head_dim,
+                qkv_bias=arch == "qwen2",
+                qk_norm=arch == "qwen3",
+                rope_freq_factors=factors,
+                architecture=arch,
             )
         except KeyError as e:
             raise ValueError(f"config.json lacks {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise ValueError(f"config.json has an invalid value: {e}") from None
         problems = []
+        if arch not in ARCHITECTURES:
+            problems.append(f"model type {arch!r} (only {', '.join(ARCHITECTURES)})")
         if cfg.get("hidden_act", "silu") != "silu":
             problems.append(f"hidden_act {cfg['hidden_act']!r} (only silu)")
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            problems.append("biases in attention or MLP")
-        rope_type = _rope(cfg).get("rope_type", _rope(cfg).get("type", "default"))
-        if rope_type not in (None, "default"):
+        if (cfg.get("attention_bias") and arch != "qwen2") or cfg.get("mlp_bias"):
+            problems.append("biases in the attention output or MLP")
+        if rope_type not in ("default", "llama3"):
             problems.append(f"RoPE scaling {rope_type!r}")
-        if cfg.get("head_dim") not in (None, out.head_dim) or out.hidden_size % out.num_heads or \
-                out.num_heads % out.num_kv_heads or out.head_dim % 2:
-            problems.append("head dimensions other than hidden_size / num_heads (even), with kv heads dividing heads")
+        if float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
+            problems.append("partial RoPE")
+        if cfg.get("use_sliding_window") or any(t != "full_attention" for t in cfg.get("layer_types") or ()):
+            problems.append("sliding-window attention")
+        if out.num_heads % out.num_kv_heads or out.head_dim % 2:
+            problems.append("an odd head dimension, or kv heads not dividing heads")
         if problems:
-            raise ValueError("unsupported Llama variant: " + "; ".join(problems))
+            raise ValueError(f"unsupported {arch} variant: " + "; ".join(problems))
         return out
+
+
+def llama3_freq_factors(head_dim: int, theta: float, scaling: Mapping) -> tuple[float, ...]:
+    """Llama 3.x's RoPE scaling as divisors of the inverse frequencies (transformers'
+    ``_compute_llama3_parameters``, llama.cpp's ``rope_freqs``): wavelengths shorter than
+    ``original_max_position_embeddings / high_freq_factor`` stay, those longer than ``... / low_freq_factor``
+    are stretched by ``factor``, and those between are interpolated smoothly.
+    ``scaling`` holds ``factor``, ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``."""
+    factor, low, high = float(scaling["factor"]), float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_context = float(scaling["original_max_position_embeddings"])
+    out = []
+    for i in range(0, head_dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / head_dim)
+        if wavelen < old_context / high:
+            out.append(1.0)
+        elif wavelen > old_context / low:
+            out.append(factor)
+        else:
+            smooth = (old_context / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return tuple(out)
 
 
 def _rope(cfg: dict) -> dict:
@@ -193,6 +268,9 @@ class _Layer:
     o: Linear  # [H hd] -> [d]
     gate_up: Linear  # [d] -> [2 I]
     down: Linear  # [I] -> [d]
+    qkv_bias: torch.Tensor | None = None  # [(H + 2 KV) hd] fp32, in qkv's row order (q and k parts in pair order)
+    q_norm: torch.Tensor | None = None  # [hd] fp32, per-head RMSNorm weight of q, in pair order
+    k_norm: torch.Tensor | None = None  # [hd] fp32, the same for k
 
 
 class LlamaModel:
@@ -220,9 +298,12 @@ class LlamaModel:
       matrix products, each a ``Linear`` from ``model/quant.py`` (fp32, int4 or
       half precision);
     * the rows of ``q_proj``/``k_proj`` are reordered so that the two halves that
-      RoPE rotates together become adjacent pairs (llama.cpp's GGUF order). RoPE is
-      then one complex multiplication, ``(a + ib) * e^{i pos theta_j}``, which is
-      the same arithmetic as Hugging Face's ``q * cos + rotate_half(q) * sin``.
+      RoPE rotates together become adjacent pairs (llama.cpp's GGUF order for
+      ``llama``). RoPE is then one complex multiplication, ``(a + ib) * e^{i pos theta_j}``,
+      which is the same arithmetic as Hugging Face's ``q * cos + rotate_half(q) * sin``;
+    * what q and k meet before RoPE is reordered with them: the q/k biases (Qwen2)
+      with the rows, the per-head norm weights (Qwen3) with each head's entries (an
+      RMS norm does not depend on the order of what it normalises).
     """
 
     backend = "torch"
@@ -252,39 +333,54 @@ class LlamaModel:
         def small(name: str) -> torch.Tensor:
             return dense(name).to(self.device, dtype)
 
-        self.embed = small("model.embed_tokens.weight")  # [vocab, d]
+        def fp32(name: str, order: torch.Tensor | None = None) -> torch.Tensor:
+            t = dense(name).float()
+            return (t if order is None else t[order]).to(self.device)
+
+        self.embed = small("model.embed_tokens.weight")  # [vocab, d], dequantised once
         self.norm = small("model.norm.weight")
         H, KV, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q_rows, k_rows = _pair_rows(H, hd), _pair_rows(KV, hd)
+        q_rows, k_rows, head_pairs = _pair_rows(H, hd), _pair_rows(KV, hd), _pair_rows(1, hd)
 
         def fused(names: Sequence[str], rows: Sequence[torch.Tensor | None]) -> Linear:
-            if precision in ("int4", "gguf") and all(n in blocks for n in names) and \
-                    len({blocks[n].kind for n in names}) == 1:
+            if precision in ("int4", "gguf", "q8") and all(n in blocks for n in names):
                 parts = [blocks[n] if r is None else blocks[n].rows(r) for n, r in zip(names, rows)]
-                return make_linear(precision, blocks=GGUFBlocks.cat(parts), device=self.device)
+                if precision in ("gguf", "q8"):  # parts of different block types run as parts
+                    return make_linear(precision, blocks=parts, device=self.device)
+                if len({p.kind for p in parts}) == 1:
+                    return make_linear(precision, blocks=GGUFBlocks.cat(parts), device=self.device)
             parts = [dense(n) if r is None else dense(n)[r] for n, r in zip(names, rows)]
             return make_linear(precision, weight=torch.cat(parts).float(), device=self.device)
 
         self.layers: list[_Layer] = []
         for i in range(cfg.num_layers):
             p = f"model.layers.{i}."
+            a = p + "self_attn."
             self.layers.append(_Layer(
                 attn_norm=small(p + "input_layernorm.weight"),
                 mlp_norm=small(p + "post_attention_layernorm.weight"),
-                qkv=fused([p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"],
-                          [q_rows, k_rows, None]),
-                o=fused([p + "self_attn.o_proj.weight"], [None]),
+                qkv=fused([a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"], [q_rows, k_rows, None]),
+                o=fused([a + "o_proj.weight"], [None]),
                 gate_up=fused([p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"], [None, None]),
                 down=fused([p + "mlp.down_proj.weight"], [None]),
+                qkv_bias=torch.cat([fp32(a + "q_proj.bias", q_rows), fp32(a + "k_proj.bias", k_rows),
+                                    fp32(a + "v_proj.bias")]) if cfg.qkv_bias else None,
+                q_norm=fp32(a + "q_norm.weight", head_pairs) if cfg.qk_norm else None,
+                k_norm=fp32(a + "k_norm.weight", head_pairs) if cfg.qk_norm else None,
             ))
         tied = cfg.tie_word_embeddings or ("lm_head.weight" not in weights and "lm_head.weight" not in blocks)
-        head = self.embed if tied else small("lm_head.weight")
         head_blocks = blocks.get("model.embed_tokens.weight" if tied else "lm_head.weight")
-        self.lm_head: Linear = make_linear("fp32" if precision == "int4" else precision, weight=head,
-                                           blocks=head_blocks if precision == "gguf" else None, device=self.device,
-                                           keep_weight=True)  # .weight: a tied head shares the embedding
+        self.lm_head: Linear
+        if kernels_take(head_blocks, precision, self.device):  # the file's blocks, no dense copy
+            self.lm_head = QLinear(head_blocks, int8=precision == "q8")
+        else:
+            head = self.embed if tied else small("lm_head.weight")
+            self.lm_head = make_linear("fp32" if precision == "int4" else precision, weight=head, device=self.device,
+                                       keep_weight=True)  # .weight: a tied head shares the embedding
         self._decoder = self._compiled_decoder()
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))  # [hd / 2]
+        if cfg.rope_freq_factors is not None:  # Llama 3.x: theta_j / factor_j, as llama.cpp applies rope_freqs
+            inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)
         self._inv_freq = inv_freq
         self._cis = torch.zeros(0, hd // 2, dtype=torch.complex64, device=self.device)  # [positions, hd / 2]
 
@@ -297,14 +393,18 @@ class LlamaModel:
         c = self.cfg
         dec = torch.classes.adaspec_kernels.Decoder(c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size,
                                                     c.intermediate_size, c.rms_norm_eps)
+        none = torch.empty(0)
         for L in self.layers:
-            dec.add_layer(L.attn_norm, L.mlp_norm, L.qkv.data, L.qkv.code, L.o.data, L.o.code,
-                          L.gate_up.data, L.gate_up.code, L.down.data, L.down.code)
+            dec.add_layer(L.attn_norm, L.mlp_norm, none if L.qkv_bias is None else L.qkv_bias,
+                          none if L.q_norm is None else L.q_norm, none if L.k_norm is None else L.k_norm)
+            for which, proj in enumerate((L.qkv, L.o, L.gate_up, L.down)):
+                for code, data, rows in proj.parts:
+                    dec.add_part(which, data, code, rows, proj.int8)
         return dec
 
     @classmethod
     def random(cls, cfg: LlamaConfig, seed: int = 0, device: str = "cpu", precision: str = "fp32") -> "LlamaModel":
-        """A randomly initialised model, for tests."""
+        """A randomly initialised model, for tests (with q/k/v biases and q/k norms where ``cfg`` has them)."""
         g = torch.Generator().manual_seed(seed)
         d, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
 
@@ -324,13 +424,21 @@ class LlamaModel:
             w[p + "mlp.gate_proj.weight"] = r(inter, d)
             w[p + "mlp.up_proj.weight"] = r(inter, d)
             w[p + "mlp.down_proj.weight"] = r(d, inter)
+            if cfg.qkv_bias:
+                for name, rows in (("q", cfg.num_heads), ("k", cfg.num_kv_heads), ("v", cfg.num_kv_heads)):
+                    w[p + f"self_attn.{name}_proj.bias"] = torch.randn(rows * hd, generator=g) / 2
+            if cfg.qk_norm:
+                for name in ("q", "k"):
+                    w[p + f"self_attn.{name}_norm.weight"] = 0.5 + torch.rand(hd, generator=g)
         if not cfg.tie_word_embeddings:
             w["lm_head.weight"] = r(cfg.vocab_size, d)
         blocks: dict[str, GGUFBlocks] = {}
-        if precision == "gguf":  # the layout of a GGUF file: 4-bit projections, 8-bit embedding and head
+        if precision in ("gguf", "q8"):  # the layout of a GGUF file: 4/5-bit projections, 8-bit embedding and head
             for name in list(w):
                 if name.endswith("proj.weight") or name in ("model.embed_tokens.weight", "lm_head.weight"):
-                    blocks[name] = GGUFBlocks.quantize(w[name], "Q4_1" if name.endswith("proj.weight") else "Q8_0")
+                    kind = "Q8_0" if not name.endswith("proj.weight") else "Q4_1" if precision == "gguf" else \
+                        "Q8_0" if name.endswith("v_proj.weight") else "Q5_0"  # q8: qkv in two parts, as in Q4_K_M
+                    blocks[name] = GGUFBlocks.quantize(w[name], kind)
                     w[name] = blocks[name].dequantize()
         return cls(cfg, w, device=device, precision=precision, blocks=blocks)
 
@@ -414,7 +522,13 @@ class LlamaModel:
         for li, L in enumerate(() if compiled else self.layers):
             h = F.rms_norm(x, (d,), L.attn_norm, eps)
             qkv = mm(L.qkv, h)  # [n, (H + 2 KV) hd]
-            qk = torch.view_as_complex(qkv[:, :nqk].float().reshape(n, H + KV, hd // 2, 2))  # [n, H + KV, hd / 2]
+            if L.qkv_bias is not None:
+                qkv = qkv + L.qkv_bias
+            qk = qkv[:, :nqk].float().reshape(n, H + KV, hd)
+            if L.q_norm is not None:  # per head, before RoPE
+                qk = torch.cat([F.rms_norm(qk[:, :H], (hd,), L.q_norm, eps),
+                                F.rms_norm(qk[:, H:], (hd,), L.k_norm, eps)], dim=1)
+            qk = torch.view_as_complex(qk.reshape(n, H + KV, hd // 2, 2))  # [n, H + KV, hd / 2]
             qk = torch.view_as_real(qk * cis).reshape(n, H + KV, hd).to(dt)  # RoPE
             kc, vc = cache.k[li], cache.v[li]  # [KV, capacity, hd]
             kc[:, start:end] = qk[:, H:].transpose(0, 1)

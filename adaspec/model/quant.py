@@ -14,12 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-Precision = Literal["gguf", "fp32", "int4", "bf16", "fp16"]
-PRECISIONS: tuple[str, ...] = ("gguf", "fp32", "int4", "bf16", "fp16")
+Precision = Literal["q8", "gguf", "fp32", "int4", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("q8", "gguf", "fp32", "int4", "bf16", "fp16")
 GROUP = 32  # weights per quantisation group (GGUF blocks and the int4 kernel alike)
 
-# GGUF block layouts this module reads: bytes per block of 32 weights.
-_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+BLOCK_LAYOUT: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+}
+"""GGUF block types :class:`GGUFBlocks` reads: (weights per block, bytes per block)."""
+_BLOCK_BYTES = {kind: size for kind, (_, size) in BLOCK_LAYOUT.items()}
 INT4_KINDS = ("Q4_0", "Q4_1")
 
 
@@ -43,19 +47,29 @@ class Linear(Protocol):
 class GGUFBlocks:
     """The raw quantised rows of one GGUF weight, in Hugging Face row order.
 
-    ``data`` is ``[out, in / 32 * block_bytes]`` uint8: each row is a run of
-    blocks of 32 weights. ``Q4_0``: fp16 ``d`` then 16 bytes of nibbles,
-    ``w = d * (q - 8)``. ``Q4_1``: fp16 ``d``, fp16 ``m``, 16 bytes of nibbles,
-    ``w = d * q + m``. ``Q8_0``: fp16 ``d`` then 32 int8, ``w = d * q``. In the
-    nibble bytes, byte j holds weight j in its low nibble and weight j + 16 in
-    its high nibble.
+    ``data`` is ``[out, in / block_weights * block_bytes]`` uint8: each row is a
+    run of blocks (``BLOCK_LAYOUT``). Blocks of 32 weights: ``Q4_0``: fp16 ``d``
+    then 16 bytes of nibbles, ``w = d * (q - 8)``. ``Q4_1``: fp16 ``d``, fp16
+    ``m``, 16 bytes of nibbles, ``w = d * q + m``. ``Q8_0``: fp16 ``d`` then 32
+    int8, ``w = d * q``. ``Q5_0``/``Q5_1``: as ``Q4_0``/``Q4_1`` with a fifth bit
+    per weight (4 bytes after the fp16 fields), ``q`` in 0..31 and
+    ``w = d * (q - 16)`` / ``w = d * q + m``. In the nibble bytes, byte j holds
+    weight j in its low nibble and weight j + 16 in its high nibble.
+
+    K-quants, super-blocks of 256 weights: ``Q4_K``/``Q5_K``: fp16 ``d``, fp16
+    ``dmin``, 12 bytes of 6-bit scales and mins for 8 sub-blocks of 32, (``Q5_K``:
+    32 bytes of fifth bits,) 128 bytes of nibbles; ``w = d * sc_j * q - dmin * m_j``.
+    ``Q6_K``: 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8
+    scales for sub-blocks of 16, fp16 ``d``; ``w = d * sc_j * (q - 32)``. These are
+    dequantised by the ``gguf`` package's reference code (llama.cpp's arithmetic
+    in fp32).
     """
 
     kind: str
-    data: torch.Tensor  # [out, groups * block_bytes] uint8
+    data: torch.Tensor  # [out, blocks * block_bytes] uint8
 
     def __post_init__(self) -> None:
-        if self.kind not in _BLOCK_BYTES:
+        if self.kind not in BLOCK_LAYOUT:
             raise ValueError(f"unsupported GGUF block type {self.kind}")
         if self.data.dtype != torch.uint8 or self.data.dim() != 2 or self.data.shape[1] % _BLOCK_BYTES[self.kind]:
             raise ValueError(f"{self.kind} data must be a [rows, k * {_BLOCK_BYTES[self.kind]}] uint8 tensor")
@@ -63,7 +77,8 @@ class GGUFBlocks:
     @property
     def shape(self) -> tuple[int, int]:
         """``(out, in)`` of the weight."""
-        return self.data.shape[0], self.data.shape[1] // _BLOCK_BYTES[self.kind] * GROUP
+        weights, size = BLOCK_LAYOUT[self.kind]
+        return self.data.shape[0], self.data.shape[1] // size * weights
 
     def _blocks(self) -> torch.Tensor:
         return self.data.reshape(self.data.shape[0], -1, _BLOCK_BYTES[self.kind])  # [out, groups, bytes]
@@ -91,25 +106,34 @@ class GGUFBlocks:
             b = self._blocks()
             q = b[..., 2:].contiguous().view(torch.int8).float()  # [out, groups, 32]
             return (q * self._half(b, 0)[..., None]).reshape(b.shape[0], -1)
-        q, scale, zero = self.int4_parts()
-        return dequantize_int4(q, scale, zero)
+        if self.kind in INT4_KINDS:
+            q, scale, zero = self.int4_parts()
+            return dequantize_int4(q, scale, zero)
+        from gguf import GGMLQuantizationType
+        from gguf.quants import dequantize
+
+        values = dequantize(self.data.contiguous().numpy(), GGMLQuantizationType[self.kind])  # [out, in] float32
+        return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
 
     def rows(self, index: torch.Tensor) -> "GGUFBlocks":
-        """The same weight with its rows reordered (quantisation groups run along rows, so this is exact)."""
+        """The same weight with its rows reordered (quantisation blocks run along rows, so this is exact)."""
         return GGUFBlocks(self.kind, self.data[index])
 
     @staticmethod
     def quantize(w: torch.Tensor, kind: str) -> "GGUFBlocks":
-        """Blocks of ``kind`` for dense weights ``w [out, in]`` (lossy), by the ``gguf`` package's reference
-        quantisers (llama.cpp's recipes); for tests and random models."""
+        """Blocks of ``kind`` for dense weights ``w [out, in]`` (lossy), for tests and random models: the ``gguf``
+        package's reference quantisers (llama.cpp's recipes) for blocks of 32, plain min/max recipes for the
+        K-quants, which it lacks (valid blocks, not llama.cpp's error-minimising search)."""
         from gguf import GGMLQuantizationType
         from gguf.quants import quantize
 
-        if kind not in _BLOCK_BYTES:
+        if kind not in BLOCK_LAYOUT:
             raise ValueError(f"unsupported GGUF block type {kind}")
-        if w.dim() != 2 or w.shape[1] % GROUP:
-            raise ValueError(f"GGUF blocks need a [out, in] weight with in a multiple of {GROUP}")
-        data = quantize(w.detach().float().cpu().numpy(), GGMLQuantizationType[kind])
+        weights = BLOCK_LAYOUT[kind][0]
+        if w.dim() != 2 or w.shape[1] % weights:
+            raise ValueError(f"{kind} blocks need a [out, in] weight with in a multiple of {weights}")
+        x = w.detach().float().cpu().numpy()
+        data = _K_QUANTIZERS[kind](x) if kind in _K_QUANTIZERS else quantize(x, GGMLQuantizationType[kind])
         return GGUFBlocks(kind, torch.from_numpy(np.ascontiguousarray(data)))
 
     @staticmethod
@@ -119,6 +143,64 @@ class GGUFBlocks:
         if len(kinds) != 1:
             raise ValueError(f"cannot fuse GGUF weights of different types {sorted(kinds)}")
         return GGUFBlocks(kinds.pop(), torch.cat([p.data for p in parts]))
+
+
+def _fp16(x: np.ndarray) -> np.ndarray:
+    """fp16 values as [..., 2] bytes, and the fp32 values they stand for (what dequantisation reads)."""
+    h = x.astype(np.float16)
+    return h[..., None].view(np.uint8), h.astype(np.float32)
+
+
+def _codes(x: np.ndarray, step: np.ndarray, offset: np.ndarray, top: int) -> np.ndarray:
+    """``round((x + offset) / step)`` clamped to 0..top (0 where the step is 0), as uint8."""
+    safe = np.where(step > 0, step, 1.0)
+    return np.clip(np.rint((x + offset) / safe) * (step > 0), 0, top).astype(np.uint8)
+
+
+def _quantize_k_scaled(x: np.ndarray, bits: int) -> np.ndarray:
+    """``Q4_K`` (``bits`` 4) or ``Q5_K`` (5) blocks for ``x [out, in]``: per sub-block of 32 a min/max affine code
+    ``w = d * sc * q - dmin * m``, its 6-bit ``sc`` and ``m`` relative to the super-block's ``d`` and ``dmin``."""
+    out = x.shape[0]
+    g = x.reshape(-1, 8, 32)  # [blocks, sub-blocks, 32]
+    lo, hi = np.minimum(g.min(-1), 0), np.maximum(g.max(-1), 0)  # [blocks, 8]
+    top = (1 << bits) - 1
+    d_bytes, d = _fp16((hi - lo).max(-1) / top / 63)  # [blocks, 2], [blocks]
+    m_bytes, dmin = _fp16(-lo.min(-1) / 63)
+    sc = _codes((hi - lo) / top, d[:, None], 0, 63)  # [blocks, 8]
+    m = _codes(-lo, dmin[:, None], 0, 63)
+    q = _codes(g, (d[:, None] * sc)[..., None], (dmin[:, None] * m)[..., None], top)  # [blocks, 8, 32]
+    scales = np.empty((g.shape[0], 12), np.uint8)  # see gguf's Q4_K.get_scale_min for the packing
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = m[:, :4] | ((m[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0xF) | ((m[:, 4:] & 0xF) << 4)
+    pairs = q.reshape(-1, 4, 2, 32)  # sub-blocks 2c and 2c + 1 share the 32 bytes of chunk c
+    nibbles = ((pairs[:, :, 0] & 0xF) | ((pairs[:, :, 1] & 0xF) << 4)).reshape(-1, 128)
+    fields = [d_bytes, m_bytes, scales]
+    if bits == 5:  # byte l holds the fifth bit of weight l of sub-block j in its bit j
+        fields.append(((q >> 4) << np.arange(8, dtype=np.uint8)[:, None]).sum(1, dtype=np.uint8))
+    return np.concatenate([*fields, nibbles], axis=1).reshape(out, -1)
+
+
+def _quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """``Q6_K`` blocks for ``x [out, in]``: per sub-block of 16 a symmetric 6-bit code ``w = d * sc * (q - 32)``,
+    its int8 ``sc`` relative to the super-block's ``d``."""
+    out = x.shape[0]
+    g = x.reshape(-1, 16, 16)  # [blocks, sub-blocks, 16]
+    step = np.abs(g).max(-1) / 31  # [blocks, 16]
+    d_bytes, d = _fp16(step.max(-1) / 127)
+    sc = _codes(step, d[:, None], 0, 127)
+    u = _codes(g, (d[:, None] * sc)[..., None], 32 * (d[:, None] * sc)[..., None], 63).reshape(-1, 2, 4, 32)
+    # per half of 128: u[k] holds weights 32 k .. 32 k + 31; ql byte l (l < 64) holds weight l (low nibble) and
+    # l + 64 (high nibble); qh byte l (l < 32) holds the top two bits of weights l, l + 32, l + 64, l + 96
+    low = u & 0xF
+    ql = np.concatenate([low[:, :, 0] | (low[:, :, 2] << 4), low[:, :, 1] | (low[:, :, 3] << 4)], axis=2)
+    qh = ((u >> 4) << np.array([0, 2, 4, 6], np.uint8)[:, None]).sum(2, dtype=np.uint8)  # [blocks, 2, 32]
+    fields = [ql.reshape(-1, 128), qh.reshape(-1, 64), sc.astype(np.int8).view(np.uint8), d_bytes]
+    return np.concatenate(fields, axis=1).reshape(out, -1)
+
+
+_K_QUANTIZERS = {"Q4_K": lambda x: _quantize_k_scaled(x, 4), "Q5_K": lambda x: _quantize_k_scaled(x, 5),
+                 "Q6_K": _quantize_q6_k}
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -233,37 +315,83 @@ class Int4Linear:
 
 
 class QLinear:
-    """GGUF blocks through adaspec's compiled kernels, fp32 activations (see ``adaspec/kernels/qmm.cpp``).
+    """GGUF blocks through adaspec's compiled kernels (``adaspec/kernels``): fp32 activations (``qmm.cpp``, the
+    ``gguf`` precision) or int8 activations quantised row by row (``qmm8.cpp``, the ``q8`` precision).
 
-    Row independent by construction, for every number of rows; the data stays in the GGUF layout.
+    ``blocks`` is one weight or several stacked along the outputs (a fused projection whose parts a GGUF file
+    stores in different block types); each part runs as its own product into its columns of the output. Row
+    independent by construction, for every number of rows. The ``gguf`` precision uses the blocks as stored;
+    ``q8`` rearranges them once (the same bytes, 8 output rows interleaved) for its kernels.
     """
 
-    def __init__(self, blocks: GGUFBlocks):
+    def __init__(self, blocks: "GGUFBlocks | Sequence[GGUFBlocks]", int8: bool = False):
         from .. import kernels
 
-        if blocks.kind not in kernels.KINDS:
-            raise ValueError(f"the adaspec kernels do not compute {blocks.kind} blocks")
-        self.kind = blocks.kind
-        self.data = blocks.data.contiguous()  # [out, groups * block_bytes] uint8
-        self.out_features, self.in_features = blocks.shape
+        parts = _merge_runs([blocks] if isinstance(blocks, GGUFBlocks) else list(blocks))
+        allowed = kernels.KINDS if int8 else kernels.FP32_KINDS
+        for p in parts:
+            if p.kind not in allowed:
+                raise ValueError(f"the adaspec kernels do not compute {p.kind} blocks with "
+                                 f"{'int8' if int8 else 'fp32'} activations")
+        if len({p.shape[1] for p in parts}) != 1:
+            raise ValueError("stacked weights must share their input size")
+        self.int8 = int8
+        self.kind = parts[0].kind if len(parts) == 1 else "+".join(p.kind for p in parts)
+        self.out_features, self.in_features = sum(p.shape[0] for p in parts), parts[0].shape[1]
         self.weight = None
-        self._op = torch.ops.adaspec_kernels.qmm
-        self.code = kernels.KINDS[blocks.kind]  # the block kind as the compiled kernels number it
+        # (block kind code, the data the kernel reads, output rows) per part
+        self.parts = [(kernels.KINDS[p.kind], kernels.pack8(p.data.contiguous(), p.kind) if int8 else
+                       p.data.contiguous(), p.shape[0]) for p in parts]
+        self._op = torch.ops.adaspec_kernels.qmm8 if int8 else torch.ops.adaspec_kernels.qmm
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The blocks of a single-part ``gguf`` projection, as the compiled decoder takes them."""
+        return self.parts[0][1]
+
+    @property
+    def code(self) -> int:
+        return self.parts[0][0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._op(x if x.dtype == torch.float32 else x.float(), self.data, self.code)
+        x = x if x.dtype == torch.float32 else x.float()
+        outs = [self._op(x, data, code, rows) if self.int8 else self._op(x, data, code)
+                for code, data, rows in self.parts]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+def _merge_runs(parts: list["GGUFBlocks"]) -> list["GGUFBlocks"]:
+    """Consecutive parts of one block type joined into one (fewer, larger products)."""
+    out: list[GGUFBlocks] = []
+    for p in parts:
+        if out and out[-1].kind == p.kind:
+            out[-1] = GGUFBlocks.cat([out[-1], p])
+        else:
+            out.append(p)
+    return out
+
+
+def kernels_take(blocks: "GGUFBlocks | Sequence[GGUFBlocks] | None", precision: str,
+                 device: torch.device | str = "cpu") -> bool:
+    """Whether ``precision`` (``gguf`` or ``q8``) runs these blocks through the compiled kernels (else the weight
+    stays dense fp32)."""
+    from .. import kernels
+
+    if blocks is None or torch.device(device).type != "cpu" or precision not in ("gguf", "q8"):
+        return False
+    parts = [blocks] if isinstance(blocks, GGUFBlocks) else list(blocks)
+    allowed = kernels.KINDS if precision == "q8" else kernels.FP32_KINDS
+    return bool(parts) and all(p.kind in allowed for p in parts) and kernels.available()
 
 
 def gguf_kernels_take(blocks: GGUFBlocks | None, device: torch.device | str = "cpu") -> bool:
     """Whether ``gguf`` precision runs these blocks through the compiled kernels (else dense fp32)."""
-    from .. import kernels
-
-    return (blocks is not None and torch.device(device).type == "cpu" and blocks.kind in kernels.KINDS
-            and kernels.available())
+    return kernels_take(blocks, "gguf", device)
 
 
-def make_linear(precision: str, weight: torch.Tensor | None = None, blocks: GGUFBlocks | None = None,
-                device: torch.device | str = "cpu", keep_weight: bool = False) -> Linear:
+def make_linear(precision: str, weight: torch.Tensor | None = None,
+                blocks: "GGUFBlocks | Sequence[GGUFBlocks] | None" = None, device: torch.device | str = "cpu",
+                keep_weight: bool = False) -> Linear:
     """A projection for ``precision`` from a dense weight and/or raw GGUF blocks (blocks win when exact).
 
     ``gguf`` runs the blocks through the compiled kernels (dense fp32 for a weight without blocks); ``int4`` uses 4-bit GGUF blocks as they are and quantises anything else;
@@ -281,6 +409,14 @@ def make_linear(precision: str, weight: torch.Tensor | None = None, blocks: GGUF
 
     Schemes (``Precision``):
 
+    ``q8``
+        The GGUF's own blocks (every type in ``kernels.KINDS``: ``Q4_0``, ``Q4_1``,
+        ``Q5_0``, ``Q5_1``, ``Q8_0``, ``Q4_K``, ``Q5_K``, ``Q6_K``) through adaspec's
+        integer kernels: each activation row is quantised on its own to int8 (one
+        scale per 32 values, per 256 for the K-quants), as llama.cpp does, and
+        multiplied with the weight codes in integer arithmetic. Computes llama.cpp's
+        function for these formats, row independent. Weights in other types stay
+        dense fp32.
     ``gguf``
         The GGUF's own blocks (``Q4_0``, ``Q4_1``, ``Q8_0``) as stored, through
         adaspec's compiled kernels (``adaspec/kernels``) with fp32 activations:
@@ -308,9 +444,16 @@ def make_linear(precision: str, weight: torch.Tensor | None = None, blocks: GGUF
     device = torch.device(device)
     if weight is None and blocks is None:
         raise ValueError("make_linear needs a weight or GGUF blocks")
-    if precision == "gguf":
-        if gguf_kernels_take(blocks, device):
-            return QLinear(blocks)
+    if not isinstance(blocks, (GGUFBlocks, type(None))):  # parts stacked along the outputs
+        parts = list(blocks)
+        if precision in ("gguf", "q8") and kernels_take(parts, precision, device):
+            return QLinear(parts, int8=precision == "q8")
+        blocks = GGUFBlocks.cat(parts) if len({p.kind for p in parts}) == 1 else None
+        if blocks is None and weight is None:
+            weight = torch.cat([p.dequantize() for p in parts])
+    if precision in ("gguf", "q8"):
+        if kernels_take(blocks, precision, device):
+            return QLinear(blocks, int8=precision == "q8")
         return OneDnnLinear((weight if weight is not None else blocks.dequantize()).to(device, torch.float32),
                             keep_weight)
     if precision == "int4":

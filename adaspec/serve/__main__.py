@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..system import MODES
 
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct)")
+                   help="HF model directory, .gguf file or qwen2.5-coder-0.5b (default: the bundled "
+                        "SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_backend_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -103,7 +104,9 @@ class UsageError(Exception):
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
-    if args.model is not None and not Path(args.model).exists():
+    from ..files import MODEL_ALIASES
+
+    if args.model is not None and args.model not in MODEL_ALIASES and not Path(args.model).exists():
         raise UsageError(f"--model {args.model}: no such file or directory")
     if args.state_dir is not None:
         d = Path(args.state_dir)

@@ -44,7 +44,7 @@ class ServerConfig:
     """How the server runs; ``adaspec serve`` fills it from the command line."""
 
     model: str | None = None
-    """HF model directory or .gguf file; None = the bundled SmolLM2-135M-Instruct."""
+    """HF model directory, .gguf file or a name in ``files.MODEL_ALIASES``; None = the bundled SmolLM2-135M-Instruct."""
     device: str | None = None
     """cpu or cuda; None = cuda when available."""
     backend: str = "auto"

@@ -1,7 +1,8 @@
 """A GGUF that adaspec loads, as a Hugging Face directory vLLM loads (fp32 safetensors, config, tokenizer).
 
-Llama GGUFs go through adaspec's own converter (the cached conversion the torch backend uses); other
-architectures through transformers' GGUF reader. Nothing is downloaded.
+GGUFs of the architectures the torch backend runs go through adaspec's own converter (the cached conversion the
+torch backend uses, its blocks dequantised to fp32); other architectures through transformers' GGUF reader.
+Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..files import cache_root, publish_dir
+from ..files import cache_root, publish_dir, resolve_model
 from ..model.gguf_header import read_header
-from ..model.loader import ModelLoadError, bundled_gguf_path, convert_gguf
+from ..model.llama import ARCHITECTURES
+from ..model.loader import ModelLoadError, bundled_gguf_path, convert_gguf, dense_weights
 
-HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
             "special_tokens_map.json", "generation_config.json")
-"""What vLLM reads from a converted directory (the converter's quantised blocks are left out)."""
+"""What vLLM reads from a converted directory besides the weights (written dense, as ``model.safetensors``)."""
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -30,7 +32,10 @@ def is_hf_dir(path: Path) -> bool:
 def export(model: str | os.PathLike | None, out: str | os.PathLike | None = None) -> Path:
     """The Hugging Face directory for ``model`` (a GGUF file, default the bundled model; a directory is returned
     as it is). ``out`` defaults to a folder of the cache keyed by the GGUF's digest; an existing export is reused."""
-    src = Path(model) if model else bundled_gguf_path()
+    try:
+        src = resolve_model(model) if model else bundled_gguf_path()
+    except (FileNotFoundError, ValueError) as e:
+        raise ModelLoadError(str(e)) from None
     if is_hf_dir(src):
         return src
     if not src.is_file():
@@ -39,7 +44,7 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike | None = None
         arch = read_header(src).architecture
     except ValueError as e:
         raise ModelLoadError(str(e)) from None
-    if arch == "llama":
+    if arch in ARCHITECTURES:
         converted = convert_gguf(src)
         name, fill = f"vllm-{converted.name}", lambda tmp: _copy_converted(converted, tmp)
     else:
@@ -54,12 +59,19 @@ def export(model: str | os.PathLike | None, out: str | os.PathLike | None = None
 
 
 def _copy_converted(converted: Path, tmp: Path) -> None:
+    from safetensors.torch import save_file
+
+    cfg = json.loads((converted / "config.json").read_text())
+    if cfg.get("rope_freq_factors"):
+        raise ModelLoadError("Llama 3.x RoPE frequency factors (rope_freqs.weight) have no Hugging Face config "
+                             "field; this GGUF cannot be exported for vLLM")
     for name in HF_FILES:
         if (converted / name).is_file():
             shutil.copyfile(converted / name, tmp / name)
-    cfg = json.loads((tmp / "config.json").read_text())
     cfg.pop("quantization_config", None)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file({k: v.contiguous() for k, v in dense_weights(converted).items()}, str(tmp / "model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def _convert_with_transformers(src: Path, tmp: Path) -> None:
