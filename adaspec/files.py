@@ -68,6 +68,14 @@ QWEN_CODER = SplitFile(name="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", package_p
 ``models`` extra)."""
 
 
+def _remove(path: str | os.PathLike) -> None:
+    """Delete a temporary file if it is still there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def assembled_file(split: SplitFile) -> Path:
     """``split`` assembled once into ``<cache>/models/<name>``; a file already there of the right size is trusted.
 
@@ -101,10 +109,7 @@ def assembled_file(split: SplitFile) -> Path:
                              f"a part is damaged ({reinstall})")
         os.replace(tmp, final)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
         raise
     fsync_dir(final.parent)
     return final
@@ -143,10 +148,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str, world_readable: boo
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _remove(tmp)
         raise
     fsync_dir(path.parent)
     if world_readable:

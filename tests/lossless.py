@@ -53,6 +53,21 @@ class ScriptedSpeculator(SpeculatorBase):
         return Draft(np.array(tokens), np.array(parents), np.full(len(tokens), 0.5), self.name)
 
 
+def chat_prompts(tok, texts: list[str]) -> list[list[int]]:
+    """Each text as a one-message chat, through the model's chat template."""
+    return [tok.apply_chat_template([{"role": "user", "content": t}]) for t in texts]
+
+
+def plain_outputs(model, tok, prompts: list[list[int]], max_tokens: int) -> dict[tuple, list[int]]:
+    """Plain greedy decoding of every prompt (``max_tokens`` each, past end of sequence), keyed by the prompt."""
+    from adaspec.engine import Engine
+    from adaspec.verify import SamplingParams
+
+    eng = Engine(model, tok)
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return {tuple(p): eng.generate(p, params).tokens for p in prompts}
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b)):
         if x != y:

@@ -3,6 +3,7 @@ number of rows, on every code path this CPU can run, and the model that uses the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -209,6 +210,8 @@ def test_quantize_matches_the_gguf_layout() -> None:
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                   rope_theta=500.0, max_context=128, tie_word_embeddings=False)
+QWEN2 = dataclasses.replace(CFG, qkv_bias=True, architecture="qwen2")
+QWEN3 = dataclasses.replace(CFG, head_dim=32, qk_norm=True, architecture="qwen3")
 
 
 def test_gguf_model_runs_its_layers_in_the_compiled_decoder() -> None:
@@ -226,11 +229,13 @@ def test_q8_model_runs_mixed_block_types_in_the_compiled_decoder() -> None:
     assert all(isinstance(L.qkv, QLinear) and L.qkv.kind == "Q5_0+Q8_0" for L in model.layers)
 
 
+@pytest.mark.parametrize("cfg", [CFG, QWEN2, QWEN3], ids=["llama", "qwen2", "qwen3"])
 @pytest.mark.parametrize("precision", ["gguf", "q8"])
 @pytest.mark.parametrize("parents", [None, [-1, 0, 1, 0, 3, -1, 5]])
-def test_compiled_decoder_computes_the_op_by_op_forward(parents, precision: str) -> None:
-    """The compiled layers and torch's op-by-op layers compute one function (up to summation order)."""
-    model = LlamaModel.random(CFG, seed=2, precision=precision)
+def test_compiled_decoder_computes_the_op_by_op_forward(parents, precision: str, cfg: LlamaConfig) -> None:
+    """The compiled layers and torch's op-by-op layers compute one function (up to summation order), with
+    q/k/v biases (Qwen2), per-head q/k norms and a head width other than hidden / heads (Qwen3)."""
+    model = LlamaModel.random(cfg, seed=2, precision=precision)
     tokens = [5, 6, 7, 8, 9, 10, 11]
 
     def run() -> torch.Tensor:

@@ -10,7 +10,7 @@ from adaspec.control.base import FixedController
 from adaspec.engine import Engine
 from adaspec.verify import SamplingParams
 
-from lossless import ScriptedSpeculator, assert_greedy_equivalent
+from lossless import ScriptedSpeculator, assert_greedy_equivalent, chat_prompts, plain_outputs
 
 PROMPTS = [
     "What is the capital of France?",
@@ -49,16 +49,12 @@ def target():
 
 @pytest.fixture(scope="module")
 def prompts(target):
-    _, tok = target
-    return [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    return chat_prompts(target[1], PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def plain(target, prompts):
-    model, tok = target
-    eng = Engine(model, tok)
-    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-    return {tuple(p): eng.generate(p, params).tokens for p in prompts}
+    return plain_outputs(*target, prompts, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("mode", MODES, ids=str)

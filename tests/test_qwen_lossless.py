@@ -13,7 +13,7 @@ from adaspec.engine import Engine
 from adaspec.system import build_engine
 from adaspec.verify import SamplingParams
 
-from lossless import ScriptedSpeculator
+from lossless import ScriptedSpeculator, chat_prompts, plain_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -63,16 +63,12 @@ def target():
 
 @pytest.fixture(scope="module")
 def prompts(target):
-    _, tok = target
-    return [tok.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
+    return chat_prompts(target[1], PROMPTS)
 
 
 @pytest.fixture(scope="module")
 def plain(target, prompts):
-    model, tok = target
-    eng = Engine(model, tok)
-    params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-    return {tuple(p): eng.generate(p, params).tokens for p in prompts}
+    return plain_outputs(*target, prompts, MAX_TOKENS)
 
 
 def _check(eng: Engine, prompts, plain) -> int:
