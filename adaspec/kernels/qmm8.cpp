@@ -29,6 +29,8 @@
 // It depends on row i and weight row o only, whatever n is, whichever tile or thread computes it: row i of an
 // n-row call equals the one-row call on x[i] bit for bit, and no row depends on its neighbours. Both code paths
 // (AVX2; scalar, with fmaf) run that same sequence, so they agree bit for bit too (tests/test_kernels.py).
+// The AVX2 path runs wherever the CPU has AVX2 (AVX-512 CPUs included: there is no AVX-512 or VNNI path yet),
+// the scalar one elsewhere; the choice is qmm.cpp's, made once per process.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
