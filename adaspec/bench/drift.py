@@ -250,7 +250,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="output folder (default: runs/bench-<scenario>-<time>)")
-    ap.add_argument("--model", default=None, help="model path (default: the bundled model)")
+    ap.add_argument("--model", default=None,
+                    help="model path or qwen2.5-coder-0.5b (default: the bundled model); the peers load the same file")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "llamacpp", "both"],
                     help="target backend of the adaspec configurations; both = each configuration on torch and, "
                          f"named <config>{BACKEND_SUFFIX}, on llama.cpp, in the same loop (default auto)")

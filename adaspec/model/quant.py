@@ -344,15 +344,6 @@ class QLinear:
                        p.data.contiguous(), p.shape[0]) for p in parts]
         self._op = torch.ops.adaspec_kernels.qmm8 if int8 else torch.ops.adaspec_kernels.qmm
 
-    @property
-    def data(self) -> torch.Tensor:
-        """The blocks of a single-part ``gguf`` projection, as the compiled decoder takes them."""
-        return self.parts[0][1]
-
-    @property
-    def code(self) -> int:
-        return self.parts[0][0]
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x if x.dtype == torch.float32 else x.float()
         outs = [self._op(x, data, code, rows) if self.int8 else self._op(x, data, code)
