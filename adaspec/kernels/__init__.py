@@ -107,7 +107,8 @@ def qmm(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
 
 def qmm8(x: torch.Tensor, blocks: torch.Tensor, kind: str) -> torch.Tensor:
     """``q8(x) [n, K] @ dequant(blocks) [N, K]^T -> [n, N] float32``: each row of ``x`` quantised on its own to int8
-    blocks (32 values a block, 256 for the K-quants), integer dot products with the weight blocks (qmm8.cpp)."""
+    blocks (32 values a block, 256 for the K-quants), integer dot products with the weight blocks (qmm8.cpp).
+    Rearranges the blocks (``pack8``) on every call; a model packs each weight once (``QLinear``)."""
     if kind not in KINDS:
         raise ValueError(f"the adaspec kernels do not compute {kind} blocks; they compute {', '.join(KINDS)}")
     return torch.ops.adaspec_kernels.qmm8(x, pack8(blocks, kind), KINDS[kind], blocks.shape[0])

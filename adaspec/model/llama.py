@@ -343,12 +343,9 @@ class LlamaModel:
         q_rows, k_rows, head_pairs = _pair_rows(H, hd), _pair_rows(KV, hd), _pair_rows(1, hd)
 
         def fused(names: Sequence[str], rows: Sequence[torch.Tensor | None]) -> Linear:
-            if precision in ("int4", "gguf", "q8") and all(n in blocks for n in names):
+            if precision in ("int4", "gguf", "q8") and all(n in blocks for n in names):  # the file's blocks
                 parts = [blocks[n] if r is None else blocks[n].rows(r) for n, r in zip(names, rows)]
-                if precision in ("gguf", "q8"):  # parts of different block types run as parts
-                    return make_linear(precision, blocks=parts, device=self.device)
-                if len({p.kind for p in parts}) == 1:
-                    return make_linear(precision, blocks=GGUFBlocks.cat(parts), device=self.device)
+                return make_linear(precision, blocks=parts, device=self.device)
             parts = [dense(n) if r is None else dense(n)[r] for n, r in zip(names, rows)]
             return make_linear(precision, weight=torch.cat(parts).float(), device=self.device)
 

@@ -375,18 +375,15 @@ def kernels_take(blocks: "GGUFBlocks | Sequence[GGUFBlocks] | None", precision: 
     return bool(parts) and all(p.kind in allowed for p in parts) and kernels.available()
 
 
-def gguf_kernels_take(blocks: GGUFBlocks | None, device: torch.device | str = "cpu") -> bool:
-    """Whether ``gguf`` precision runs these blocks through the compiled kernels (else dense fp32)."""
-    return kernels_take(blocks, "gguf", device)
-
-
 def make_linear(precision: str, weight: torch.Tensor | None = None,
                 blocks: "GGUFBlocks | Sequence[GGUFBlocks] | None" = None, device: torch.device | str = "cpu",
                 keep_weight: bool = False) -> Linear:
     """A projection for ``precision`` from a dense weight and/or raw GGUF blocks (blocks win when exact).
 
-    ``gguf`` runs the blocks through the compiled kernels (dense fp32 for a weight without blocks); ``int4`` uses 4-bit GGUF blocks as they are and quantises anything else;
-    the dense schemes dequantise blocks exactly. ``keep_weight``: see ``OneDnnLinear``.
+    ``blocks`` is one weight or several stacked along the outputs, possibly of different block types. ``q8`` and
+    ``gguf`` run the blocks through the compiled kernels (dense fp32 where they do not compute every part);
+    ``int4`` uses 4-bit GGUF blocks as they are and quantises anything else; the dense schemes dequantise blocks
+    exactly. ``keep_weight``: see ``OneDnnLinear``.
 
     Every kernel here is *row independent*: row i of the output depends on row i of
     the input only, bit for bit (the oneDNN and tinygemm kernels were checked for 1
@@ -433,30 +430,27 @@ def make_linear(precision: str, weight: torch.Tensor | None = None,
         Dense half-precision weights with ``F.linear`` (the CUDA default).
     """
     device = torch.device(device)
-    if weight is None and blocks is None:
+    parts = [] if blocks is None else [blocks] if isinstance(blocks, GGUFBlocks) else list(blocks)
+    if weight is None and not parts:
         raise ValueError("make_linear needs a weight or GGUF blocks")
-    if not isinstance(blocks, (GGUFBlocks, type(None))):  # parts stacked along the outputs
-        parts = list(blocks)
-        if precision in ("gguf", "q8") and kernels_take(parts, precision, device):
-            return QLinear(parts, int8=precision == "q8")
-        blocks = GGUFBlocks.cat(parts) if len({p.kind for p in parts}) == 1 else None
-        if blocks is None and weight is None:
-            weight = torch.cat([p.dequantize() for p in parts])
+
+    def dense() -> torch.Tensor:
+        return weight if weight is not None else torch.cat([p.dequantize() for p in parts])
+
     if precision in ("gguf", "q8"):
-        if kernels_take(blocks, precision, device):
-            return QLinear(blocks, int8=precision == "q8")
-        return OneDnnLinear((weight if weight is not None else blocks.dequantize()).to(device, torch.float32),
-                            keep_weight)
+        if kernels_take(parts, precision, device):
+            return QLinear(parts, int8=precision == "q8")
+        return OneDnnLinear(dense().to(device, torch.float32), keep_weight)
     if precision == "int4":
         if device.type != "cpu":
             raise ValueError("the int4 kernels are CPU kernels; use bf16 or fp16 on an accelerator")
-        if blocks is not None and blocks.kind in INT4_KINDS:
-            return Int4Linear(*blocks.int4_parts(), device=device)
-        w = weight if weight is not None else blocks.dequantize()
-        return Int4Linear(*quantize_int4(w), device=device)
+        if parts and all(p.kind == parts[0].kind for p in parts) and parts[0].kind in INT4_KINDS:
+            one = parts[0] if len(parts) == 1 else GGUFBlocks.cat(parts)
+            return Int4Linear(*one.int4_parts(), device=device)
+        return Int4Linear(*quantize_int4(dense()), device=device)
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    w = weight if weight is not None else blocks.dequantize()
+    w = dense()
     if precision == "fp32":
         return OneDnnLinear(w.to(device, torch.float32), keep_weight)
     return DenseLinear(w.to(device, torch.bfloat16 if precision == "bf16" else torch.float16))
