@@ -16,7 +16,9 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from .control.base import Controller, FixedController, StepFeedback
+from .control.base import Controller, FixedController, StepFeedback, StepPlan
+from .control.batch import trim_batch
+from .control.costs import CostModel
 from .model.base import ForwardOutput, TargetModel
 from .model.tokenizer import IncrementalDetokenizer
 from .speculators.base import DecodeContext, Draft, Speculator, StepOutcome
@@ -25,6 +27,11 @@ from .store import Persistent
 from .verify import SamplingParams, verify
 
 _ids = itertools.count()
+
+PREFILL_CHUNK = 256
+"""Prompt tokens per prefill forward. A prompt is cut at the same places whether its request runs alone or
+beside others, so its prefill (and so its output) does not depend on the batch; a scheduler runs one chunk
+between decode steps, which bounds how long a long prompt holds up the requests already running."""
 
 
 @dataclass
@@ -84,10 +91,31 @@ class Request:
     ended: bool = False
     detok: IncrementalDetokenizer | None = None  # decodes ``output`` a few tokens at a time
     settled: str = ""  # the text ``detok`` has emitted (complete characters; never changes once emitted)
+    prefilled: int = 0  # prompt tokens in the KV cache so far
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """The prompt is not all in the KV cache yet (no token emitted)."""
+        return self.prefilled < self.ctx.prompt_len
+
+
+@dataclass
+class _Step:
+    """One request's part of a batched step, between proposing and settling."""
+
+    req: Request
+    plan: StepPlan
+    proposals: dict[str, Draft]
+    spent: dict[str, float]
+    draft: Draft  # what the forward verifies: the plan's draft, cut to the room left and to the batch's budget
+
+    @property
+    def rows(self) -> int:
+        return 1 + len(self.draft)
 
 
 @dataclass
@@ -136,6 +164,15 @@ class Engine:
     def start(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
               namespace: str = "default") -> Request:
         """Prefill the prompt and emit the first token."""
+        req = self.begin(prompt_ids, params, request_id, namespace)
+        while req.prefilling:
+            self.prefill_step(req)
+        return req
+
+    def begin(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
+              namespace: str = "default") -> Request:
+        """A request whose prompt is still to be prefilled (``prefill_step``, chunk by chunk); ``ValueError`` for a
+        prompt the model cannot take."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -148,28 +185,94 @@ class Engine:
         gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         rid = request_id or f"req-{next(_ids)}"
         t0 = self.clock()
-        cache = self.model.new_cache()
-        out = self.model.prefill(cache, prompt)
-        first = verify(out.logits, Draft.empty(), params, gen, position=len(prompt)).emitted
-        ctx = DecodeContext(rid, namespace, prompt + first, len(prompt), _row(out, 0))
-        req = Request(rid, namespace, params, ctx, cache, gen, RequestStats(prompt_tokens=len(prompt), forwards=1),
-                      started=t0)
-        req.stats.prefill_s = self.clock() - t0
+        ctx = DecodeContext(rid, namespace, prompt, len(prompt))
+        req = Request(rid, namespace, params, ctx, self.model.new_cache(), gen,
+                      RequestStats(prompt_tokens=len(prompt), forwards=1), started=t0)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer)
-        self._emit(req, first)
+        return req
+
+    @torch.inference_mode()
+    def prefill_step(self, req: Request) -> list[int]:
+        """Prefill the next ``PREFILL_CHUNK`` prompt tokens; after the last chunk, emit the first token (returned)."""
+        if not req.prefilling:
+            return []
+        ctx = req.ctx
+        prompt = ctx.tokens
+        part = prompt[req.prefilled : req.prefilled + PREFILL_CHUNK]
+        out = self.model.prefill(req.cache, part)
+        req.prefilled += len(part)
+        if req.prefilling:
+            return []
+        first = verify(out.logits, Draft.empty(), req.params, req.generator, position=len(prompt)).emitted
+        ctx.tokens = prompt + first
+        ctx.hidden = _row(out, 0)
+        req.stats.prefill_s = self.clock() - req.started
+        added = self._emit(req, first)
         for s in self.speculators:
             s.begin(ctx)
-        return req
+        return added
 
     @torch.inference_mode()
     def step(self, req: Request) -> list[int]:
         """One speculative step; returns the tokens it added to ``req.output``."""
-        if req.finished:
-            return []
-        ctx, st = req.ctx, req.stats
+        added = self.step_batch([req])[0]
+        if isinstance(added, BaseException):
+            raise added
+        return added
+
+    @torch.inference_mode()
+    def step_batch(self, reqs: Sequence[Request]) -> list[list[int] | Exception]:
+        """One speculative step of each request, verified by one target forward over all of them.
+
+        Per request: the controller plans, the speculators propose and the controller chooses, pricing a draft at
+        what it adds to the whole step; then the drafts get one budget for the batch (``control/batch.py``), one
+        forward verifies every request's pending token and kept draft, and each request verifies, commits and
+        learns on its own. The result for request i is the tokens the step added to its output, or the exception
+        that stopped it (the other requests go on: a forward that fails for the batch is retried request by
+        request). A request's tokens never depend on the batch: each row of the forward is computed as in a
+        forward of that request alone on the row-exact backends, and acceptance uses the request's own
+        generator (seeded sampling: its own seed and positions).
+        """
+        results: dict[int, list[int] | Exception] = {id(r): [] for r in reqs}
+        live = [r for r in reqs if not r.finished and not r.prefilling]
+        costs = getattr(self.controller, "costs", None)
+        steps: list[_Step] = []
+        if costs is not None:
+            costs.others = len(live) - 1  # a draft is priced at what it adds to the batch's step
+        try:
+            for req in live:
+                try:
+                    steps.append(self._propose(req))
+                except Exception as e:
+                    results[id(req)] = e
+        finally:
+            if costs is not None:
+                costs.others = 0
+        if len(steps) > 1 and isinstance(costs, CostModel):
+            kept = trim_batch([s.draft for s in steps], costs, sunk=sum(sum(s.spent.values()) for s in steps))
+            for s, d in zip(steps, kept):
+                s.draft = d
+        if not steps:
+            return [results[id(r)] for r in reqs]
+        t = self.clock()
+        outs = self._forward(steps)
+        forward_s = self.clock() - t
+        shared = len(steps) > 1
+        if shared and isinstance(costs, CostModel) and all(isinstance(o, ForwardOutput) for o in outs):
+            costs.observe_verify(sum(s.rows for s in steps), forward_s)
+        for s, out in zip(steps, outs):
+            try:
+                if isinstance(out, Exception):
+                    raise out
+                results[id(s.req)] = self._settle(s, out, forward_s, shared)
+            except Exception as e:
+                results[id(s.req)] = e
+        return [results[id(r)] for r in reqs]
+
+    def _propose(self, req: Request) -> "_Step":
+        ctx = req.ctx
         room = min(self.model.max_context - req.cache.length - 1, req.params.max_tokens - len(req.output) - 1)
-        # 1. propose
         plan = self.controller.plan(ctx, [s.name for s in self.speculators])
         proposals: dict[str, Draft] = {}
         spent: dict[str, float] = {}
@@ -181,26 +284,45 @@ class Engine:
                 spent[s.name] = self.clock() - t
         if proposals:
             plan = self.controller.choose(ctx, plan, proposals, spent)
-        draft = plan.draft.prefix(room)
-        # 2. verify
+        return _Step(req, plan, proposals, spent, plan.draft.prefix(room))
+
+    def _forward(self, steps: Sequence["_Step"]) -> list[ForwardOutput | Exception]:
+        """The target forward of every step's pending token and draft: one batched forward when the backend has
+        one, else (or when the batch fails) one forward per request, so a request that fails fails alone."""
+        items = [(s.req.cache, [s.req.ctx.tokens[-1]] + s.draft.tokens.tolist(),
+                  [-1] + (s.draft.parents + 1).tolist() if not s.draft.is_chain else None) for s in steps]
+        batched = getattr(self.model, "forward_batch", None)
+        if len(items) > 1 and batched is not None:
+            try:
+                return list(batched(items))
+            except Exception:
+                pass  # find out which request it was
+        outs: list[ForwardOutput | Exception] = []
+        for item in items:
+            try:
+                outs.append(self.model.forward(*item))
+            except Exception as e:
+                outs.append(e)
+        return outs
+
+    def _settle(self, s: "_Step", out: ForwardOutput, forward_s: float, shared: bool) -> list[int]:
+        """Verify a step's draft against its rows of the forward, commit, emit, and let everyone learn."""
+        req, draft, ctx = s.req, s.draft, s.req.ctx
         t = self.clock()
-        out = self.model.forward(req.cache, [ctx.tokens[-1]] + draft.tokens.tolist(),
-                                 [-1] + (draft.parents + 1).tolist() if not draft.is_chain else None)
-        st.forward_s += self.clock() - t
         verdict = verify(out.logits, draft, req.params, req.generator, position=len(ctx.tokens))
-        # 3. commit the pending token and the accepted path; the rest is rolled back
+        # commit the pending token and the accepted path; the rest is rolled back
         req.cache.commit([0] + [a + 1 for a in verdict.accepted])
-        verify_s = self.clock() - t
+        verify_s = forward_s + self.clock() - t
+        req.stats.forward_s += forward_s
         outcome = StepOutcome(draft, verdict.accepted, verdict.emitted,
                               None if out.hidden is None else out.hidden[[0] + [a + 1 for a in verdict.accepted]])
         ctx.tokens.extend(verdict.emitted)
         ctx.hidden = _row(out, verdict.last_row)
-        self._account(st, draft, verdict.accepted, spent, verify_s)
+        self._account(req.stats, draft, verdict.accepted, s.spent, verify_s)
         added = self._emit(req, verdict.emitted)
-        # 4. observe, 5. control
-        for s in self.speculators:
-            s.observe(ctx, outcome)
-        self.controller.observe(StepFeedback(ctx, plan, proposals, spent, outcome, verify_s))
+        for sp in self.speculators:
+            sp.observe(ctx, outcome)
+        self.controller.observe(StepFeedback(ctx, s.plan, s.proposals, s.spent, outcome, verify_s, shared))
         if req.cache.length + 1 >= self.model.max_context and not req.finished:
             req.finish_reason = "length"
         return added
@@ -213,6 +335,8 @@ class Engine:
         if cancelled and not req.finished:
             req.finish_reason = "cancelled"
         req.stats.wall_s = self.clock() - req.started
+        if req.prefilling:  # the speculators never saw it
+            return
         for s in self.speculators:
             s.end(req.ctx, not cancelled)
 

@@ -190,6 +190,152 @@ def test_uncommitted_forward_is_dropped_by_the_next_one(target, short):
     assert float((out.logits[0] - rows[1]).abs().max()) <= tol
 
 
+def _greedy_after(model, cache, row: torch.Tensor, n: int) -> tuple[list[int], list[float], list[torch.Tensor]]:
+    """Plain greedy steps on a cache from the logits row that predicts its next token: (tokens, top-2 gaps, rows)."""
+    out, gaps, rows = [], [], []
+    for _ in range(n):
+        top2 = torch.topk(row, 2).values
+        gaps.append(float(top2[0] - top2[1]))
+        rows.append(row)
+        out.append(int(row.argmax()))
+        row = model.forward(cache, [out[-1]]).logits[0]
+        cache.commit([0])
+    return out, gaps, rows
+
+
+def test_batched_forward_equals_separate_forwards(target, prompts, batch_noise):
+    """One forward_batch over four caches (chains and trees, prompts of different lengths) gives each cache what a
+    forward of its own gives, up to llama.cpp's batch noise; after a per-cache commit (one cache left uncommitted and
+    dropped by its next forward) plain greedy decoding goes on as after separate forwards."""
+    model, _ = target
+    tol = 2 * batch_noise + 1e-4
+    ps = [prompts[1][:50], prompts[2][:90], prompts[3][:130], prompts[4][:70]]
+    specs = []  # (prompt, tokens, parents, keep); keep None: never committed
+    for k, p in enumerate(ps):
+        t = _plain_with_gaps(model, p, 5)[0]
+        wrong = [(x + 7) % model.vocab_size for x in t]
+        specs.append([(p, t[:5], None, [0, 1, 2, 3, 4]),  # a chain, all right
+                      (p, [t[0], t[1], wrong[2], t[3]], None, [0, 1]),  # a chain rejected at its third token
+                      (p, [t[0], wrong[1], 11, t[1], t[2]], [-1, 0, 1, 0, 3], [0, 3, 4]),  # a tree, second branch
+                      (p, [t[0], t[1], wrong[1], t[2]], [-1, 0, 0, 1], None)][k])  # a tree, dropped
+    gc.collect()
+    model._reclaim()
+    sep = [model.new_cache() for _ in specs]
+    bat = [model.new_cache() for _ in specs]
+    for (p, *_), cs, cb in zip(specs, sep, bat):
+        model.prefill(cs, p)
+        model.prefill(cb, p)
+    free = len(model._free)
+    separate = [model.forward(c, toks, par) for c, (_, toks, par, _) in zip(sep, specs)]
+    batched = model.forward_batch([(c, toks, par) for c, (_, toks, par, _) in zip(bat, specs)])
+    assert len(batched) == len(specs)
+
+    worst, agree, rows = 0.0, 0, 0
+    for (_, toks, _, _), s, b in zip(specs, separate, batched):
+        assert b.logits.shape == (len(toks), model.vocab_size)
+        assert b.hidden is not None and b.hidden.shape == (len(toks), model.hidden_size)
+        worst = max(worst, float((b.logits - s.logits).abs().max()))
+        for i in range(len(toks)):
+            top2 = torch.topk(s.logits[i], 2).values
+            gap = float(top2[0] - top2[1])
+            same = int(b.logits[i].argmax()) == int(s.logits[i].argmax())
+            agree += same
+            rows += 1
+            assert same or gap <= tol, f"batched argmax differs at a top-2 gap of {gap:.3f} (noise {batch_noise:.3f})"
+    print(f"\nforward_batch vs separate forwards ({rows} rows): max |logit difference| {worst:.4f}, "
+          f"argmax agreement {agree}/{rows} = {agree / rows:.3f}")
+
+    cont_worst, n_steps = 0.0, 8
+    for (p, toks, _, keep), cs, cb, s, b in zip(specs, sep, bat, separate, batched):
+        if keep is None:  # dropped by the next forward
+            start_s, start_b = model.forward(cs, [toks[0]]), model.forward(cb, [toks[0]])
+            cs.commit([0])
+            cb.commit([0])
+            row_s, row_b = start_s.logits[0], start_b.logits[0]
+        else:
+            cs.commit(keep)
+            cb.commit(keep)
+            row_s, row_b = s.logits[keep[-1]], b.logits[keep[-1]]
+        assert cb.length == cs.length == len(p) + (len(keep) if keep else 1)
+        ref, gaps, ref_rows = _greedy_after(model, cs, row_s, n_steps)
+        got, _, got_rows = _greedy_after(model, cb, row_b, n_steps)
+        i = first_divergence(ref, got)
+        upto = n_steps if i is None else i
+        cont_worst = max([cont_worst] + [float((x - y).abs().max()) for x, y in zip(ref_rows[:upto], got_rows[:upto])])
+        assert i is None or gaps[i] <= tol, \
+            f"decoding after the batched forward diverged at step {i}, top-2 gap {gaps[i]:.3f} " \
+            f"(noise {batch_noise:.3f})"
+    print(f"decoding after commit: max |logit difference| {cont_worst:.4f} over {n_steps} steps per cache")
+    # every scratch sequence came back: the only sequences taken are the parking ones of tree commits
+    assert len(model._free) + sum(len(c._ids) - 1 for c in sep + bat) == free
+
+
+def test_batched_forward_errors_leave_every_cache_usable(target):
+    """A cache twice is a ValueError and too many rows a LlamaCppError, before anything runs; a llama_decode that
+    finds no free KV cells (a real one, on a model with few cells) and a tree that finds no free sequence both give
+    back every sequence they took and leave every cache as committed."""
+    from adaspec.model.llamacpp import MAX_SEQUENCES, LlamaCppError, LlamaCppModel
+    from adaspec.model.loader import bundled_gguf_path
+
+    model, _ = target
+    a, b = model.new_cache(), model.new_cache()
+    model.prefill(a, [1, 2, 3])
+    model.prefill(b, [4, 5, 6])
+    assert model.forward_batch([]) == []
+    with pytest.raises(ValueError, match="twice"):
+        model.forward_batch([(a, [7], None), (b, [8], None), (a, [9], None)])
+    half = model._batch_size // 2 + 1
+    with pytest.raises(LlamaCppError, match="exceeds llama.cpp's batch"):
+        model.forward_batch([(a, [7] * half, None), (b, [8] * half, None)])
+    with pytest.raises(LlamaCppError, match="exceeds llama.cpp's batch"):
+        model.forward(a, [7] * (model._batch_size + 1))
+    assert a.length == b.length == 3
+    out = model.forward_batch([(a, [7, 8], None), (b, [9, 10, 11], [-1, 0, 0])])
+    assert [o.logits.shape[0] for o in out] == [2, 3]
+
+    with pytest.raises(LlamaCppError, match="batch"):
+        LlamaCppModel(bundled_gguf_path(), threads=2, batch=MAX_SEQUENCES - 1)  # llama.cpp would abort the process
+    small = LlamaCppModel(bundled_gguf_path(), threads=2, cells=256, batch=MAX_SEQUENCES)
+    try:
+        L, mem = small._L, small._mem
+
+        def state_is_clean(caches):
+            assert all(c._pending is None and L.llama_memory_seq_pos_max(mem, c.seq) == c.length - 1 for c in caches)
+            assert all(L.llama_memory_seq_pos_max(mem, s) == -1 for s in small._free)
+
+        with pytest.raises(ValueError, match="another model"):
+            small.forward_batch([(a, [7], None)])
+        caches = [small.new_cache() for _ in range(3)]
+        for k, c in enumerate(caches):
+            small.prefill(c, [(7 * k + j) % 1000 + 5 for j in range(60)])
+        before = [small.forward(c, [42]).logits[0] for c in caches]  # left uncommitted: the batch drops them
+        free = sorted(small._free)
+        rows = 30  # 3 x 30 new cells do not fit in the 256 - 180 left
+        tree = [-1] + [0] * (rows // 2) + list(range(1, rows // 2))  # many leaves: many scratch sequences
+        items = [(caches[0], [9] * rows, None), (caches[1], [3] * rows, tree), (caches[2], [8] * rows, None)]
+        with pytest.raises(LlamaCppError, match="no free KV cells"):
+            small.forward_batch(items)
+        assert sorted(small._free) == free and [c.length for c in caches] == [60] * 3
+        state_is_clean(caches)
+        after = [small.forward(c, [42]).logits[0] for c in caches]
+        assert all(torch.allclose(x, y, atol=1e-3) for x, y in zip(before, after))
+
+        # sequences run out in the middle of a batch: the first two trees get their scratch sequences, the third cannot
+        spare = [small.new_cache() for _ in range(len(small._free) - 3)]
+        assert len(small._free) == 3
+        with pytest.raises(LlamaCppError, match="sequences"):
+            small.forward_batch([(caches[0], [1, 2, 3, 4], [-1, 0, 0, 0]), (caches[1], [5, 6, 7], [-1, 0, 0]),
+                                 (caches[2], [8, 9, 10], [-1, 0, 0])])
+        assert len(small._free) == 3
+        state_is_clean(caches)
+        out = small.forward_batch([(caches[0], [1, 2, 3], [-1, 0, 0]), (caches[1], [4, 5], [-1, 0]),
+                                   (caches[2], [6], None)])
+        assert [o.logits.shape[0] for o in out] == [3, 2, 1] and len(small._free) == 2
+        del spare
+    finally:
+        small.close()
+
+
 def test_sequences_of_dropped_caches_are_reused(target):
     model, _ = target
     for _ in range(300):  # more than llama.cpp's 256 sequence ids; each cache is dropped when `c` is rebound

@@ -283,16 +283,17 @@ class AdaptiveController(Controller):
             cfg = self.config
             chain, _ = self.costs.verify_costs(cfg.max_budget + 1)
             c1 = float(chain[1])
+            base = 1.0 + self.costs.others  # tokens the step emits without a draft (every request of a batch)
             states = [(name, self._state(name)) for name in names]
             budgets = {name: self._budget(st) for name, st in states}
             # a proposal costs its own time plus the controller's time to calibrate, weigh and learn from it
             pcost = {name: self.costs.propose_cost(name, budgets[name]) + self._overhead for name, _ in states}
             # the single speculator with the best projected rate, if it beats plain decoding
-            best, best_rate, step_s = None, 1.0 / max(c1, 1e-12), c1
+            best, best_rate, step_s = None, base / max(c1, 1e-12), c1
             for name, st in states:
                 size = min(int(round(st.size)), len(chain) - 2)
                 t = pcost[name] + chain[1 + size]
-                rate = (1.0 + st.gain) / max(t, 1e-12)
+                rate = (base + st.gain) / max(t, 1e-12)
                 if rate > best_rate:
                     best, best_rate, step_s = name, rate, t
             probes = 0
@@ -326,12 +327,13 @@ class AdaptiveController(Controller):
                     cal[name] = c
             upto = 2 * max([len(d) for d in cal.values()], default=0) + 1
             chain_c, tree_c = self.costs.verify_costs(upto)
-            _, _, _, best_rate = best_prefix(_EMPTY, chain_c, tree_c, sunk)
+            base = 1.0 + self.costs.others  # in a batch, a draft must pay for every request's wait
+            _, _, _, best_rate = best_prefix(_EMPTY, chain_c, tree_c, sunk, base)
             best = _EMPTY
             empty_rate = best_rate
             standalone: dict[str, tuple[float, int, float]] = {}
             for name, d in cal.items():
-                order, k, e, rate = best_prefix(d, chain_c, tree_c, sunk)
+                order, k, e, rate = best_prefix(d, chain_c, tree_c, sunk, base)
                 standalone[name] = (e, k, rate)
                 if rate > best_rate:
                     best, best_rate = _subset(d, order[:k]), rate
@@ -344,7 +346,7 @@ class AdaptiveController(Controller):
                     merged, owners = main_chain(merged), None
                 if len(merged) + 1 >= len(chain_c):
                     chain_c, tree_c = self.costs.verify_costs(len(merged) + 1)
-                order, k, e, rate = best_prefix(merged, chain_c, tree_c, sunk)
+                order, k, e, rate = best_prefix(merged, chain_c, tree_c, sunk, base)
                 if rate > best_rate * (1 + 1e-9):
                     names = list(useful)
                     mask = 0
@@ -365,7 +367,8 @@ class AdaptiveController(Controller):
             ctx, chosen, outcome = feedback.ctx, feedback.chosen, feedback.outcome
             plan = feedback.plan if isinstance(feedback.plan, AdaptivePlan) else AdaptivePlan(feedback.plan.budgets)
             self.steps += 1
-            self.costs.observe_verify(feedback.n_verified, feedback.verify_seconds, tree=not chosen.is_chain)
+            if not feedback.shared_forward:
+                self.costs.observe_verify(feedback.n_verified, feedback.verify_seconds, tree=not chosen.is_chain)
             for name, secs in feedback.propose_seconds.items():
                 d = feedback.proposals.get(name)
                 self.costs.observe_propose(name, plan.budgets.get(name, len(d) if d is not None else 1), secs)

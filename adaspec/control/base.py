@@ -30,6 +30,9 @@ class StepFeedback:
     propose_seconds: Mapping[str, float]  # time each speculator took to propose
     outcome: StepOutcome  # what was verified (``outcome.draft``, cut to the room left) and what it emitted
     verify_seconds: float  # the target forward that verified the draft (plus the pending token)
+    shared_forward: bool = False
+    """The forward verified other requests' rows too (a batched step): the engine recorded its cost once, for
+    all its rows, so the controller records none of its own."""
 
     @property
     def chosen(self) -> Draft:

@@ -199,9 +199,26 @@ class CostModel:
             curve = self._propose[name] = Curve(WINDOW, explore_discount=1.0, extrapolation_slope=1.0)
         curve.add(max(1, budget), seconds)
 
+    others: int = 0
+    """The other requests of the batch whose step is being planned: each adds its pending token's row to the
+    forward, and emits a token whatever the drafts. While it is set, ``verify_costs(upto)[n]`` is the time of a
+    forward of ``others + n`` rows, and a controller weighs a draft's tokens against the ``1 + others`` tokens
+    the step yields without it: a draft must pay for every request's wait (``control/batch.py``)."""
+
     def verify_costs(self, upto: int) -> tuple[np.ndarray, np.ndarray]:
-        """(chain, tree) estimated seconds for n = 0..upto verified tokens; a tree size never measured
-        is priced like a chain of that size scaled by the measured tree/chain ratio."""
+        """(chain, tree) estimated seconds for n = 0..upto verified tokens (after ``others`` rows of the rest of a
+        batch); a tree size never measured is priced like a chain of that size scaled by the measured tree/chain
+        ratio."""
+        if self.others:
+            chain, tree = self._verify_costs(upto + self.others)
+            return chain[self.others:], tree[self.others:]
+        return self._verify_costs(upto)
+
+    def step_costs(self, upto: int) -> np.ndarray:
+        """Seconds of a forward of n = 0..upto rows, whoever's rows they are."""
+        return self.chain.values(upto)
+
+    def _verify_costs(self, upto: int) -> tuple[np.ndarray, np.ndarray]:
         chain = self.chain.values(upto)
         if not self.tree.count_sizes:
             return chain, chain

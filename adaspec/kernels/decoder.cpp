@@ -8,7 +8,9 @@
 // qmm.cpp's row-independent products; norms, RoPE, SiLU and residuals are per-row loops; each (row, head) of
 // attention runs in its own loop over the row's own keys, in decoding order (the committed prefix, then the
 // row's ancestors among the new tokens, then itself), with a fixed order of every sum. So row i of a k-row
-// forward, chain or tree, equals the one-row forward of that token after its path, bit for bit.
+// forward, chain or tree, equals the one-row forward of that token after its path, bit for bit. Several
+// sequences go through one call (`forward_batch`, each with its own cache): the projections take all their rows
+// at once and each row attends within its own sequence, so a sequence's rows do not depend on the others.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -17,6 +19,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -100,7 +103,17 @@ class Decoder : public torch::CustomClassHolder {
   // start: committed positions; the new rows are written to slots start .. start + n - 1.
   // anc: [n, n] bool, row i attends to new token j when anc[i][j] (ancestor or self); empty for a chain.
   at::Tensor forward(at::Tensor x, at::Tensor rope, at::Tensor kc, at::Tensor vc, int64_t start, at::Tensor anc) {
-    const int64_t n = x.size(0), nl = (int64_t)layers_.size();
+    return forward_batch(x, rope, {kc}, {vc}, {start}, {x.size(0)}, {anc});
+  }
+
+  // Several sequences in one call: the rows of x are the sequences' new tokens one sequence after another
+  // (counts[s] rows for sequence s), and sequence s has its own cache (kcs[s], vcs[s], each as `forward` takes
+  // them), committed positions starts[s] and tree ancs[s] (empty for a chain). The projections run once over all
+  // rows; each row attends to its own sequence's keys only. Since every row's arithmetic is fixed by that row and
+  // its own sequence, a sequence's rows are bit for bit those of `forward` on it alone, whatever else is batched.
+  at::Tensor forward_batch(at::Tensor x, at::Tensor rope, std::vector<at::Tensor> kcs, std::vector<at::Tensor> vcs,
+                           std::vector<int64_t> starts, std::vector<int64_t> counts, std::vector<at::Tensor> ancs) {
+    const int64_t n = x.size(0), nl = (int64_t)layers_.size(), ns = (int64_t)kcs.size();
     for (const Layer& L : layers_)
       for (const Proj* p : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
         int64_t rows = 0;
@@ -111,28 +124,44 @@ class Decoder : public torch::CustomClassHolder {
                 "adaspec decoder: x must be a contiguous [n, hidden] float32 tensor");
     TORCH_CHECK(rope.is_contiguous() && rope.scalar_type() == at::kFloat && rope.numel() == n * hd_,
                 "adaspec decoder: rope must be a contiguous [n, head_dim / 2, 2] float32 tensor");
-    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat &&
-                    vc.scalar_type() == at::kFloat && kc.dim() == 4 && kc.sizes() == vc.sizes() &&
-                    kc.size(0) == nl && kc.size(1) == KV_ && kc.size(3) == hd_,
-                "adaspec decoder: caches must be contiguous [layers, kv_heads, capacity, head_dim] float32");
-    const int64_t cap = kc.size(2);
-    TORCH_CHECK(start >= 0 && start + n <= cap, "adaspec decoder: rows past the cache capacity");
-    const bool tree = anc.numel() > 0;
-    at::Tensor ancc;
-    if (tree) {
-      ancc = anc.to(at::kBool).contiguous();
-      TORCH_CHECK(ancc.dim() == 2 && ancc.size(0) == n && ancc.size(1) == n, "adaspec decoder: anc must be [n, n]");
-    }
-    // Cache slots of each row's keys in decoding order: the committed prefix, then its ancestors among the new
-    // tokens and itself, root first (ascending indices are root first in a tree). Every loop below reads keys
-    // through this list, so a key's arithmetic never depends on whether it is committed or new.
+    TORCH_CHECK(ns > 0 && (int64_t)vcs.size() == ns && (int64_t)starts.size() == ns &&
+                    (int64_t)counts.size() == ns && (int64_t)ancs.size() == ns,
+                "adaspec decoder: one cache, start, count and tree per sequence");
+    // Per row: its sequence's caches (and capacity), the slot it writes, and its keys' slots in decoding order:
+    // the committed prefix, then its ancestors among the sequence's new tokens and itself, root first (ascending
+    // indices are root first in a tree). Every loop below reads keys through this list, so a key's arithmetic
+    // never depends on whether it is committed or new.
+    std::vector<int64_t> seq_of(n), slot(n);
     std::vector<std::vector<int64_t>> keys(n);
-    for (int64_t i = 0; i < n; ++i) {
-      keys[i].reserve(start + i + 1);
-      for (int64_t j = 0; j < start; ++j) keys[i].push_back(j);
-      for (int64_t j = 0; j <= i; ++j)
-        if (!tree || ancc.data_ptr<bool>()[i * n + j]) keys[i].push_back(start + j);
+    int64_t row = 0, longest = 0;
+    for (int64_t s = 0; s < ns; ++s) {
+      const at::Tensor &kc = kcs[s], &vc = vcs[s];
+      TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.scalar_type() == at::kFloat &&
+                      vc.scalar_type() == at::kFloat && kc.dim() == 4 && kc.sizes() == vc.sizes() &&
+                      kc.size(0) == nl && kc.size(1) == KV_ && kc.size(3) == hd_,
+                  "adaspec decoder: caches must be contiguous [layers, kv_heads, capacity, head_dim] float32");
+      for (int64_t o = 0; o < s; ++o)
+        TORCH_CHECK(!kcs[o].is_same(kc), "adaspec decoder: a cache appears twice in one batch");
+      const int64_t m = counts[s], start = starts[s];
+      TORCH_CHECK(m > 0 && row + m <= n, "adaspec decoder: sequence row counts must be positive and sum to n");
+      TORCH_CHECK(start >= 0 && start + m <= kc.size(2), "adaspec decoder: rows past the cache capacity");
+      const bool tree = ancs[s].numel() > 0;
+      at::Tensor anc;
+      if (tree) {
+        anc = ancs[s].to(at::kBool).contiguous();
+        TORCH_CHECK(anc.dim() == 2 && anc.size(0) == m && anc.size(1) == m, "adaspec decoder: anc must be [n, n]");
+      }
+      for (int64_t i = 0; i < m; ++i, ++row) {
+        seq_of[row] = s, slot[row] = start + i;
+        std::vector<int64_t>& k = keys[row];
+        k.reserve(start + i + 1);
+        for (int64_t j = 0; j < start; ++j) k.push_back(j);
+        for (int64_t j = 0; j <= i; ++j)
+          if (!tree || anc.data_ptr<bool>()[i * m + j]) k.push_back(start + j);
+        longest = std::max(longest, (int64_t)k.size());
+      }
     }
+    TORCH_CHECK(row == n, "adaspec decoder: sequence row counts must sum to n");
 
     const int64_t nq = H_ * hd_, nqkv = (H_ + 2 * KV_) * hd_, half = hd_ / 2;
     auto opts = x.options();
@@ -144,44 +173,50 @@ class Decoder : public torch::CustomClassHolder {
     const float* R = rope.data_ptr<float>();
     const float scale = 1.f / std::sqrt((float)hd_);
     const int64_t group = H_ / KV_;
+    std::vector<float*> Ks(ns), Vs(ns);  // this layer's [KV, cap, hd] block of each sequence's cache
+    std::vector<int64_t> caps(ns);
+    for (int64_t s = 0; s < ns; ++s) caps[s] = kcs[s].size(2);
 
     for (int64_t li = 0; li < nl; ++li) {
       const Layer& L = layers_[li];
-      float* K = kc.data_ptr<float>() + li * KV_ * cap * hd_;  // [KV, cap, hd]
-      float* V = vc.data_ptr<float>() + li * KV_ * cap * hd_;
+      for (int64_t s = 0; s < ns; ++s) {
+        Ks[s] = kcs[s].data_ptr<float>() + li * KV_ * caps[s] * hd_;
+        Vs[s] = vcs[s].data_ptr<float>() + li * KV_ * caps[s] * hd_;
+      }
       for (int64_t i = 0; i < n; ++i) rms_norm(X + i * d_, L.attn_norm.data_ptr<float>(), Hb + i * d_, d_, eps_);
       mm(L.qkv, Hb, n, QKV);
       for (int64_t i = 0; i < n; ++i) {
-        float* row = QKV + i * nqkv;
+        float* r = QKV + i * nqkv;
         const float* cs = R + i * hd_;
         if (L.qkv_bias.defined()) {
           const float* b = L.qkv_bias.data_ptr<float>();
-          for (int64_t t = 0; t < nqkv; ++t) row[t] += b[t];
+          for (int64_t t = 0; t < nqkv; ++t) r[t] += b[t];
         }
         if (L.q_norm.defined())  // per head, before RoPE
           for (int64_t hh = 0; hh < H_ + KV_; ++hh) {
-            float* p = row + hh * hd_;
+            float* p = r + hh * hd_;
             rms_norm(p, (hh < H_ ? L.q_norm : L.k_norm).data_ptr<float>(), p, hd_, eps_);
           }
         for (int64_t hh = 0; hh < H_ + KV_; ++hh) {  // RoPE on q and k heads: pairs (a, b) * (cos + i sin)
-          float* p = row + hh * hd_;
+          float* p = r + hh * hd_;
           for (int64_t j = 0; j < half; ++j) {
             const float a = p[2 * j], b = p[2 * j + 1], c = cs[2 * j], s = cs[2 * j + 1];
             p[2 * j] = a * c - b * s;
             p[2 * j + 1] = a * s + b * c;
           }
         }
+        const int64_t s = seq_of[i], cap = caps[s];
         for (int64_t g = 0; g < KV_; ++g) {
-          std::memcpy(K + (g * cap + start + i) * hd_, row + nq + g * hd_, hd_ * sizeof(float));
-          std::memcpy(V + (g * cap + start + i) * hd_, row + nq + (KV_ + g) * hd_, hd_ * sizeof(float));
+          std::memcpy(Ks[s] + (g * cap + slot[i]) * hd_, r + nq + g * hd_, hd_ * sizeof(float));
+          std::memcpy(Vs[s] + (g * cap + slot[i]) * hd_, r + nq + (KV_ + g) * hd_, hd_ * sizeof(float));
         }
       }
-      // Attention, one (row, head) at a time over the row's keys in decoding order.
+      // Attention, one (row, head) at a time over the row's keys in decoding order, in its own sequence's cache.
       at::parallel_for(0, n * H_, 1, [&](int64_t t0, int64_t t1) {
-        std::vector<float> sc(start + n + 16);
+        std::vector<float> sc(longest + 16);
         for (int64_t t = t0; t < t1; ++t) {
-          const int64_t i = t / H_, hh = t % H_, g = hh / group;
-          adaspec::attend(QKV + i * nqkv + hh * hd_, K + g * cap * hd_, V + g * cap * hd_, keys[i].data(),
+          const int64_t i = t / H_, hh = t % H_, g = hh / group, s = seq_of[i], cap = caps[s];
+          adaspec::attend(QKV + i * nqkv + hh * hd_, Ks[s] + g * cap * hd_, Vs[s] + g * cap * hd_, keys[i].data(),
                           (int64_t)keys[i].size(), hd_, scale, ATT + i * nq + hh * hd_, sc.data());
         }
       });
@@ -230,5 +265,6 @@ TORCH_LIBRARY(adaspec_kernels, m) {
       .def("add_layer", &Decoder::add_layer)
       .def("add_part", &Decoder::add_part)
       .def("forward", &Decoder::forward)
+      .def("forward_batch", &Decoder::forward_batch)
       .def("num_layers", &Decoder::num_layers);
 }

@@ -12,6 +12,11 @@ from typing import Protocol, Sequence
 import torch
 
 
+class KVCacheFull(RuntimeError):
+    """The backend's KV memory cannot hold a forward's rows now (other sequences hold it); the same request may
+    fit later. Servers answer it with 503 and a retry hint, not as an internal error."""
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What a target backend can do; the engine and the speculators read these instead of guessing."""

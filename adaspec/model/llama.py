@@ -461,7 +461,15 @@ class LlamaModel:
 
     @torch.inference_mode()
     def forward(self, cache: LlamaCache, tokens: Sequence[int], parents: Sequence[int] | None = None) -> ForwardOutput:
-        return self._run(cache, tokens, parents, logits_rows=slice(None))
+        return self._rows([(cache, tokens, parents)])[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, items: Sequence[tuple[LlamaCache, Sequence[int], Sequence[int] | None]]
+                      ) -> list[ForwardOutput]:
+        """One forward over several sequences: item i is ``(cache, tokens, parents)`` as ``forward`` takes them, and
+        output i is bit for bit what ``forward`` gives for it alone, whatever else is in the batch (each row is
+        computed as in a one-sequence forward; the projections just take every sequence's rows at once)."""
+        return self._rows(items)
 
     # -- the computation ----------------------------------------------------------------------
 
@@ -475,48 +483,111 @@ class LlamaModel:
 
     def _run(self, cache: LlamaCache, tokens: Sequence[int], parents: Sequence[int] | None,
              logits_rows: slice, bulk: bool = False) -> ForwardOutput:
-        """The forward pass.
-
-        Without ``bulk`` every row is computed exactly (bit for bit) as a one-token
-        forward after its ancestors would compute it: the projections are row
-        independent, and each row attends in its own call to its keys in decoding
-        order (``_key_rows``). One masked attention call over all rows would be
-        cheaper but reduces in a different order, and the int4 path's bf16
-        rounding turns those last-bit differences into logit differences of ~0.3.
-        ``bulk`` (prefill, which every decoding of the prompt shares) uses one
-        causal attention call and the projections' many-row form.
-        """
+        """A prefill chunk: the row-exact forward (``_rows``), or with ``bulk`` one causal attention call and the
+        projections' many-row form (prefill is shared by every decoding of the prompt, so it need not match a
+        one-token forward, only be the same whenever the prompt is the same)."""
+        if not bulk:
+            out = self._rows([(cache, tokens, parents)])[0]
+            return ForwardOutput(out.logits[logits_rows], out.hidden[logits_rows])
         cfg = self.cfg
-        mm = _bulk_call if bulk else _call
         n, start = len(tokens), cache.length
-        if n == 0:
-            raise ValueError("forward needs at least one token")
+        ids = self._ids(tokens)
         cache.reserve(n)
         depth, anc = tree_layout(parents, n)
         end = start + n
-        pos = (depth + start).to(self.device)
-        cis = self._rope_table(end)[pos][:, None]  # [n, 1, hd / 2]
-        rows: list[slice | torch.Tensor] = []
+        cis = self._rope_table(end)[(depth + start).to(self.device)][:, None]  # [n, 1, hd / 2]
         mask = None
-        compiled = self._decoder is not None and not bulk
-        if compiled:
-            pass  # the compiled layers find each row's keys themselves
-        elif not bulk:
-            rows = _key_rows(anc, n, start, self.device)
-        elif n > 1:
+        if n > 1:
             causal = torch.ones(n, n, dtype=torch.bool).tril() if anc is None else anc
             mask = torch.cat([torch.ones(n, start, dtype=torch.bool), causal], dim=1).to(self.device)  # [n, end]
+
+        def attention(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            kc, vc = cache.k[li], cache.v[li]  # [KV, capacity, hd]
+            kc[:, start:end] = k.transpose(0, 1)
+            vc[:, start:end] = v.transpose(0, 1)
+            return F.scaled_dot_product_attention(q.transpose(0, 1)[None], kc[None, :, :end], vc[None, :, :end],
+                                                  attn_mask=mask, enable_gqa=True)[0].transpose(0, 1)  # [n, H, hd]
+
+        x = self._layers(self.embed[ids.to(self.device)], cis, attention, _bulk_call)
+        hidden = F.rms_norm(x, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)[logits_rows]  # [rows, d]
+        logits = self.lm_head(hidden).float() if hidden.shape[0] else hidden.new_zeros(0, cfg.vocab_size).float()
+        return ForwardOutput(logits=logits, hidden=hidden)
+
+    def _ids(self, tokens: Sequence[int]) -> torch.Tensor:
+        if len(tokens) == 0:
+            raise ValueError("forward needs at least one token")
+        ids = torch.as_tensor(tokens, dtype=torch.long)
+        if int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+        return ids
+
+    def _rows(self, items: Sequence[tuple[LlamaCache, Sequence[int], Sequence[int] | None]]) -> list[ForwardOutput]:
+        """The row-exact forward of one or more sequences.
+
+        Every row is computed exactly (bit for bit) as a one-token forward after its
+        ancestors would compute it, whatever else is in the call: the projections
+        are row independent, and each row attends in its own call to its own
+        sequence's keys, in decoding order (``_key_rows``). One masked attention
+        call over all rows would be cheaper but reduces in a different order, and
+        the int4 path's bf16 rounding turns those last-bit differences into logit
+        differences of ~0.3.
+        """
+        cfg = self.cfg
+        if not items:
+            return []
+        if len({id(c) for c, _, _ in items}) != len(items):
+            raise ValueError("a cache appears twice in one batch")
+        ids, starts, counts, ancs, pos = [], [], [], [], []
+        for cache, tokens, parents in items:
+            ids.append(self._ids(tokens))
+            n = len(tokens)
+            depth, anc = tree_layout(parents, n)
+            cache.reserve(n)
+            starts.append(cache.length)
+            counts.append(n)
+            ancs.append(anc)
+            pos.append(depth + cache.length)
+        pos_all = torch.cat(pos)
+        cis = self._rope_table(int(pos_all.max()) + 1)[pos_all.to(self.device)][:, None]  # [N, 1, hd / 2]
+        x = self.embed[torch.cat(ids).to(self.device)]  # [N, d]
+        if self._decoder is not None:  # the compiled layers find each row's keys themselves
+            rope = torch.view_as_real(cis[:, 0]).contiguous()  # [N, hd / 2, 2]: cos, sin
+            none = torch.empty(0, dtype=torch.bool)
+            x = self._decoder.forward_batch(x.contiguous(), rope, [c.k for c, _, _ in items], [c.v for c, _, _ in items],
+                                            starts, counts, [none if a is None else a for a in ancs])
+        else:
+            seg = [(c, s, n, _key_rows(a, n, s, self.device)) for (c, _, _), s, n, a in zip(items, starts, counts, ancs)]
+
+            def attention(li: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                out, at = [], 0
+                for cache, start, n, rows in seg:
+                    kc, vc = cache.k[li], cache.v[li]  # [KV, capacity, hd]
+                    kc[:, start:start + n] = k[at:at + n].transpose(0, 1)
+                    vc[:, start:start + n] = v[at:at + n].transpose(0, 1)
+                    for i, r in enumerate(rows):
+                        qi = q[at + i][:, None][None]  # [1, H, 1, hd]
+                        out.append(F.scaled_dot_product_attention(qi, kc[None, :, r], vc[None, :, r],
+                                                                  enable_gqa=True)[0].transpose(0, 1))  # [1, H, hd]
+                    at += n
+                return torch.cat(out)  # [N, H, hd]
+
+            x = self._layers(x, cis, attention, _call)
+        hidden = F.rms_norm(x, (cfg.hidden_size,), self.norm, cfg.rms_norm_eps)  # [N, d]
+        logits = self.lm_head(hidden).float()
+        outs, at = [], 0
+        for n in counts:
+            outs.append(ForwardOutput(logits=logits[at:at + n], hidden=hidden[at:at + n]))
+            at += n
+        return outs
+
+    def _layers(self, x: torch.Tensor, cis: torch.Tensor, attention, mm) -> torch.Tensor:
+        """The decoder layers op by op in torch: ``attention(layer, q, k, v)`` writes the new keys and values to
+        the caches and returns the attention output ([rows, H, hd]); ``mm`` applies a projection."""
+        cfg = self.cfg
         H, KV, hd, d, dt = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size, self.dtype
         nqk, inter, eps = (H + KV) * hd, cfg.intermediate_size, cfg.rms_norm_eps
-        ids = torch.as_tensor(tokens, dtype=torch.long)
-        if int(ids.min()) < 0 or int(ids.max()) >= cfg.vocab_size:
-            raise ValueError(f"token ids must be in [0, {cfg.vocab_size})")
-        x = self.embed[ids.to(self.device)]  # [n, d]
-        if compiled:
-            rope = torch.view_as_real(cis[:, 0]).contiguous()  # [n, hd / 2, 2]: cos, sin
-            no_tree = torch.empty(0, dtype=torch.bool)
-            x = self._decoder.forward(x.contiguous(), rope, cache.k, cache.v, start, no_tree if anc is None else anc)
-        for li, L in enumerate(() if compiled else self.layers):
+        n = x.shape[0]
+        for li, L in enumerate(self.layers):
             h = F.rms_norm(x, (d,), L.attn_norm, eps)
             qkv = mm(L.qkv, h)  # [n, (H + 2 KV) hd]
             if L.qkv_bias is not None:
@@ -527,20 +598,9 @@ class LlamaModel:
                                 F.rms_norm(qk[:, H:], (hd,), L.k_norm, eps)], dim=1)
             qk = torch.view_as_complex(qk.reshape(n, H + KV, hd // 2, 2))  # [n, H + KV, hd / 2]
             qk = torch.view_as_real(qk * cis).reshape(n, H + KV, hd).to(dt)  # RoPE
-            kc, vc = cache.k[li], cache.v[li]  # [KV, capacity, hd]
-            kc[:, start:end] = qk[:, H:].transpose(0, 1)
-            vc[:, start:end] = qkv[:, nqk:].reshape(n, KV, hd).transpose(0, 1)
-            q = qk[:, :H].transpose(0, 1)[None]  # [1, H, n, hd]
-            if bulk:
-                att = F.scaled_dot_product_attention(q, kc[None, :, :end], vc[None, :, :end], attn_mask=mask,
-                                                     enable_gqa=True)  # [1, H, n, hd]
-            else:
-                att = torch.cat([F.scaled_dot_product_attention(q[:, :, i : i + 1], kc[None, :, r], vc[None, :, r],
-                                                                enable_gqa=True) for i, r in enumerate(rows)], dim=2)
-            x = x + mm(L.o, att[0].transpose(0, 1).reshape(n, H * hd))
+            att = attention(li, qk[:, :H], qk[:, H:], qkv[:, nqk:].reshape(n, KV, hd))  # [n, H, hd]
+            x = x + mm(L.o, att.reshape(n, H * hd))
             h = F.rms_norm(x, (d,), L.mlp_norm, eps)
             gu = mm(L.gate_up, h)  # [n, 2 I]
             x = x + mm(L.down, F.silu(gu[:, :inter]) * gu[:, inter:])
-        hidden = F.rms_norm(x, (d,), self.norm, eps)[logits_rows]  # [rows, d]
-        logits = self.lm_head(hidden).float() if hidden.shape[0] else hidden.new_zeros(0, cfg.vocab_size).float()
-        return ForwardOutput(logits=logits, hidden=hidden)
+        return x

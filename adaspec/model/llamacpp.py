@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .base import Capabilities, ForwardOutput
+from .base import Capabilities, ForwardOutput, KVCacheFull
 from .tokenizer import END_OF_TURN_TOKENS, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,10 @@ DEFAULT_CELLS = 8192  # KV cells shared by all sequences of one model
 
 class LlamaCppError(ValueError):
     """llama.cpp cannot load the file or run the request."""
+
+
+class LlamaCppCacheFull(LlamaCppError, KVCacheFull):
+    """llama.cpp's KV cells are all taken by the sequences in flight."""
 
 
 def _lib():
@@ -89,6 +93,9 @@ class LlamaCppModel:
       ``commit(keep)`` makes the home sequence hold exactly the accepted path (it
       is a prefix of some leaf's path, whose sequence has exactly those cells) and
       drops the scratch sequences, which frees every rejected cell.
+    * ``forward_batch`` runs the forwards of several caches (chains or trees) as
+      one ``llama_decode``, each in its own sequences as above; ``forward`` is a
+      batch of one.
 
     Numerics: with flash attention on (llama.cpp's CPU default, set here) a verified row equals the same position
     decoded alone bit for bit while the sequence is short; past that the one-row attention takes another path
@@ -106,6 +113,8 @@ class LlamaCppModel:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None, cells: int = DEFAULT_CELLS,
                  max_context: int | None = None, batch: int = 512):
+        if batch < MAX_SEQUENCES:  # llama.cpp reserves an output row per sequence id and aborts the process
+            raise LlamaCppError(f"a batch of {batch} rows is below llama.cpp's {MAX_SEQUENCES} sequences")
         L = _lib()
         self._L = L
         self.path = Path(path)
@@ -246,54 +255,75 @@ class LlamaCppModel:
 
     def forward(self, cache: "LlamaCppCache", tokens: Sequence[int],
                 parents: Sequence[int] | None = None) -> ForwardOutput:
+        return self.forward_batch([(cache, tokens, parents)])[0]
+
+    def forward_batch(self, items: Sequence[tuple["LlamaCppCache", Sequence[int], Sequence[int] | None]]
+                      ) -> list[ForwardOutput]:
+        """One target forward over several sequences: item i is ``(cache, tokens, parents)`` exactly as ``forward``
+        takes them, and output i is what ``forward(cache, tokens, parents)`` returns for it (logits
+        [len(tokens), vocab], hidden or None). Every cache is left with its own uncommitted forward, committed (or
+        dropped) per cache as after ``forward``. The caches must be distinct (ValueError otherwise).
+
+        All items are one ``llama_decode``: each item's rows go to its own sequences (its home sequence and, for a
+        tree, scratch sequences taken for it), which the unified KV memory keeps apart. Rows equal separate
+        forwards up to llama.cpp's batch noise (its kernels depend on the rows in one decode; measured in
+        tests/test_llamacpp.py). If anything fails, every sequence taken is given back and every cache is left as
+        committed, with no uncommitted forward.
+        """
+        items = [(cache, [int(t) for t in tokens], parents) for cache, tokens, parents in items]
+        if not items:
+            return []
+        caches = [cache for cache, _, _ in items]
+        if len({id(c) for c in caches}) != len(caches):
+            raise ValueError("a cache appears twice in one batch")
+        if any(c._model is not self for c in caches):
+            raise ValueError("a cache of another model")
         self._reclaim()
-        cache._drop_pending()
-        tokens = [int(t) for t in tokens]
-        n = len(tokens)
-        if n == 0:
-            raise ValueError("forward needs at least one token")
-        if n > self._batch_size:
-            raise LlamaCppError(f"a forward of {n} tokens exceeds llama.cpp's batch of {self._batch_size}")
-        self._check_room(cache, n)
-        L0, home = cache.length, cache.seq
-        if parents is None or all(p == i - 1 for i, p in enumerate(parents)):
-            out = self._decode(tokens, [L0 + i for i in range(n)], [(home,)] * n, [True] * n, self.want_hidden)
-            cache._pending = _Pending([])
-            return out
-        parents = [int(p) for p in parents]
-        depth = [0] * n
-        has_child = [False] * n
-        for i, p in enumerate(parents):
-            if not -1 <= p < i:
-                raise ValueError(f"parents[{i}] = {p}: a parent must come before its child")
-            depth[i] = 1 if p < 0 else depth[p] + 1
-            if p >= 0:
-                has_child[p] = True
-        if sum(p < 0 for p in parents) != 1 or parents[0] != -1:
-            raise ValueError("a tree forward needs exactly one root, at index 0")
-        leaves = [i for i in range(n) if not has_child[i]]
-        scratch = self._take(len(leaves) - 1)
-        leaf_seq = [home] + scratch
-        seqs: list[list[int]] = [[] for _ in range(n)]
-        for leaf, s in zip(leaves, leaf_seq):
-            i = leaf
-            while i >= 0:
-                seqs[i].append(s)
-                i = parents[i]
-        for s in scratch:  # each scratch sequence first sees the committed prefix
-            self._L.llama_memory_seq_cp(self._mem, home, s, 0, L0)
+        for cache in caches:
+            cache._drop_pending()
+        layouts = [_layout(tokens, parents) for _, tokens, parents in items]  # checks the trees; no side effects
+        total = sum(len(tokens) for _, tokens, _ in items)
+        if total > self._batch_size:
+            what = f"a forward of {total} tokens" if len(items) == 1 else \
+                f"a batched forward of {total} tokens ({len(items)} sequences)"
+            raise LlamaCppError(f"{what} exceeds llama.cpp's batch of {self._batch_size}")
+        for cache, tokens, _ in items:
+            self._check_room(cache, len(tokens))
+        taken: list[list[int]] = []  # scratch sequences per item, in item order
         try:
-            out = self._decode(tokens, [L0 + d - 1 for d in depth], [tuple(s) for s in seqs], [True] * n,
-                               self.want_hidden)
+            toks: list[int] = []
+            pos: list[int] = []
+            seqs: list[tuple[int, ...]] = []
+            for (cache, tokens, _), lay in zip(items, layouts):
+                L0, home = cache.length, cache.seq
+                scratch = self._take(lay.leaves - 1)
+                taken.append(scratch)
+                for s in scratch:  # each scratch sequence first sees the committed prefix
+                    self._L.llama_memory_seq_cp(self._mem, home, s, 0, L0)
+                leaf_seq = [home] + scratch
+                toks += tokens
+                pos += [L0 + d - 1 for d in lay.depth]
+                seqs += [tuple(leaf_seq[j] for j in row) for row in lay.row_leaves]
+            out = self._decode(toks, pos, seqs, [True] * total, self.want_hidden)
         except BaseException:
-            for s in scratch:
-                self._L.llama_memory_seq_rm(self._mem, s, -1, -1)
-            self._free.extend(scratch)
-            self._L.llama_memory_seq_rm(self._mem, home, L0, -1)
+            for scratch in taken:
+                for s in scratch:
+                    self._L.llama_memory_seq_rm(self._mem, s, -1, -1)
+                self._free.extend(scratch)
+            for cache in caches:
+                self._L.llama_memory_seq_rm(self._mem, cache.seq, cache.length, -1)
             raise
-        # a row's cell is found as (any sequence that holds it, its position): the first of its sequences
-        cache._pending = _Pending(scratch, [q[0] for q in seqs], depth)
-        return out
+        outs, at = [], 0
+        for (cache, tokens, _), lay, scratch in zip(items, layouts, taken):
+            n = len(tokens)
+            if lay.chain:
+                cache._pending = _Pending([])
+            else:  # a row's cell is found as (any sequence that holds it, its position): the first of its sequences
+                leaf_seq = [cache.seq] + scratch
+                cache._pending = _Pending(scratch, [leaf_seq[row[0]] for row in lay.row_leaves], lay.depth)
+            outs.append(ForwardOutput(out.logits[at:at + n], None if out.hidden is None else out.hidden[at:at + n]))
+            at += n
+        return outs
 
     def _check_room(self, cache: "LlamaCppCache", n: int) -> None:
         if cache.length + n > self.max_context:
@@ -317,9 +347,10 @@ class LlamaCppModel:
                 row[j] = x
             b.logits[i] = outputs[i]
         rc = L.llama_decode(self._ctx, b)
+        if rc == 1:
+            raise LlamaCppCacheFull("llama_decode failed: no free KV cells (too many tokens in flight)")
         if rc != 0:
-            what = "no free KV cells (too many tokens in flight)" if rc == 1 else f"error code {rc}"
-            raise LlamaCppError(f"llama_decode failed: {what}")
+            raise LlamaCppError(f"llama_decode failed: error code {rc}")
         rows = sum(outputs)
         if rows == 0:
             return ForwardOutput(torch.empty(0, self.vocab_size), None)
@@ -384,6 +415,48 @@ class _Pending:
     scratch: list[int]
     row_seq: list[int] | None = None  # per row, a sequence holding its cell (every leaf below it has one)
     depth: list[int] | None = None  # per row, 1 for the root
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where one forward's rows go: ``leaves`` sequences (the home sequence, then scratch ones), and per row its
+    depth (1 for the first row) and the leaves below it (indices into those sequences)."""
+
+    chain: bool
+    leaves: int
+    depth: list[int]
+    row_leaves: list[tuple[int, ...]]
+
+
+def _layout(tokens: list[int], parents: Sequence[int] | None) -> _Layout:
+    """A chain is one sequence; a token tree gives every leaf a sequence and puts each token in the sequences of
+    every leaf below it (class docstring of :class:`LlamaCppModel`)."""
+    n = len(tokens)
+    if n == 0:
+        raise ValueError("forward needs at least one token")
+    if parents is not None and len(parents) != n:
+        raise ValueError(f"{len(parents)} parents for {n} tokens")
+    if parents is None or all(p == i - 1 for i, p in enumerate(parents)):
+        return _Layout(True, 1, list(range(1, n + 1)), [(0,)] * n)
+    parents = [int(p) for p in parents]
+    depth = [0] * n
+    has_child = [False] * n
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ValueError(f"parents[{i}] = {p}: a parent must come before its child")
+        depth[i] = 1 if p < 0 else depth[p] + 1
+        if p >= 0:
+            has_child[p] = True
+    if sum(p < 0 for p in parents) != 1 or parents[0] != -1:
+        raise ValueError("a tree forward needs exactly one root, at index 0")
+    leaves = [i for i in range(n) if not has_child[i]]
+    row_leaves: list[list[int]] = [[] for _ in range(n)]
+    for j, leaf in enumerate(leaves):
+        i = leaf
+        while i >= 0:
+            row_leaves[i].append(j)
+            i = parents[i]
+    return _Layout(False, len(leaves), depth, [tuple(r) for r in row_leaves])
 
 
 @dataclass(frozen=True)

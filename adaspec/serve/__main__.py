@@ -45,6 +45,13 @@ def _non_negative_float(s: str) -> float:
     return v
 
 
+def _positive_float(s: str) -> float:
+    v = float(s)
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
+    return v
+
+
 def _port(s: str) -> int:
     v = int(s)
     if not 1 <= v <= 65535:
@@ -73,7 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="all keys learn into one namespace (default: one namespace per key)")
     p.add_argument("--mode", choices=MODES, default="adaptive", help="speculation setup (default: adaptive)")
     p.add_argument("--max-active", type=_positive_int, default=8,
-                   help="requests generated concurrently, interleaved step by step (default: 8)")
+                   help="requests generated concurrently, batched step by step (default: 8)")
+    p.add_argument("--kv-memory", type=_positive_float, default=4.0, metavar="GIB",
+                   help="memory for all running requests' KV caches (torch backend); a request that would "
+                        "overflow it waits for a slot (default: 4)")
     p.add_argument("--max-queue", type=_non_negative_int, default=64,
                    help="requests that may wait for a slot; more get 429 (default: 64)")
     p.add_argument("--max-tokens-cap", type=_positive_int, default=None,
@@ -123,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         return ServerConfig(model=args.model, device=args.device, backend=args.backend, threads=args.threads,
                             mode=args.mode, state_dir=args.state_dir,
                             api_keys=keys, shared_namespace=args.shared_namespace, max_active=args.max_active,
-                            max_queue=args.max_queue, max_tokens_cap=args.max_tokens_cap,
+                            max_queue=args.max_queue, kv_memory_gib=args.kv_memory, max_tokens_cap=args.max_tokens_cap,
                             snapshot_interval=args.snapshot_interval, drain_timeout=args.drain_timeout,
                             served_model_name=args.served_model_name,
                             metrics_key=args.metrics_key or os.environ.get(ENV_METRICS_KEY) or None)

@@ -60,9 +60,12 @@ class ServerConfig:
     shared_namespace: bool = False
     """Every key learns into one shared namespace instead of one namespace per key (see ``auth``)."""
     max_active: int = 8
-    """Requests generated concurrently, interleaved step by step."""
+    """Requests generated concurrently, batched step by step."""
     max_queue: int = 64
     """Requests waiting for a slot before new ones get 429."""
+    kv_memory_gib: float = 4.0
+    """Memory for the running requests' KV caches together, on the torch backend (llama.cpp has its own fixed
+    pool of cells); a request that would overflow it waits for a slot (``SchedulerConfig.kv_positions``)."""
     max_tokens_cap: int | None = None
     """Largest ``max_tokens`` a request may ask for; None = the model context."""
     snapshot_interval: float = 60.0
@@ -89,6 +92,22 @@ class ServerConfig:
         if self.drain_timeout < 0:
             raise ValueError("drain_timeout must be >= 0")
         SchedulerConfig(self.max_active, self.max_queue)  # validates both
+        if not self.kv_memory_gib > 0:
+            raise ValueError("kv_memory_gib must be > 0")
+
+
+def kv_pool_positions(model: Any, gib: float) -> int | None:
+    """KV positions all running requests may hold together: llama.cpp's cells, or ``gib`` of the torch
+    backend's float caches (keys and values of every layer per position); None for a model that says neither."""
+    cells = getattr(model, "cells", None)
+    if isinstance(cells, int):
+        return cells
+    cfg = getattr(model, "cfg", None)
+    try:
+        per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize
+    except AttributeError:
+        return None
+    return max(1, int(gib * (1 << 30) // per_position))
 
 
 @dataclass
@@ -175,7 +194,8 @@ class ServerState:
                 self.on_fatal(str(e))
             return
         self.bundle = bundle
-        sched_cfg = SchedulerConfig(self.cfg.max_active, self.cfg.max_queue)
+        sched_cfg = SchedulerConfig(self.cfg.max_active, self.cfg.max_queue,
+                                    kv_pool_positions(bundle.engine.model, self.cfg.kv_memory_gib))
         self.scheduler = Scheduler(bundle.engine, self.metrics, sched_cfg, bundle.state_sizes)
         if bundle.state_sizes is not None:
             self.scheduler.call(self.scheduler.publish_state_sizes)
@@ -618,6 +638,9 @@ def _raise_for_update(upd: Update) -> None:
         return
     if upd.error and upd.error.startswith("bad_request: "):
         raise bad_request(upd.error[len("bad_request: "):], "prompt")
+    if upd.error and upd.error.startswith("unavailable: "):
+        raise APIError(503, f"The server cannot finish this request now ({upd.error[len('unavailable: '):]}); "
+                       "retry shortly.", "service_unavailable", None, "kv_cache_full", {"Retry-After": "1"})
     if upd.error == "shutdown" or upd.finish_reason == "cancelled":
         raise APIError(503, "The server shut down before the request finished.", "service_unavailable", None,
                        "shutdown")

@@ -18,6 +18,8 @@ from ..stats import StepCounts
 
 PREFIX = "adaspec:"
 
+_BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+_ROWS_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
                     20.0, 40.0, 80.0)
 _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -109,6 +111,10 @@ class ServerMetrics:
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests being generated", registry=r)
+        self.batch_requests = Histogram(p + "batch_requests", "Requests verified by one batched forward",
+                                        buckets=_BATCH_BUCKETS, registry=r)
+        self.batch_rows = Histogram(p + "batch_rows", "Rows (pending tokens and draft tokens) of one batched "
+                                    "forward", buckets=_ROWS_BUCKETS, registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests waiting for a generation slot", registry=r)
         self.snapshots = Counter(p + "learned_state_snapshots", "Learned-state snapshots, by result", ["result"],
                                  registry=r)

@@ -1,9 +1,10 @@
-"""One engine worker thread that interleaves requests step by step.
+"""One engine worker thread that batches the running requests continuously.
 
-The model runs on one thread only (torch already spreads one forward over the cores). Each round admits at most one
-waiting request and gives every running request one ``Engine.step``, so a request's share of the model is
-1 / (running requests); admission is bounded (``QueueFull``: the server answers 429), and everything the engine
-touches is touched from this thread only. The round and its rules are on :class:`Scheduler`.
+The model runs on one thread only (torch already spreads one forward over the cores). Each round prefills one
+chunk of a new request's prompt and then gives every running request one speculative step, all verified by one
+batched forward (``Engine.step_batch``); requests join and leave the batch between rounds. Admission is bounded
+(``QueueFull``: the server answers 429), and everything the engine touches is touched from this thread only.
+The round and its rules are on :class:`Scheduler`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
 from ..engine import Engine, Request, stable_text
+from ..model.base import KVCacheFull
 from ..verify import SamplingParams
 from .metrics import ServerMetrics, StatsCursor
 
@@ -26,15 +28,21 @@ log = logging.getLogger("adaspec.serve")
 @dataclass
 class SchedulerConfig:
     max_active: int = 8
-    """Requests generated concurrently (interleaved step by step); each holds its own KV cache."""
+    """Requests generated concurrently (batched step by step); each holds its own KV cache."""
     max_queue: int = 64
     """Requests allowed to wait for a slot; one more is refused with 429."""
+    kv_positions: int | None = None
+    """KV-cache positions the running requests may hold together (None: no limit). A request holds
+    ``prompt + max_tokens`` positions from admission to its end; one that would overflow the pool waits its turn
+    in the queue (so a full pool shows as 429s, never as a failure mid-generation)."""
 
     def __post_init__(self) -> None:
         if self.max_active < 1:
             raise ValueError("max_active must be >= 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
+        if self.kv_positions is not None and self.kv_positions < 1:
+            raise ValueError("kv_positions must be >= 1")
 
 
 class QueueFull(Exception):
@@ -73,7 +81,7 @@ class Update:
     prompt_tokens: int
     completion_tokens: int
     stats: dict | None = None  # speculation statistics, on the final update of a request that asked for them
-    error: str | None = None  # "bad_request: ..." from Engine.start, "shutdown", or "internal"
+    error: str | None = None  # "bad_request: ...", "unavailable: ..." (KV cache full), "shutdown", or "internal"
 
 
 @dataclass
@@ -94,6 +102,12 @@ class Job:
     cursor: StatsCursor = field(default_factory=StatsCursor)
     last_emit: float = 0.0
     sent_text_len: int = 0
+    kv_held: int = 0  # KV-cache positions this job holds in the pool while it runs
+
+    @property
+    def kv_need(self) -> int:
+        """KV-cache positions the request may fill: its prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.params.max_tokens
 
 
 class Scheduler:
@@ -102,16 +116,20 @@ class Scheduler:
     worker repeats a *round*:
 
     1. run queued worker tasks (learned-state snapshots), in order;
-    2. admit at most one waiting request (``Engine.start``: its prefill and first token),
-       so a burst of arrivals cannot stall the requests already running;
-    3. give every running request one ``Engine.step`` (one speculative step), round robin,
-       finishing those that are done or cancelled.
+    2. admit waiting requests while a slot is free (``max_active``) and the KV pool
+       (``kv_positions``) holds their prompt and ``max_tokens``, in arrival order;
+    3. prefill one chunk (``engine.PREFILL_CHUNK`` tokens) of the oldest admitted
+       request whose prompt is not in its KV cache yet; after its last chunk it
+       emits its first token and joins the batch. One chunk per round bounds how
+       long a long prompt holds up the running requests;
+    4. give every running request one speculative step, all verified by one
+       batched forward (``Engine.step_batch``), finishing those that are done,
+       cancelled or failed. The drafts share one budget: at high load the batch
+       drafts little, at low load as much as pays (``control/batch.py``).
 
-    Each request therefore advances by one target forward per round whatever its
-    neighbours do; a request's share of the model is 1 / (running requests).
-    Steps of different requests are not batched into one forward: the target
-    models verify one sequence per forward, so batching verification across
-    requests would need a batched (ragged, per-sequence KV) forward first.
+    A request's output does not depend on the batch on the row-exact backends
+    (each forward row is computed as if alone, and each request keeps its own
+    generator and prompt chunking), so batching changes only timing.
 
     Admission is bounded: at most ``max_active`` requests run and ``max_queue`` wait;
     ``submit`` raises ``QueueFull`` beyond that (the server answers 429). A consumer
@@ -120,10 +138,13 @@ class Scheduler:
     before any of that work is done. A consumer
     that goes away calls ``cancel``: a waiting request is dropped at once, a
     running one is finished as cancelled at its next turn (its speculators then
-    learn from it as an unfinished request). Everything the engine touches,
-    speculator state included, is touched from this thread only; learned-state
-    snapshots are worker tasks for that reason.
+    learn from it as an unfinished request). A request that fails (in its step or
+    in the batch's forward, which is then retried request by request) ends with an
+    error while the others go on. Everything the engine touches, speculator state
+    included, is touched from this thread only; learned-state snapshots are worker
+    tasks for that reason.
     """
+
     def __init__(self, engine: Engine, metrics: ServerMetrics, config: SchedulerConfig | None = None,
                  state_sizes: Callable[[], Mapping[tuple[str, str], float]] | None = None,
                  clock: Callable[[], float] = time.perf_counter):
@@ -134,7 +155,8 @@ class Scheduler:
         self.clock = clock
         self._cond = threading.Condition()
         self._waiting: collections.deque[Job] = collections.deque()
-        self._active: list[Job] = []
+        self._active: list[Job] = []  # admitted, prefilling or decoding
+        self._kv_used = 0  # KV positions held by the admitted jobs
         self._tasks: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
         self._reserved = 0  # places held by reservations not yet submitted
         self._accepting = True
@@ -248,24 +270,37 @@ class Scheduler:
                     self._cond.wait()
                 tasks = list(self._tasks)
                 self._tasks.clear()
-                admit = None
-                if self._waiting and len(self._active) < self.config.max_active and not self._stopping:
-                    admit = self._waiting.popleft()
-                    self.metrics.waiting.set(len(self._waiting))
+                admit = []
+                while self._waiting and len(self._active) + len(admit) < self.config.max_active and \
+                        not self._stopping and self._fits(self._waiting[0], bool(admit)):
+                    job = self._waiting.popleft()
+                    job.kv_held = job.kv_need
+                    self._kv_used += job.kv_held
+                    admit.append(job)
+                self.metrics.waiting.set(len(self._waiting))
                 stop = self._stopping and not self._active and not self._waiting
             for fn, fut in tasks:
                 self._run_task(fn, fut)
             if stop:
                 break
-            if admit is not None:
-                self._admit(admit)
-            for job in list(self._active):
-                self._turn(job)
+            for job in admit:
+                self._admit(job)
+            for job in self._active:
+                if job.req is not None and job.req.prefilling:
+                    self._prefill(job)
+                    break
+            self._step([j for j in self._active if j.req is not None and not j.req.prefilling])
         if self._final is not None:
             try:
                 self._final()
             except Exception:
                 log.exception("final learned-state save failed")
+
+    def _fits(self, job: Job, admitting: bool) -> bool:
+        """Whether the KV pool holds ``job`` beside the admitted ones; a job alone always fits (the model's
+        context bounds it), so nothing waits forever."""
+        pool = self.config.kv_positions
+        return pool is None or not (self._active or admitting) or self._kv_used + job.kv_need <= pool
 
     @staticmethod
     def _run_task(fn: Callable[[], object], fut: Future) -> None:
@@ -278,56 +313,99 @@ class Scheduler:
 
     def _admit(self, job: Job) -> None:
         if job.cancel_reason is not None:
+            self._give_back(job)
             self._deliver_final(job, "cancelled")
             return
-        now = self.clock()
-        self.metrics.queue_time.observe(now - job.arrival)
+        self.metrics.queue_time.observe(self.clock() - job.arrival)
         try:
-            job.req = self.engine.start(job.prompt_ids, job.params, job.id, job.namespace)
+            job.req = self.engine.begin(job.prompt_ids, job.params, job.id, job.namespace)
         except ValueError as e:  # a prompt the engine refuses (checked before submission, so rare)
-            self.metrics.request_success.labels("error").inc()
-            self._deliver_final(job, "error", error=f"bad_request: {e}")
+            self._fail_start(job, f"bad_request: {e}")
             return
         except Exception:
+            log.exception("request %s failed at admission", job.id)
+            self._fail_start(job, "internal")
+            return
+        with self._cond:
+            self._active.append(job)
+            self.metrics.running.set(len(self._active))
+
+    def _fail_start(self, job: Job, error: str) -> None:
+        self._give_back(job)
+        self.metrics.request_success.labels("error").inc()
+        self._deliver_final(job, "error", error=error)
+
+    def _give_back(self, job: Job) -> None:
+        with self._cond:
+            self._kv_used -= job.kv_held
+            job.kv_held = 0
+
+    def _prefill(self, job: Job) -> None:
+        """One chunk of ``job``'s prompt; after the last one, its first token."""
+        req = job.req
+        assert req is not None
+        if job.cancel_reason is not None:
+            self._end(job, cancelled=True)
+            return
+        try:
+            self.engine.prefill_step(req)
+        except Exception as e:
             log.exception("request %s failed at prefill", job.id)
-            self.metrics.request_success.labels("error").inc()
-            self._deliver_final(job, "error", error="internal")
+            self._end(job, error=f"bad_request: {e}" if isinstance(e, ValueError) else "internal")
+            return
+        if req.prefilling:
             return
         t = self.clock()
         job.last_emit = t
         self.metrics.ttft.observe(t - job.arrival)
         self.metrics.prompt_tokens.inc(len(job.prompt_ids))
-        self.metrics.observe_stats(job.req.stats, job.cursor)
-        with self._cond:
-            self._active.append(job)
-            self.metrics.running.set(len(self._active))
-        if job.req.finished:
-            self._end(job)
-        else:
-            self._progress(job)
-
-    def _turn(self, job: Job) -> None:
-        req = job.req
-        assert req is not None
-        if job.cancel_reason is not None:
-            log.info("request %s cancelled (%s) after %d tokens", job.id, job.cancel_reason, len(req.output))
-            self._end(job, cancelled=True)
-            return
-        try:
-            added = self.engine.step(req)
-        except Exception:
-            log.exception("request %s failed during a step", job.id)
-            self._end(job, error="internal")
-            return
         self.metrics.observe_stats(req.stats, job.cursor)
-        if added:
-            t = self.clock()
-            self.metrics.itl.observe(t - job.last_emit)
-            job.last_emit = t
         if req.finished:
             self._end(job)
         else:
             self._progress(job)
+
+    def _step(self, jobs: list[Job]) -> None:
+        """One batched step of the running jobs (cancelled ones end first)."""
+        batch = []
+        for job in jobs:
+            if job.cancel_reason is not None:
+                log.info("request %s cancelled (%s) after %d tokens", job.id, job.cancel_reason, len(job.req.output))
+                self._end(job, cancelled=True)
+            else:
+                batch.append(job)
+        if not batch:
+            return
+        steps_before = [len(job.req.stats.step_drafted) for job in batch]
+        try:
+            results = self.engine.step_batch([job.req for job in batch])
+        except Exception as e:  # the step itself broke (not one request): every request of it ends
+            log.exception("a batched step failed")
+            results = [e] * len(batch)
+        t = self.clock()
+        verified = [job.req.stats.step_drafted[-1] for job, n in zip(batch, steps_before)
+                    if len(job.req.stats.step_drafted) > n]
+        if verified:
+            self.metrics.batch_requests.observe(len(verified))
+            self.metrics.batch_rows.observe(len(verified) + sum(verified))
+        for job, added in zip(batch, results):
+            req = job.req
+            if isinstance(added, KVCacheFull):
+                log.warning("request %s stopped: %s", job.id, added)
+                self._end(job, error="unavailable: the KV cache is full")
+                continue
+            if isinstance(added, BaseException):
+                log.error("request %s failed during a step", job.id, exc_info=added)
+                self._end(job, error="internal")
+                continue
+            self.metrics.observe_stats(req.stats, job.cursor)
+            if added:
+                self.metrics.itl.observe(t - job.last_emit)
+                job.last_emit = t
+            if req.finished:
+                self._end(job)
+            else:
+                self._progress(job)
 
     def _progress(self, job: Job) -> None:
         if not job.stream:
@@ -352,6 +430,8 @@ class Scheduler:
         with self._cond:
             if job in self._active:
                 self._active.remove(job)
+            self._kv_used -= job.kv_held
+            job.kv_held = 0
             self.metrics.running.set(len(self._active))
         stats = self._stats(job) if job.want_stats and not error else None
         self._deliver_final(job, reason, error=error, stats=stats)

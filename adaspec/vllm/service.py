@@ -3,7 +3,7 @@
 Per request it runs what the engine loop runs (observe the last step's outcome, plan, propose, choose);
 then it trims the drafts jointly, because in a batch every draft token lengthens everyone's step: the
 drafts kept are the prefix, over all requests' nodes best first, with the highest expected tokens per
-second of the whole batch (``best_prefix`` over the forest of drafts, the batch's step time measured).
+second of the whole batch under its measured step time (``control/batch.py``, shared with the engine).
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
-from ..control.adaptive import AdaptiveConfig, AdaptiveController, best_prefix
+from ..control.adaptive import AdaptiveConfig, AdaptiveController
+from ..control.batch import trim_batch
 from ..control.base import Controller, StepFeedback, StepPlan
 from ..control.costs import CostModel
 from ..control.namespaced import NamespacedController
@@ -52,22 +51,11 @@ class BatchCosts(CostModel):
     pending tokens in it (``others``), so one request's draft is priced at the time the whole step takes.
     The step times come from ``observe_step``; per-request verify timings do not exist in a batch."""
 
-    others: int = 0
-
-    def verify_costs(self, upto: int) -> tuple[np.ndarray, np.ndarray]:
-        chain, _ = super().verify_costs(upto + self.others)
-        c = chain[self.others:]
-        return c, c
-
     def observe_verify(self, n: int, seconds: float, tree: bool = False) -> None:
         pass
 
     def observe_step(self, tokens: int, seconds: float) -> None:
         super().observe_verify(tokens, seconds)
-
-    def step_costs(self, upto: int) -> np.ndarray:
-        """Seconds of a step over 0..upto tokens."""
-        return super().verify_costs(upto)[0]
 
 
 @dataclass
@@ -196,25 +184,9 @@ class SpeculationService:
         return plan.draft.prefix(room)
 
     def _trim(self, rows: Sequence[BatchRow], drafts: dict[str, Draft]) -> dict[str, Draft]:
-        """The drafts cut to the best-first prefix of all their nodes that maximises the batch's tokens per
-        second: each request emits one token without a draft, and every kept node adds its path probability
-        of tokens and one token of step time for everyone."""
-        owners = [rid for rid in drafts if len(drafts[rid])]
-        if not owners:
-            return {rid: Draft.empty() for rid in drafts}
-        forest = _forest([drafts[rid] for rid in owners])
-        costs = self.costs.step_costs(len(rows) + len(forest))[len(rows) - 1:]  # costs[1 + k] = T(batch + k)
-        order, k, _, _ = best_prefix(forest, costs, costs, 0.0, base=float(len(rows)))
-        keep = np.zeros(len(forest), dtype=bool)
-        keep[order[:k]] = True
-        out = {rid: Draft.empty() for rid in drafts}
-        start = 0
-        for rid in owners:
-            d = drafts[rid]
-            mine = keep[start:start + len(d)]
-            out[rid] = d.prefix(int(np.argmin(mine)) if not mine.all() else len(d))  # its kept prefix
-            start += len(d)
-        return out
+        """The drafts cut to one budget for the batch (``control/batch.py``); every decoding row is in ``drafts``."""
+        ids = [r.request_id for r in rows]
+        return dict(zip(ids, trim_batch([drafts[rid] for rid in ids], self.costs)))
 
     def _end(self, rid: str, finished: bool) -> None:
         live = self._live.pop(rid, None)
@@ -243,14 +215,3 @@ class SpeculationService:
         for s in self.speculators:
             s.close()
 
-
-def _forest(drafts: Sequence[Draft]) -> Draft:
-    """The chains of several requests as one draft whose roots are each chain's first node."""
-    tokens, parents, probs = [], [], []
-    start = 0
-    for d in drafts:
-        tokens.append(d.tokens)
-        parents.append(np.where(d.parents < 0, -1, d.parents + start))
-        probs.append(d.probs)
-        start += len(d)
-    return Draft(np.concatenate(tokens), np.concatenate(parents), np.concatenate(probs), "batch")
