@@ -302,7 +302,9 @@ class AdaptiveController(Controller):
                 # others join when the share of throughput they add, over the step, covers their cost
                 ask = name == best or st.queries < WARMUP or st.marginal * step_s > pcost[name]
                 if not ask:
-                    st.credit += EXPLORE_FRACTION * c1
+                    # c1 is the whole batch's step; each of its requests plans, so the batch probes a speculator
+                    # for EXPLORE_FRACTION of its step time, as a single stream does
+                    st.credit += EXPLORE_FRACTION * c1 / base
                     if st.credit >= pcost[name]:
                         ask = True
                         st.probes += 1
