@@ -247,7 +247,8 @@ class AdaptiveController(Controller):
     fraction of the step's best rate that would be lost without it, e.g. a prompt
     lookup that wins only on copy-heavy steps -- times the projected step time
     covers its cost. Every speculator not asked accrues exploration credit of
-    ``EXPLORE_FRACTION`` x c(1) per step and is probed when the credit covers its
+    ``EXPLORE_FRACTION`` x c(1) per step (in a batch, each request its share of the
+    batch's step) and is probed when the credit covers its
     cost: one that costs half a forward is probed every ~50 steps, which bounds
     the time spent exploring at ``EXPLORE_FRACTION`` of plain decoding time per
     speculator. The budget of a speculator grows by half when its whole proposal
