@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     # subcommands whose modules parse their own arguments
     for name, module, text in (("bench-costs", "adaspec.bench.cost_curve", "time target forwards of k tokens, c(k)"),
                                ("bench-load", "adaspec.bench.load", "load a running server with concurrent clients"),
+                               ("bench-rollouts", "adaspec.bench.rollouts",
+                                "GRPO steps on arithmetic: rollout time with and without speculation"),
                                ("train-static", "adaspec.train.static", "train the static draft head"),
                                ("vllm-serve", "adaspec.vllm.serve", "vLLM's OpenAI server with adaspec as its proposer"),
                                ("vllm-export", "adaspec.vllm.export", "a GGUF as a Hugging Face directory for vLLM")):

@@ -92,6 +92,8 @@ class Request:
     detok: IncrementalDetokenizer | None = None  # decodes ``output`` a few tokens at a time
     settled: str = ""  # the text ``detok`` has emitted (complete characters; never changes once emitted)
     prefilled: int = 0  # prompt tokens in the KV cache so far
+    logprobs: list[float] = field(default_factory=list)  # with params.logprobs: one per token verified, in order
+    # (the output's tokens first; past them, an end-of-sequence token and tokens the output was cut before)
 
     @property
     def finished(self) -> bool:
@@ -158,6 +160,23 @@ class Engine:
         for hook in hooks:
             hook()
 
+    def update_weights(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load new weights of the same architecture into the target without restarting (the torch backend:
+        ``LlamaModel.update_weights``, which names the tensors it takes and checks them; ``ValueError`` for
+        weights that do not fit, or a backend that takes no updates).
+
+        Call it between steps, with no request in flight: a request begun before keeps the keys and values its
+        prompt and output left under the old weights. The speculators keep what they learned (their drafts are
+        verified against the new weights, so output stays exactly the new target's), and so does the controller:
+        its calibration follows a change in acceptance by itself (``Calibrator``'s change detection), and the
+        verify costs do not change with the weights' values.
+        """
+        update = getattr(self.model, "update_weights", None)
+        if update is None:
+            raise ValueError(f"the {getattr(self.model, 'backend', type(self.model).__name__)} backend takes no "
+                             "weight updates; the torch backend does (--backend torch)")
+        update(state_dict)
+
     # -- lifecycle -----------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -205,6 +224,8 @@ class Engine:
         if req.prefilling:
             return []
         first = verify(out.logits, Draft.empty(), req.params, req.generator, position=len(prompt)).emitted
+        if req.params.logprobs:
+            req.logprobs.extend(_logprobs(out.logits, [0], first))
         ctx.tokens = prompt + first
         ctx.hidden = _row(out, 0)
         req.stats.prefill_s = self.clock() - req.started
@@ -311,11 +332,13 @@ class Engine:
         t = self.clock()
         verdict = verify(out.logits, draft, req.params, req.generator, position=len(ctx.tokens))
         # commit the pending token and the accepted path; the rest is rolled back
-        req.cache.commit([0] + [a + 1 for a in verdict.accepted])
+        rows = [0] + [a + 1 for a in verdict.accepted]
+        req.cache.commit(rows)
+        if req.params.logprobs:
+            req.logprobs.extend(_logprobs(out.logits, rows, verdict.emitted))
         verify_s = forward_s + self.clock() - t
         req.stats.forward_s += forward_s
-        outcome = StepOutcome(draft, verdict.accepted, verdict.emitted,
-                              None if out.hidden is None else out.hidden[[0] + [a + 1 for a in verdict.accepted]])
+        outcome = StepOutcome(draft, verdict.accepted, verdict.emitted, None if out.hidden is None else out.hidden[rows])
         ctx.tokens.extend(verdict.emitted)
         ctx.hidden = _row(out, verdict.last_row)
         self._account(req.stats, draft, verdict.accepted, s.spent, verify_s)
@@ -421,3 +444,9 @@ def stable_text(req: Request) -> str:
 
 def _row(out: ForwardOutput, i: int) -> torch.Tensor | None:
     return None if out.hidden is None else out.hidden[i]
+
+
+def _logprobs(logits: torch.Tensor, rows: Sequence[int], tokens: Sequence[int]) -> list[float]:
+    """``log_softmax(logits[rows[k]])[tokens[k]]`` for each emitted token (float32, each row on its own)."""
+    logp = torch.log_softmax(logits[list(rows[: len(tokens)])].float(), dim=-1)
+    return logp.gather(1, torch.as_tensor(list(tokens), dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()

@@ -57,6 +57,7 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     from .speculators.head import HeadSpeculator, OnlineHeadSpeculator
     from .speculators.ngram import PromptLookupSpeculator
+    from .speculators.siblings import SiblingSpeculator
     from .speculators.suffix import SuffixSpeculator
 
     if mode == "plain":
@@ -71,7 +72,7 @@ def build_engine(model, tokenizer, mode: str = "adaptive", state_dir: str | None
     else:
         from .control.namespaced import NamespacedController
 
-        specs = [SuffixSpeculator(), PromptLookupSpeculator()]
+        specs = [SuffixSpeculator(), PromptLookupSpeculator(), SiblingSpeculator()]
         head = HeadSpeculator.for_target(model)
         if head is not None:
             specs.append(head)

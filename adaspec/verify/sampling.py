@@ -35,6 +35,9 @@ class SamplingParams:
     """Strings that end generation; the returned text stops before the first one."""
     ignore_eos: bool = False
     """Keep generating past end-of-sequence tokens (benchmarks use it for fixed lengths)."""
+    logprobs: bool = False
+    """Record every emitted token's log-probability, ``log_softmax`` of the raw logits (before temperature, top-p
+    and top-k) of the row it was drawn from (``Request.logprobs``; RL rollouts take them)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
