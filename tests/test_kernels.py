@@ -165,6 +165,62 @@ def test_qmm8_paths_agree_bit_for_bit() -> None:
         kernels.force_isa(None)
 
 
+def test_qmm8_isa_follows_the_forced_path() -> None:
+    """``qmm8_isa`` names the path qmm8 runs: AVX-512-VNNI only on the ``avx512`` path (and only where the CPU has
+    VNNI), never when a narrower one is forced."""
+    try:
+        for name in _runnable_isas():
+            kernels.force_isa(name)
+            want = ("avx2", "avx512vnni") if name == "avx512" else (name,)
+            assert kernels.qmm8_isa() in want, name
+    finally:
+        kernels.force_isa(None)
+
+
+def _extreme_blocks(kind: str, out: int, n_in: int, seed: int) -> GGUFBlocks:
+    """Random blocks whose rows 0 and 1 hold the largest codes (and K-quant scales) the format has, so the kernels
+    form their largest integer partial sums: bytes of 0xFF, or -128 for Q8_0's codes and Q6_K's scales; the fp16
+    scales stay as drawn."""
+    from adaspec.model.quant import BLOCK_LAYOUT
+
+    weights, size = BLOCK_LAYOUT[kind]
+    data = _random_blocks(kind, out, n_in, seed).data.reshape(out, n_in // weights, size).clone()
+    if kind == "Q6_K":  # 128 + 64 bytes of codes, 16 int8 scales, fp16 d
+        data[:2, :, :192] = 0xFF
+        data[:2, :, 192:208] = 0x80
+    else:  # fp16 d (and m or dmin), then everything else
+        data[:2, :, 4 if kind in ("Q4_1", "Q5_1", "Q4_K", "Q5_K") else 2 :] = 0x80 if kind == "Q8_0" else 0xFF
+    return GGUFBlocks(kind, data.reshape(out, -1))
+
+
+@pytest.mark.parametrize("kind", Q8_KINDS)
+def test_qmm8_vnni_path_equals_the_avx2_and_scalar_paths(kind: str) -> None:
+    """AVX-512-VNNI's vpdpbusd forms the same exact int32 sums as AVX2's vpmaddubsw/vpmaddwd and as the scalar
+    loop, and the fp32 part is the same code, so qmm8 agrees bit for bit on all three: every tile height (1..17
+    rows), output counts that are not multiples of 8, and the largest codes and activations."""
+    if "avx512" not in _runnable_isas() or kernels.qmm8_isa() != "avx512vnni":
+        pytest.skip(f"no AVX-512-VNNI (+VL) path here (qmm8 runs {kernels.qmm8_isa()}): the CPU lacks it or "
+                    "ADASPEC_KERNELS_ISA forces a narrower path")
+    K = 512
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(17, K, generator=g) * torch.rand(17, 1, generator=g) * 4
+    x[0], x[1], x[2] = 3.0, -3.0, 3.0 * torch.sign(torch.randn(K, generator=g))  # every q = +-127
+    try:
+        for N in (37, 13, 8):
+            blocks = _extreme_blocks(kind, N, K, seed=N)
+            packed, code, op = kernels.pack8(blocks.data, kind), kernels.KINDS[kind], torch.ops.adaspec_kernels.qmm8
+            outs = {}
+            for name in ("avx512", "avx2", "scalar"):
+                kernels.force_isa(name)
+                outs[name] = [op(x[:n], packed, code, N) for n in range(1, 18)]
+            for n in range(1, 18):
+                vnni, avx2, scalar = (outs[name][n - 1] for name in ("avx512", "avx2", "scalar"))
+                assert torch.equal(vnni, avx2) and torch.equal(vnni, scalar), (kind, N, n)
+            assert bool(outs["avx512"][-1].isfinite().all())
+    finally:
+        kernels.force_isa(None)
+
+
 def test_qmm8_does_not_depend_on_the_thread_count() -> None:
     blocks = _random_blocks("Q4_K", 2048, 512, seed=5)
     packed = kernels.pack8(blocks.data, "Q4_K")

@@ -17,22 +17,25 @@ import torch
 
 log = logging.getLogger(__name__)
 
-__all__ = ["KINDS", "FP32_KINDS", "ISAS", "available", "unavailable_reason", "isa", "force_isa", "qmm", "qmm8",
-           "reference_qmm", "reference_qmm8", "build", "limit_this_thread"]
+__all__ = ["KINDS", "FP32_KINDS", "ISAS", "available", "unavailable_reason", "isa", "qmm8_isa", "force_isa", "qmm",
+           "qmm8", "reference_qmm", "reference_qmm8", "build", "limit_this_thread"]
 
 # GGUF block types the kernels compute with int8 activations (codes as in qmm.h)
 KINDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2, "Q5_0": 3, "Q5_1": 4, "Q4_K": 5, "Q5_K": 6, "Q6_K": 7}
 FP32_KINDS = ("Q4_0", "Q4_1", "Q8_0")  # ... and with fp32 activations
-ISAS = ("scalar", "avx2", "avx512")  # code paths, in qmm.cpp's numbering
+# code paths, in qmm.cpp's numbering; on `avx512` the int8-activation kernels (qmm8) run AVX-512-VNNI code where the
+# CPU has VNNI and their AVX2 code where it does not (qmm8_isa says which)
+ISAS = ("scalar", "avx2", "avx512")
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "qmm.cpp", _HERE / "qmm8.cpp", _HERE / "vector.cpp", _HERE / "decoder.cpp"]
+_HEADERS = [_HERE / "qmm.h", _HERE / "qmm8_tile.h"]
 _state: dict[str, object] = {}
 
 
 def _build_dir() -> Path:
     from ..files import cache_root
 
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*_SOURCES, _HERE / "qmm.h"])).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in [*_SOURCES, *_HEADERS])).hexdigest()[:16]
     return cache_root() / "kernels" / f"torch-{torch.__version__}-{digest}"
 
 
@@ -42,8 +45,9 @@ def build() -> None:
     The extension is compiled once per machine and torch version on first use (about 30 s; ``make setup`` does it
     ahead of time) and cached under ``$ADASPEC_CACHE/kernels``. Where it cannot be built or loaded (no C++
     compiler, a torch without headers), ``available()`` is false, ``unavailable_reason()`` says why, and the
-    model falls back to torch's kernels. The code path (AVX-512, AVX2, scalar) is picked from the CPU at run time;
-    ``ADASPEC_KERNELS_ISA=avx2`` (or ``scalar``) runs a narrower one, to measure what another CPU family would get.
+    model falls back to torch's kernels. The code path (AVX-512, AVX2, scalar) is picked from the CPU at run time
+    (for ``qmm8``, AVX-512 means AVX-512-VNNI: see :func:`qmm8_isa`); ``ADASPEC_KERNELS_ISA=avx2`` (or ``scalar``)
+    runs a narrower one, to measure what another CPU family would get.
     """
     if "loaded" in _state:
         return
@@ -69,7 +73,7 @@ def available() -> bool:
     if "error" not in _state:
         try:
             build()
-            log.info("adaspec CPU kernels loaded (%s)", isa())
+            log.info("adaspec CPU kernels loaded (%s; int8 activations: %s)", isa(), qmm8_isa())
             return True
         except Exception as e:  # compiler missing, build failure, load failure: all mean "use torch's kernels"
             _state["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
@@ -88,10 +92,19 @@ def isa() -> str:
     return ISAS[int(torch.ops.adaspec_kernels.isa())]
 
 
+def qmm8_isa() -> str:
+    """The code path ``qmm8`` (int8 activations) runs on in this process: ``avx512vnni`` where :func:`isa` is
+    ``avx512`` and the CPU has AVX-512-VNNI (with VL), else ``avx2`` on any AVX2 path, else ``scalar``. All three
+    give the same results bit for bit."""
+    build()
+    return ("scalar", "avx2", "avx512vnni")[int(torch.ops.adaspec_kernels.qmm8_isa())]
+
+
 def force_isa(name: str | None) -> str:
     """Run a narrower code path than the CPU allows (tests), or ``None`` to go back to the best; returns the active one.
 
-    Each path sums in its own fixed order, so outputs differ between paths in the last bits.
+    Each ``qmm`` path sums in its own fixed order, so its outputs differ between paths in the last bits; ``qmm8``'s
+    paths agree bit for bit.
     """
     build()
     if name is not None and name not in ISAS:

@@ -47,6 +47,10 @@ int64_t packed8_bytes(int64_t kind, int64_t K);
 void qmm8_into(const float* x, int64_t n, int64_t K, const uint8_t* packed, int64_t kind, float* out, int64_t ldo,
                int64_t N);
 
+// The code path qmm8_into runs in this process: 0 scalar, 1 AVX2, 2 AVX-512-VNNI (where active_isa() is 2, AVX-512,
+// and the CPU has VNNI; an AVX-512 CPU without it runs the AVX2 one). See qmm8.cpp.
+int64_t qmm8_path();
+
 // Bytes per block of 32 weights for a kind qmm_into computes (Q4_0, Q4_1, Q8_0); raises for others.
 int64_t gguf_block_bytes(int64_t kind);
 

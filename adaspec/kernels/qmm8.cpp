@@ -20,17 +20,21 @@
 // times that vector (vpmaddubsw, vpmaddwd) leaves output row r's partial sum in 32-bit lane r: no horizontal
 // sums, each weight vector serves every activation row of a tile, and the per-row scales of 8 output rows are
 // one vector. Integer partial sums are collected in 16 bits for as many steps as cannot overflow (8 for 4-bit
-// codes, 4 for 5-bit, 2 for 6-bit, 1 for 8-bit), then widened.
+// codes, 4 for 5-bit, 2 for 6-bit, 1 for 8-bit), then widened. With AVX-512-VNNI one vpdpbusd does the 4-way
+// products and the 32-bit accumulation (K-quant group sums then times their scales with vpmulld), on the same
+// 256-bit vectors and packed layout.
 //
 // The arithmetic of one output element out[i, o]: per weight block, an integer dot product (exact, in any
 // order), then a fixed sequence of fp32 operations with the block's scales:
 //   32-weight formats: acc = fma(isum, dw dx, acc) [+ fma(mw, dx s, acc) for Q4_1/Q5_1], s = sum of q;
 //   K-quants:          acc = fma(isum, d dx, acc), acc = fma(-msum, dmin dx, acc).
 // It depends on row i and weight row o only, whatever n is, whichever tile or thread computes it: row i of an
-// n-row call equals the one-row call on x[i] bit for bit, and no row depends on its neighbours. Both code paths
-// (AVX2; scalar, with fmaf) run that same sequence, so they agree bit for bit too (tests/test_kernels.py).
-// The AVX2 path runs wherever the CPU has AVX2 (AVX-512 CPUs included: there is no AVX-512 or VNNI path yet),
-// the scalar one elsewhere; the choice is qmm.cpp's, made once per process.
+// n-row call equals the one-row call on x[i] bit for bit, and no row depends on its neighbours. All three code
+// paths (AVX-512-VNNI; AVX2; scalar, with fmaf) run that same sequence on the same exact integer sums, so they
+// agree bit for bit too (tests/test_kernels.py).
+// The VNNI path runs where qmm.cpp picks its AVX-512 path and the CPU also has AVX-512-VNNI (with VL); the AVX2
+// path on other AVX2 CPUs (AVX-512 ones without VNNI included), and wherever a narrower path is forced
+// (ADASPEC_KERNELS_ISA=avx2); the scalar one elsewhere (qmm8_path).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -294,7 +298,7 @@ void rows_scalar(int kind, const char* xq, int64_t n, int64_t K, const uint8_t* 
 }
 
 // ------------------------------------------------------------------------------------------------
-// AVX2 path: R activation rows x 8 output rows per tile.
+// Vector paths: R activation rows x 8 output rows per tile (qmm8_tile.h), on AVX2 or AVX-512-VNNI.
 // ------------------------------------------------------------------------------------------------
 
 #pragma GCC push_options
@@ -348,159 +352,28 @@ inline __m256i bcast4(const int8_t* q) {
   return _mm256_set1_epi32(v);
 }
 
-// The integer dot products of one group of 32 weights x 8 rows with R activation rows (q[r]: the group's 32
-// activations of row r), each row's 16-bit partial sums widened through `widen` (ones, or per-row scales) and
-// added to isum[r]. `widen2` is used for chunks 4..7 (Q6_K's second scale of the group). The group's codes are
-// unpacked once into w (a few hundred bytes the compiler keeps in L1), then each row runs over them.
-template <int KIND, int R>
-inline void group_dot(const uint8_t* p, const int8_t* const q[R], __m256i widen, __m256i widen2, __m256i isum[R]) {
-  constexpr int run = KIND == Kind::Q8_0 ? 1 : KIND == Kind::Q6_K ? 2
-                    : (KIND == Kind::Q5_0 || KIND == Kind::Q5_1 || KIND == Kind::Q5_K) ? 4 : 8;
-  __m256i w[8], aw[8];
-#pragma GCC unroll 8
-  for (int c = 0; c < 8; ++c) {
-    w[c] = chunk_codes<KIND>(p, c);
-    aw[c] = KIND == Kind::Q8_0 ? _mm256_sign_epi8(w[c], w[c]) : w[c];  // |w| for the signed codes
-  }
-  for (int r = 0; r < R; ++r) {
-    __m256i s16 = _mm256_setzero_si256(), s32 = isum[r];
-#pragma GCC unroll 8
-    for (int c = 0; c < 8; ++c) {
-      __m256i x = bcast4(q[r] + 4 * c);
-      if (KIND == Kind::Q8_0) x = _mm256_sign_epi8(x, w[c]);  // |w| * sign(w) x = w x
-      const __m256i prod = _mm256_maddubs_epi16(aw[c], x);
-      s16 = c % run == 0 ? prod : _mm256_add_epi16(s16, prod);
-      if (c % run == run - 1) s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(s16, c < 4 ? widen : widen2));
-    }
-    isum[r] = s32;
-  }
-}
-
-template <int KIND, int R>
-inline void tile_avx2(const char* xq, int64_t G, const uint8_t* P, float* out, int64_t ldo, int valid) {
-  constexpr int64_t bw = adaspec::kind_weights(KIND), pb = packed_block_bytes(KIND);
-  constexpr int64_t abytes = bw == 256 ? sizeof(A256) : sizeof(A32);
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* blk = P + g * pb;
-    __m256i isum[R];
-    for (int r = 0; r < R; ++r) isum[r] = _mm256_setzero_si256();
-    const __m256 d = load_halves(blk);
-    if constexpr (bw == 32) {
-      const int8_t* q[R];
-      for (int r = 0; r < R; ++r) q[r] = ((const A32*)(xq + (r * G + g) * abytes))->q;
-      group_dot<KIND, R>(blk + head_bytes(KIND), q, ones, ones, isum);
-      for (int r = 0; r < R; ++r) {
-        const A32& a = *(const A32*)(xq + (r * G + g) * abytes);
-        __m256i s = isum[r];
-        if (KIND == Kind::Q4_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(8 * a.s));
-        if (KIND == Kind::Q5_0) s = _mm256_sub_epi32(s, _mm256_set1_epi32(16 * a.s));
-        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a.d)), acc[r]);
-        if (KIND == Kind::Q4_1 || KIND == Kind::Q5_1)
-          acc[r] = _mm256_fmadd_ps(load_halves(blk + 16), _mm256_set1_ps(a.d * (float)a.s), acc[r]);
-      }
-    } else {
-      for (int j = 0; j < 8; ++j) {
-        const int8_t* q[R];
-        for (int r = 0; r < R; ++r) q[r] = ((const A256*)(xq + (r * G + g) * abytes))->q + 32 * j;
-        const uint8_t* grp = blk + head_bytes(KIND) + j * group_bytes(KIND);
-        if (KIND == Kind::Q6_K)
-          group_dot<KIND, R>(grp, q, pairs_i8(blk + 16 + 8 * (2 * j)), pairs_i8(blk + 16 + 8 * (2 * j + 1)), isum);
-        else {
-          const __m256i sc = pairs_u8(blk + 32 + 8 * j);
-          group_dot<KIND, R>(grp, q, sc, sc, isum);
-        }
-      }
-      if (KIND == Kind::Q6_K) {
-        __m256i sc2[8];  // lanes 2 r, 2 r + 1: the scales of groups of 16 number 2 t and 2 t + 1 of row r
-        for (int t = 0; t < 8; ++t) sc2[t] = zip_i8(blk + 16 + 8 * (2 * t), blk + 16 + 8 * (2 * t + 1));
-        for (int r = 0; r < R; ++r) {
-          const A256& a = *(const A256*)(xq + (r * G + g) * abytes);
-          __m256i off = _mm256_setzero_si256();
-          for (int t = 0; t < 8; ++t) {
-            int32_t pair;
-            std::memcpy(&pair, a.s16 + 2 * t, 4);
-            off = _mm256_add_epi32(off, _mm256_madd_epi16(sc2[t], _mm256_set1_epi32(pair)));
-          }
-          const __m256i s = _mm256_sub_epi32(isum[r], _mm256_slli_epi32(off, 5));
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(d, _mm256_set1_ps(a.d)), acc[r]);
-        }
-      } else {
-        __m256i m2[4];  // lanes 2 r, 2 r + 1: the mins of groups 2 t and 2 t + 1 of row r
-        for (int t = 0; t < 4; ++t) m2[t] = zip_u8(blk + 96 + 8 * (2 * t), blk + 96 + 8 * (2 * t + 1));
-        const __m256 dmin = load_halves(blk + 16);
-        for (int r = 0; r < R; ++r) {
-          const A256& a = *(const A256*)(xq + (r * G + g) * abytes);
-          __m256i ms = _mm256_setzero_si256();
-          for (int t = 0; t < 4; ++t) {
-            int32_t pair;
-            std::memcpy(&pair, a.s32 + 2 * t, 4);
-            ms = _mm256_add_epi32(ms, _mm256_madd_epi16(m2[t], _mm256_set1_epi32(pair)));
-          }
-          const __m256 ad = _mm256_set1_ps(a.d);
-          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(d, ad), acc[r]);
-          acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(ms), _mm256_mul_ps(dmin, ad), acc[r]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    if (valid == 8) {
-      _mm256_storeu_ps(out + r * ldo, acc[r]);
-    } else {
-      float tmp[8];
-      _mm256_storeu_ps(tmp, acc[r]);
-      std::memcpy(out + r * ldo, tmp, valid * sizeof(float));
-    }
-  }
-}
-
-// Row tiles of 8 (4 for Q8_0, whose tiles of 8 measured slower), then 4, 3, 2, 1, outermost; groups of output
-// rows inside: the weights of this piece of output rows stay in cache while every row tile streams over them.
-template <int KIND>
-void rows_avx2(const char* xq, int64_t n, int64_t K, const uint8_t* P, int64_t N, float* out, int64_t ldo,
-               int64_t g0, int64_t g1) {
-  constexpr int64_t bw = adaspec::kind_weights(KIND), pb = packed_block_bytes(KIND);
-  constexpr int64_t abytes = bw == 256 ? sizeof(A256) : sizeof(A32);
-  const int64_t G = K / bw;
-  for (int64_t i = 0; i < n;) {
-    const int64_t R = n - i >= 8 && KIND != Kind::Q8_0 ? 8 : std::min<int64_t>(4, n - i);
-    const char* x = xq + i * G * abytes;
-    for (int64_t grp = g0; grp < g1; ++grp) {
-      const uint8_t* w = P + grp * G * pb;
-      float* dst = out + i * ldo + 8 * grp;
-      const int valid = (int)std::min<int64_t>(8, N - 8 * grp);
-      switch (R) {
-        case 8: tile_avx2<KIND, 8>(x, G, w, dst, ldo, valid); break;
-        case 4: tile_avx2<KIND, 4>(x, G, w, dst, ldo, valid); break;
-        case 3: tile_avx2<KIND, 3>(x, G, w, dst, ldo, valid); break;
-        case 2: tile_avx2<KIND, 2>(x, G, w, dst, ldo, valid); break;
-        default: tile_avx2<KIND, 1>(x, G, w, dst, ldo, valid); break;
-      }
-    }
-    i += R;
-  }
-}
-
 #pragma GCC pop_options
 
 using RowsFn = void (*)(const char*, int64_t, int64_t, const uint8_t*, int64_t, float*, int64_t, int64_t, int64_t);
 
-RowsFn pick_avx2(int64_t kind) {
-  switch (kind) {
-    case Kind::Q4_0: return rows_avx2<Kind::Q4_0>;
-    case Kind::Q4_1: return rows_avx2<Kind::Q4_1>;
-    case Kind::Q5_0: return rows_avx2<Kind::Q5_0>;
-    case Kind::Q5_1: return rows_avx2<Kind::Q5_1>;
-    case Kind::Q8_0: return rows_avx2<Kind::Q8_0>;
-    case Kind::Q4_K: return rows_avx2<Kind::Q4_K>;
-    case Kind::Q5_K: return rows_avx2<Kind::Q5_K>;
-    case Kind::Q6_K: return rows_avx2<Kind::Q6_K>;
-  }
-  TORCH_CHECK(false, "adaspec qmm8: unknown block kind ", kind);
-}
+// The tile itself, twice: plain AVX2, and with AVX-512-VNNI's vpdpbusd for the integer dot products (the helpers
+// above inline into both). Only the VNNI copy may use AVX-512 instructions; qmm8_into runs it only where the CPU
+// has them.
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+namespace avx2 {
+constexpr bool kVnni = false;
+#include "qmm8_tile.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+namespace vnni {
+constexpr bool kVnni = true;
+#include "qmm8_tile.h"
+}  // namespace vnni
+#pragma GCC pop_options
 
 void check_kind(int64_t kind) {
   TORCH_CHECK(adaspec::kind_bytes(kind) > 0, "adaspec qmm8: unknown block kind ", kind);
@@ -553,6 +426,16 @@ int64_t packed8_bytes(int64_t kind, int64_t K) {
   return kind_bytes(kind) > 0 ? K / kind_weights(kind) * packed_block_bytes((int)kind) : 0;
 }
 
+int64_t qmm8_path() {
+  static const bool vnni = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx512vnni");
+  }();
+  const int64_t isa = active_isa();  // 2 (AVX-512) only where the CPU has it and no narrower path is forced
+  return isa >= 2 && vnni ? 2 : isa >= 1 ? 1 : 0;
+}
+
 void qmm8_into(const float* x, int64_t n, int64_t K, const uint8_t* packed, int64_t kind, float* out, int64_t ldo,
                int64_t N) {
   if (n == 0 || N == 0) return;
@@ -569,8 +452,9 @@ void qmm8_into(const float* x, int64_t n, int64_t K, const uint8_t* packed, int6
   // they are in cache.
   const int64_t grain = std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(gbytes, 1));
   const int64_t piece = std::max<int64_t>(1, (128 << 10) / std::max<int64_t>(gbytes, 1));
-  const bool vec = active_isa() >= 1;
-  const RowsFn fn = vec ? pick_avx2(kind) : nullptr;
+  const int64_t path = qmm8_path();
+  const bool vec = path >= 1;
+  const RowsFn fn = path == 2 ? vnni::pick(kind) : vec ? avx2::pick(kind) : nullptr;
   at::parallel_for(0, groups, grain, [&](int64_t a, int64_t b) {
     for (int64_t p = a; p < b; p += piece) {
       const int64_t e = std::min(b, p + piece);
@@ -587,4 +471,5 @@ void qmm8_into(const float* x, int64_t n, int64_t K, const uint8_t* packed, int6
 TORCH_LIBRARY_FRAGMENT(adaspec_kernels, m) {
   m.def("pack8(Tensor w, int kind) -> Tensor", pack8);
   m.def("qmm8(Tensor x, Tensor packed, int kind, int N) -> Tensor", qmm8);
+  m.def("qmm8_isa() -> int", adaspec::qmm8_path);
 }
