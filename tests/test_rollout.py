@@ -272,10 +272,10 @@ def test_arithmetic_questions_and_their_reward():
     qs = arithmetic(6, seed=2)
     assert qs == arithmetic(6, seed=2) and len(qs) == 6
     for q, ans in qs:
-        a, op, b = q.split()[2:5]
+        a, op, b = q.split()[2:5]  # What is a + b? ...
         assert ans == (int(a) + int(b.rstrip("?")) if op == "+" else int(a) - int(b.rstrip("?")))
-    assert reward(f"The answer is {qs[0][1]}.", qs[0][1]) == 1.0
-    assert reward(f"{qs[0][1] + 1}", qs[0][1]) == 0.1
+    assert reward(f"First 3 + 4 = 7, so the answer is {qs[0][1]}.", qs[0][1]) == 1.0
+    assert reward(f"The answer is {qs[0][1]}, no, {qs[0][1] + 1}", qs[0][1]) == 0.1
     assert reward("no idea", qs[0][1]) == 0.0
 
 

@@ -4,13 +4,13 @@ Each policy step samples ``--group`` answers to each of ``--prompts`` arithmetic
 twice through :class:`~adaspec.rollout.Rollouts` over the same target: once with plain batched sampling and once
 with the full adaptive system (suffix index over earlier steps' rollouts, prompt lookup, live siblings, the draft
 head, the confidence-aware controller), in alternating order. Seeded sampling gives the same tokens with and without
-speculation, which the run checks. The rewards (1 for the right number, 0.1 for a number at all) give each group's
+speculation, which the run checks. The rewards (1 when the worked answer ends on the right number, 0.1 for a number at all) give each group's
 advantages; one GRPO policy-gradient step on a trainable copy of the policy (Hugging Face transformers, fp32, its
 last ``--train-layers`` layers) changes the weights, which go into the engine with ``Engine.update_weights`` before
 the next step (re-quantised to the target's blocks). The same questions come back every step, as epochs over a
 small data set do.
 
-    adaspec bench-rollouts --steps 3 --prompts 4 --group 8 --max-tokens 64 --json runs/rollouts.json
+    adaspec bench-rollouts --steps 3 --prompts 4 --group 8 --max-tokens 128 --json runs/rollouts.json
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Sequence
 
 import torch
 
+from .. import files
 from ..model.loader import bundled_gguf_path, load_target
 from ..rollout import Rollouts, Sample
 from ..system import build_engine
@@ -36,24 +37,25 @@ _NUMBER = re.compile(r"-?\d+")
 
 
 def arithmetic(n: int, seed: int) -> list[tuple[str, int]]:
-    """``n`` questions of adding or subtracting two numbers below 50, with their answers."""
+    """``n`` questions of adding or subtracting two numbers below 50, asking for the working, with their answers."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         a, b = rng.randint(2, 49), rng.randint(2, 49)
         if rng.random() < 0.5:
-            out.append((f"What is {a} + {b}? Reply with the number only.", a + b))
+            out.append((f"What is {a} + {b}? Work it out step by step, then give the answer.", a + b))
         else:
-            out.append((f"What is {a} - {b}? Reply with the number only.", a - b))
+            out.append((f"What is {a} - {b}? Work it out step by step, then give the answer.", a - b))
     return out
 
 
 def reward(text: str, answer: int) -> float:
-    """1 when the first number in ``text`` is ``answer``, 0.1 for another number, 0 for none."""
-    m = _NUMBER.search(text)
-    if m is None:
+    """1 when the last number in ``text`` is ``answer`` (the worked answer ends with it), 0.1 for another number,
+    0 for none."""
+    found = _NUMBER.findall(text)
+    if not found:
         return 0.0
-    return 1.0 if int(m.group()) == answer else 0.1
+    return 1.0 if int(found[-1]) == answer else 0.1
 
 
 class Policy:
@@ -116,7 +118,9 @@ def _stats(groups: Sequence[Sequence[Sample]]) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    gguf = Path(args.model) if args.model else bundled_gguf_path()
+    gguf = files.resolve_model(args.model) if args.model else bundled_gguf_path()
+    if gguf.suffix != ".gguf":
+        raise SystemExit(f"bench-rollouts trains a copy of a GGUF model; {gguf} is not one")
     target, tok = load_target(str(gguf), backend="torch")
     plain, full = build_engine(target, tok, "plain"), build_engine(target, tok, "adaptive")
     policy = Policy(gguf, args.train_layers, args.lr)
@@ -165,11 +169,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="adaspec bench-rollouts", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="GGUF file (default: the bundled model)")
+    ap.add_argument("--model", default=None, help="GGUF file or model name, e.g. qwen2.5-coder-0.5b (default: the "
+                    "bundled model)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO's G)")
-    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-batch", type=int, default=8, help="samples in flight")
     ap.add_argument("--train-layers", type=int, default=2, help="last layers the policy step trains")
