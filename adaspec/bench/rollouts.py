@@ -94,14 +94,22 @@ class Policy:
                 loss = -adv * logp.mean() / n_seq
                 loss.backward()
                 loss_sum += float(loss.detach())
-        changed = sum(float(p.grad.abs().sum()) for g in self.opt.param_groups for p in g["params"]
-                      if p.grad is not None)
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        grad = sum(float(p.grad.abs().sum()) for p in params if p.grad is not None)
+        before = [p.detach().clone() for p in params]
         self.opt.step()
-        return {"loss": loss_sum, "grad_l1": changed}
+        moved = sum(float((p.detach() - b).abs().sum()) for p, b in zip(params, before))
+        return {"loss": loss_sum, "grad_l1": grad, "update_l1": moved}
 
     def weights(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         sd = self.net.state_dict()
         return {n: sd[n].detach() for n in names if n in sd}
+
+
+def _probe(target, prompt: list[int]) -> torch.Tensor:
+    """The target's logits after ``prompt`` (to see the weights move)."""
+    with torch.inference_mode():
+        return target.prefill(target.new_cache(), prompt).logits[-1].float().clone()
 
 
 def _stats(groups: Sequence[Sequence[Sample]]) -> dict:
@@ -146,9 +154,11 @@ def run(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         update = policy.step(prompts, g_full, rewards)
         train_s = time.perf_counter() - t0
+        probe_before = _probe(target, prompts[0])
         t0 = time.perf_counter()
         full.update_weights(policy.weights(names))
         update_s = time.perf_counter() - t0
+        update["target_logit_change"] = float((_probe(target, prompts[0]) - probe_before).abs().max())
         row = {"step": step, "plain_s": t_plain, "adaptive_s": t_full, "speedup": t_plain / t_full,
                "identical_samples": same, "mean_reward": statistics.fmean(r for rs in rewards for r in rs),
                "train_s": train_s, "update_weights_s": update_s, **update,
