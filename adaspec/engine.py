@@ -19,7 +19,7 @@ import torch
 from .control.base import Controller, FixedController, StepFeedback, StepPlan
 from .control.batch import trim_batch
 from .control.costs import CostModel
-from .model.base import ForwardOutput, TargetModel
+from .model.base import ForwardOutput, KVCache, TargetModel
 from .model.tokenizer import IncrementalDetokenizer
 from .speculators.base import DecodeContext, Draft, Speculator, StepOutcome
 from .stats import StepCounts
@@ -106,6 +106,16 @@ class Request:
 
 
 @dataclass
+class PrefilledPrompt:
+    """A prompt prefilled once (``Engine.prefill_prompt``) for several requests to start from."""
+
+    tokens: list[int]
+    cache: KVCache  # never decoded into: each request gets a copy
+    out: ForwardOutput  # the prompt's last row
+    prefill_s: float
+
+
+@dataclass
 class _Step:
     """One request's part of a batched step, between proposing and settling."""
 
@@ -189,7 +199,7 @@ class Engine:
         return req
 
     def begin(self, prompt_ids: Sequence[int], params: SamplingParams, request_id: str | None = None,
-              namespace: str = "default") -> Request:
+              namespace: str = "default", _cache: KVCache | None = None) -> Request:
         """A request whose prompt is still to be prefilled (``prefill_step``, chunk by chunk); ``ValueError`` for a
         prompt the model cannot take."""
         prompt = [int(t) for t in prompt_ids]
@@ -205,7 +215,7 @@ class Engine:
         rid = request_id or f"req-{next(_ids)}"
         t0 = self.clock()
         ctx = DecodeContext(rid, namespace, prompt, len(prompt))
-        req = Request(rid, namespace, params, ctx, self.model.new_cache(), gen,
+        req = Request(rid, namespace, params, ctx, self.model.new_cache() if _cache is None else _cache, gen,
                       RequestStats(prompt_tokens=len(prompt), forwards=1), started=t0)
         if self.tokenizer is not None:
             req.detok = IncrementalDetokenizer(self.tokenizer)
@@ -223,6 +233,39 @@ class Engine:
         req.prefilled += len(part)
         if req.prefilling:
             return []
+        return self._first_token(req, out)
+
+    @torch.inference_mode()
+    def prefill_prompt(self, prompt_ids: Sequence[int]) -> "PrefilledPrompt | None":
+        """The prompt's KV cache and last row, computed once for several requests to start from (``start_from``:
+        the samples of one prompt in a group); ``None`` where the backend's caches cannot be copied. Cut into the
+        same chunks as ``prefill_step``, so a request started from it is bit for bit one that prefilled alone."""
+        probe = self.model.new_cache()
+        if not hasattr(probe, "fork"):
+            return None
+        req = self.begin(prompt_ids, SamplingParams(max_tokens=1), _cache=probe)
+        t0 = self.clock()
+        out = None
+        while req.prefilling:
+            part = req.ctx.tokens[req.prefilled : req.prefilled + PREFILL_CHUNK]
+            out = self.model.prefill(req.cache, part)
+            req.prefilled += len(part)
+        return PrefilledPrompt(list(req.ctx.tokens), req.cache, out, self.clock() - t0)
+
+    @torch.inference_mode()
+    def start_from(self, pre: "PrefilledPrompt", params: SamplingParams, request_id: str | None = None,
+                   namespace: str = "default") -> Request:
+        """A request on ``pre``'s prompt, its KV cache a copy of ``pre``'s: only the first token is sampled (with
+        the request's own generator), as ``start`` would after prefilling the prompt itself."""
+        req = self.begin(pre.tokens, params, request_id, namespace, _cache=pre.cache.fork())
+        req.prefilled = len(pre.tokens)
+        self._first_token(req, pre.out)
+        return req
+
+    def _first_token(self, req: Request, out: ForwardOutput) -> list[int]:
+        """After the prompt's last chunk: the first token from its last row, and the speculators' ``begin``."""
+        ctx = req.ctx
+        prompt = ctx.tokens
         first = verify(out.logits, Draft.empty(), req.params, req.generator, position=len(prompt)).emitted
         if req.params.logprobs:
             req.logprobs.extend(_logprobs(out.logits, [0], first))
@@ -338,7 +381,8 @@ class Engine:
             req.logprobs.extend(_logprobs(out.logits, rows, verdict.emitted))
         verify_s = forward_s + self.clock() - t
         req.stats.forward_s += forward_s
-        outcome = StepOutcome(draft, verdict.accepted, verdict.emitted, None if out.hidden is None else out.hidden[rows])
+        outcome = StepOutcome(draft, verdict.accepted, verdict.emitted,
+                              None if out.hidden is None else out.hidden[rows])
         ctx.tokens.extend(verdict.emitted)
         ctx.hidden = _row(out, verdict.last_row)
         self._account(req.stats, draft, verdict.accepted, s.spent, verify_s)

@@ -27,7 +27,7 @@ from typing import Sequence, Union
 
 import torch
 
-from .engine import Engine, Request, RequestStats
+from .engine import Engine, PrefilledPrompt, Request, RequestStats
 from .verify import SamplingParams
 
 __all__ = ["Prompt", "Rollouts", "Sample", "prompt_seed", "sample_seed"]
@@ -95,15 +95,19 @@ class Rollouts:
     """Groups of samples per prompt through ``engine`` (see the module docstring).
 
     The engine must not serve anything else while ``generate`` runs (it is not thread safe); its speculators and
-    controller learn from the rollouts as from any traffic, in ``namespace``.
+    controller learn from the rollouts as from any traffic, in ``namespace``. With ``share_prefill`` (default) a
+    prompt of several samples is prefilled once and each sample starts from a copy of its KV cache
+    (``Engine.prefill_prompt``/``start_from``, where the backend's caches can be copied): the same tokens, bit for
+    bit, for 1/n of the prefill.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 8, namespace: str = "default"):
+    def __init__(self, engine: Engine, max_batch: int = 8, namespace: str = "default", share_prefill: bool = True):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
         self.namespace = namespace
+        self.share_prefill = share_prefill
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1, temperature: float = 1.0, top_p: float = 1.0,
                  top_k: int = 0, max_tokens: int = 256, seed: int | Sequence[int] | None = None,
@@ -114,7 +118,8 @@ class Rollouts:
         own (e.g. derived from its index in a data set, so the samples do not depend on how prompts are grouped
         into calls); ``None`` draws a random integer seed. Sample ``j`` of a prompt with seed ``s`` is sampled with
         ``sample_seed(s, j)`` (``Sample.seed``). The result does not depend on ``max_batch`` or on the order in
-        which samples run (on the torch backend bit for bit, log-probabilities included). ``temperature`` 0 decodes greedily (every sample of a group is then the same).
+        which samples run (on the torch backend bit for bit, log-probabilities included). ``temperature`` 0
+        decodes greedily (every sample of a group is then the same).
         ``ValueError`` for a prompt the model cannot take, before anything runs.
         """
         if n < 1:
@@ -141,15 +146,26 @@ class Rollouts:
         waiting = deque((i, j) for i in range(len(ids)) for j in range(n))
         results: list[list[Sample | None]] = [[None] * n for _ in ids]
         running: list[_Job] = []
+        shared: dict[int, PrefilledPrompt | None] = {}  # prompt -> its prefill, while samples of it wait
+        left = [n] * len(ids)
         try:
             while waiting or running:
                 while waiting and len(running) < limit:
                     i, j = waiting.popleft()
                     params = replace(base, seed=sample_seed(seeds[i], j))
-                    job = _Job(i, j, self.engine.begin(ids[i], params, namespace=self.namespace))
-                    running.append(job)
-                    while job.req.prefilling:
-                        self.engine.prefill_step(job.req)
+                    if i not in shared:
+                        shared[i] = self.engine.prefill_prompt(ids[i]) if n > 1 and self.share_prefill else None
+                    pre = shared[i]
+                    left[i] -= 1
+                    if not left[i]:
+                        del shared[i]
+                    if pre is not None:
+                        req = self.engine.start_from(pre, params, namespace=self.namespace)
+                    else:
+                        req = self.engine.begin(ids[i], params, namespace=self.namespace)
+                        while req.prefilling:
+                            self.engine.prefill_step(req)
+                    running.append(_Job(i, j, req))
                 live = [job for job in running if not job.req.finished]
                 if live:
                     for job, out in zip(live, self.engine.step_batch([job.req for job in live])):

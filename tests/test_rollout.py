@@ -263,6 +263,30 @@ def test_bad_weights_are_refused_with_what_is_wrong_and_change_nothing():
         Engine(SimpleNamespace(backend="llamacpp")).update_weights(good)
 
 
+
+@pytest.mark.parametrize("precision", ["fp32", "q8"])
+def test_a_group_prefills_its_prompt_once_and_gets_the_same_samples(precision, monkeypatch):
+    model = LlamaModel.random(CFG, seed=2, precision=precision)
+    calls = []
+    prefill = model.prefill
+    def counted(cache, tokens, *a):
+        calls.append(len(tokens))
+        return prefill(cache, tokens, *a)
+
+    monkeypatch.setattr(model, "prefill", counted)
+    runs = {}
+    for share in (False, True):
+        calls.clear()
+        runs[share] = Rollouts(_eager_engine(model), max_batch=3, share_prefill=share).generate(
+            PROMPTS, n=4, max_tokens=12, seed=5)
+        runs[share, "prefilled"] = sum(calls)
+    for a, b in zip(runs[False], runs[True]):
+        for x, y in zip(a, b):
+            assert x.tokens == y.tokens and torch.equal(x.logprobs, y.logprobs)
+    prompt_tokens = sum(len(p) for p in PROMPTS)
+    assert runs[False, "prefilled"] == 4 * prompt_tokens and runs[True, "prefilled"] == prompt_tokens
+
+
 # -- the GRPO benchmark's parts --------------------------------------------------------------------------------------
 
 

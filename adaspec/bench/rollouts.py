@@ -3,12 +3,12 @@
 Each policy step samples ``--group`` answers to each of ``--prompts`` arithmetic questions (seeded, temperature 1)
 twice through :class:`~adaspec.rollout.Rollouts` over the same target: once with plain batched sampling and once
 with the full adaptive system (suffix index over earlier steps' rollouts, prompt lookup, live siblings, the draft
-head, the confidence-aware controller), in alternating order. Seeded sampling gives the same tokens with and without
-speculation, which the run checks. The rewards (1 when the worked answer ends on the right number, 0.1 for a number at all) give each group's
-advantages; one GRPO policy-gradient step on a trainable copy of the policy (Hugging Face transformers, fp32, its
-last ``--train-layers`` layers) changes the weights, which go into the engine with ``Engine.update_weights`` before
-the next step (re-quantised to the target's blocks). The same questions come back every step, as epochs over a
-small data set do.
+head, the confidence-aware controller), in alternating order. Seeded sampling gives the same tokens with and
+without speculation, which the run checks. The rewards (1 when the worked answer ends on the right number, 0.1 for
+a number at all) give each group's advantages; one GRPO policy-gradient step on a trainable copy of the policy
+(Hugging Face transformers, fp32, its last ``--train-layers`` layers) changes the weights, which go into the engine
+with ``Engine.update_weights`` before the next step (re-quantised to the target's blocks). The same questions come
+back every step, as epochs over a small data set do.
 
     adaspec bench-rollouts --steps 3 --prompts 4 --group 8 --max-tokens 128 --json runs/rollouts.json
 """

@@ -205,6 +205,14 @@ class LlamaCache:
     def truncate(self, length: int) -> None:
         self._length = max(0, min(self._length, length))
 
+    @torch.inference_mode()
+    def fork(self) -> "LlamaCache":
+        """A copy of this cache (same capacity and committed positions) that goes on on its own."""
+        other = LlamaCache.__new__(LlamaCache)
+        other.cfg, other.capacity, other._length = self.cfg, self.capacity, self._length
+        other.k, other.v = self.k.clone(), self.v.clone()
+        return other
+
 
 def tree_layout(parents: Sequence[int] | None, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Depth (0-based) of every new token, and its [n, n] ancestor-or-self mask (None for a chain)."""
