@@ -36,16 +36,7 @@ def target():
 def _plain_with_gaps(model, prompt: list[int], n: int) -> tuple[list[int], list[float], list[torch.Tensor]]:
     """Greedy decoding one token per forward: (tokens, top-2 gap at each step, logits rows)."""
     cache = model.new_cache()
-    row = model.prefill(cache, prompt).logits[-1]
-    out, gaps, rows = [], [], []
-    for _ in range(n):
-        top2 = torch.topk(row, 2).values
-        gaps.append(float(top2[0] - top2[1]))
-        rows.append(row)
-        out.append(int(row.argmax()))
-        row = model.forward(cache, [out[-1]]).logits[0]
-        cache.commit([0])
-    return out, gaps, rows
+    return _greedy_after(model, cache, model.prefill(cache, prompt).logits[-1], n)
 
 
 @pytest.fixture(scope="module")

@@ -69,14 +69,12 @@ class PromptLookupConfig:
     """How many observed draft tokens the prior is worth."""
 
 
-@dataclass
-class PromptLookupSpeculator(SpeculatorBase):
-    """Prompt-lookup (n-gram) speculator over the request's own context; see the module docstring."""
+class MatchSpeculator(SpeculatorBase):
+    """A speculator that drafts, as a chain, what followed a match of the context's last tokens somewhere
+    (``find``), its confidence one acceptance estimate per match length: ``config.prior`` shrunk toward what its
+    verified drafts showed. ``config`` has ``min_ngram``, ``max_ngram``, ``prior`` and ``prior_strength``."""
 
-    config: PromptLookupConfig = field(default_factory=PromptLookupConfig)
-    name: str = "ngram"
-
-    def __post_init__(self) -> None:
+    def _check_config(self) -> None:
         c = self.config
         if not 1 <= c.min_ngram <= c.max_ngram:
             raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {c.min_ngram}, {c.max_ngram}")
@@ -84,12 +82,19 @@ class PromptLookupSpeculator(SpeculatorBase):
             raise ValueError("prior must be a non-empty sequence of probabilities in (0, 1)")
         self._counts = AcceptanceCounts(c.max_ngram + 1, c.prior_strength)  # per match length
 
+    def find(self, ctx: DecodeContext, budget: int) -> tuple[int, np.ndarray] | None:
+        """``(match length, continuation)``, or None."""
+        raise NotImplementedError
+
+    def confidence(self, n: int) -> float:
+        raise NotImplementedError
+
     # -- protocol ------------------------------------------------------------------------------
 
     def propose(self, ctx: DecodeContext, budget: int) -> Draft:
         if budget <= 0:
             return Draft.empty(self.name)
-        found = self.lookup(ctx.array().tokens, budget)
+        found = self.find(ctx, budget)
         if found is None:
             return Draft.empty(self.name)
         n, cont = found
@@ -97,9 +102,23 @@ class PromptLookupSpeculator(SpeculatorBase):
 
     def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
         d = outcome.draft
-        if d.source == self.name and len(d) and 1 <= d.match_len <= self.config.max_ngram:
+        if d.source == self.name and len(d) and self.config.min_ngram <= d.match_len <= self.config.max_ngram:
             a = outcome.num_accepted
             self._counts.add(d.match_len, a, min(a + 1, len(d)))
+
+
+@dataclass
+class PromptLookupSpeculator(MatchSpeculator):
+    """Prompt-lookup (n-gram) speculator over the request's own context; see the module docstring."""
+
+    config: PromptLookupConfig = field(default_factory=PromptLookupConfig)
+    name: str = "ngram"
+
+    def __post_init__(self) -> None:
+        self._check_config()
+
+    def find(self, ctx: DecodeContext, budget: int) -> tuple[int, np.ndarray] | None:
+        return self.lookup(ctx.array().tokens, budget)
 
     # -- mechanics -----------------------------------------------------------------------------
 

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .base import DecodeContext, Draft, SpeculatorBase, StepOutcome
-from .confidence import AcceptanceCounts
-from .ngram import match_lengths
+from .base import DecodeContext
+from .ngram import MatchSpeculator, match_lengths
 
 
 @dataclass
@@ -37,19 +36,14 @@ class SiblingConfig:
 
 
 @dataclass
-class SiblingSpeculator(SpeculatorBase):
+class SiblingSpeculator(MatchSpeculator):
     """Drafts from the live outputs of the other requests of the same prompt; see the module docstring."""
 
     config: SiblingConfig = field(default_factory=SiblingConfig)
     name: str = "siblings"
 
     def __post_init__(self) -> None:
-        c = self.config
-        if not 1 <= c.min_ngram <= c.max_ngram:
-            raise ValueError(f"need 1 <= min_ngram <= max_ngram, got {c.min_ngram}, {c.max_ngram}")
-        if not c.prior or not all(0.0 < p < 1.0 for p in c.prior):
-            raise ValueError("prior must be a non-empty sequence of probabilities in (0, 1)")
-        self._counts = AcceptanceCounts(c.max_ngram + 1, c.prior_strength)
+        self._check_config()
         self._groups: dict[tuple[str, int], dict[str, DecodeContext]] = {}
         self._keys: dict[str, tuple[str, int]] = {}  # request id -> its group
 
@@ -68,27 +62,12 @@ class SiblingSpeculator(SpeculatorBase):
             if not group:
                 del self._groups[key]
 
-    def propose(self, ctx: DecodeContext, budget: int) -> Draft:
-        if budget <= 0:
-            return Draft.empty(self.name)
-        found = self.lookup(ctx, budget)
-        if found is None:
-            return Draft.empty(self.name)
-        n, cont = found
-        return Draft.chain(cont, np.full(len(cont), self.confidence(n)), self.name, n)
-
-    def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
-        d = outcome.draft
-        if d.source == self.name and len(d) and self.config.min_ngram <= d.match_len <= self.config.max_ngram:
-            a = outcome.num_accepted
-            self._counts.add(d.match_len, a, min(a + 1, len(d)))
-
     def stats(self) -> dict:
         return {"groups": len(self._groups), "live": sum(len(g) for g in self._groups.values())}
 
     # -- mechanics -----------------------------------------------------------------------------
 
-    def lookup(self, ctx: DecodeContext, budget: int) -> tuple[int, np.ndarray] | None:
+    def find(self, ctx: DecodeContext, budget: int) -> tuple[int, np.ndarray] | None:
         """``(n, continuation)``: the longest match of the context's last n-gram in a sibling's output, and what
         followed it there (the continuation most of the equally long matches share), or None."""
         key = self._keys.get(ctx.request_id)
