@@ -214,7 +214,10 @@ class Engine:
         gen.manual_seed(params.seed if params.seed is not None else torch.seed())
         rid = request_id or f"req-{next(_ids)}"
         t0 = self.clock()
-        ctx = DecodeContext(rid, namespace, prompt, len(prompt))
+        ctx = DecodeContext(rid, namespace, prompt, len(prompt), temperature=params.temperature,
+                            vocab=self.model.vocab_size)
+        if not params.greedy:  # an unseeded request samples with a key of its own generator's seed
+            ctx.seed = params.seed if params.seed is not None else gen.initial_seed() & ((1 << 63) - 1)
         req = Request(rid, namespace, params, ctx, self.model.new_cache() if _cache is None else _cache, gen,
                       RequestStats(prompt_tokens=len(prompt), forwards=1), started=t0)
         if self.tokenizer is not None:
@@ -266,7 +269,7 @@ class Engine:
         """After the prompt's last chunk: the first token from its last row, and the speculators' ``begin``."""
         ctx = req.ctx
         prompt = ctx.tokens
-        first = verify(out.logits, Draft.empty(), req.params, req.generator, position=len(prompt)).emitted
+        first = verify(out.logits, Draft.empty(), req.params, req.generator, len(prompt), ctx.seed).emitted
         if req.params.logprobs:
             req.logprobs.extend(_logprobs(out.logits, [0], first))
         ctx.tokens = prompt + first
@@ -373,7 +376,7 @@ class Engine:
         """Verify a step's draft against its rows of the forward, commit, emit, and let everyone learn."""
         req, draft, ctx = s.req, s.draft, s.req.ctx
         t = self.clock()
-        verdict = verify(out.logits, draft, req.params, req.generator, position=len(ctx.tokens))
+        verdict = verify(out.logits, draft, req.params, req.generator, len(ctx.tokens), ctx.seed)
         # commit the pending token and the accepted path; the rest is rolled back
         rows = [0] + [a + 1 for a in verdict.accepted]
         req.cache.commit(rows)

@@ -247,6 +247,9 @@ class DecodeContext:
     tokens: list[int]  # prompt + generated tokens, the last one is the pending token
     prompt_len: int
     hidden: object | None = None  # target's last hidden state that produced the pending token ([d] tensor), if the backend exposes it
+    seed: int | None = None  # the seeded sampler's seed (sampled requests): drafters guess with its noise (``guess``)
+    temperature: float = 0.0  # the request's sampling temperature; 0 decodes greedily
+    vocab: int = 0  # the target's vocabulary size (the width of its logits), which the noise is drawn over
     _array: ContextBuffer | None = field(default=None, init=False, repr=False, compare=False)
 
     def array(self) -> ContextBuffer:
@@ -260,6 +263,26 @@ class DecodeContext:
     @property
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
+
+    def guess(self, tokens: np.ndarray, logq: np.ndarray, depth: int = 1) -> int:
+        """Which of the candidate ``tokens`` to draft at ``depth`` (1: the token after the pending one), given a
+        drafter's log-probabilities ``logq`` of them at the request's temperature (up to a constant): for a
+        sampled request the argmax of ``logq`` plus the Gumbel noise the seeded sampler will use at that position,
+        which is accepted far more often than a fixed guess where ``q`` is close to the target (verify/noise.py);
+        for a greedy request the argmax of ``logq``. Returns an index into ``tokens``."""
+        if self.seed is None or self.vocab <= 0:
+            return int(np.argmax(logq))
+        depths = np.full(len(tokens), depth, dtype=np.int64)
+        return int(np.argmax(np.asarray(logq, dtype=np.float64) + self.noise(np.asarray(tokens), depths)))
+
+    def noise(self, tokens: np.ndarray, depths: np.ndarray) -> np.ndarray:
+        """[n] the seeded sampler's Gumbel noise of each token at its depth (1: the token after the pending one);
+        a sampled request only (``seed`` set)."""
+        from ..verify.noise import gumbel_keys, noise_key
+
+        levels, which = np.unique(depths, return_inverse=True)
+        keys = [noise_key(self.seed, len(self.tokens) + int(d) - 1) for d in levels]
+        return gumbel_keys(keys, which.astype(np.int64), np.asarray(tokens, dtype=np.int64), self.vocab)
 
 
 @dataclass

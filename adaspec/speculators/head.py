@@ -101,7 +101,7 @@ class HeadSpeculator(SpeculatorBase):
         head = self._serving  # one consistent version for the whole draft
         self.proposals += 1
         return draft_with_head(head, self._lm, head.vocab_ids, ctx.hidden, ctx.tokens[-1], budget, self.config,
-                               self.name)
+                               self.name, ctx)
 
     def observe(self, ctx: DecodeContext, outcome: StepOutcome) -> None:
         pass

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..files import write_atomic
-from .base import Draft
+from .base import DecodeContext, Draft
 
 log = logging.getLogger(__name__)
 
@@ -253,8 +253,31 @@ class DraftConfig:
     """int8 LM head for drafting (see ``LMHead``)."""
 
 
+COUPLED_CANDIDATES = 64
+"""For a sampled request, the head's most likely tokens among which a node's first child is guessed."""
+
+
+def _coupled_children(logits: torch.Tensor, vocab_ids: torch.Tensor | None, k: int, depth: int,
+                      ctx: DecodeContext) -> tuple[list[list[float]], list[list[int]]]:
+    """Per frontier row, ``k`` children: the coupled guess first, then the most likely others (see
+    ``draft_with_head``); their confidences at the request's temperature."""
+    tempered = torch.softmax(logits.float() / ctx.temperature, dim=-1)  # [m, V]
+    c = min(COUPLED_CANDIDATES, tempered.shape[1])
+    cand_p, cand_i = tempered.topk(c, dim=-1)  # [m, c], most likely first
+    if vocab_ids is not None:
+        cand_i = vocab_ids[cand_i]
+    cand_p, cand_i = cand_p.double().numpy(), cand_i.numpy()
+    probs, ids = [], []
+    for p, i in zip(cand_p, cand_i):
+        g = ctx.guess(i, np.log(np.maximum(p, 1e-300)), depth)
+        order = [g] + [j for j in range(c) if j != g][: k - 1]
+        probs.append([float(p[0])] + [float(p[j]) for j in order[1:]])
+        ids.append([int(i[j]) for j in order])
+    return probs, ids
+
+
 def draft_with_head(head: DraftHead, lm: LMHead, vocab_ids: torch.Tensor | None, h: torch.Tensor, pending: int,
-                    budget: int, cfg: DraftConfig, source: str) -> Draft:
+                    budget: int, cfg: DraftConfig, source: str, ctx: DecodeContext | None = None) -> Draft:
     """Best-first draft tree (a chain when ``cfg.width == 1``) from hidden state ``h`` [d].
 
     Per depth: one batched head step over the frontier (at most ``width`` nodes),
@@ -263,6 +286,11 @@ def draft_with_head(head: DraftHead, lm: LMHead, vocab_ids: torch.Tensor | None,
     candidate node; the ``budget`` candidates of highest path probability are
     kept. A child's path probability never exceeds its parent's, and ties go to
     the shallower node, so the kept set contains every kept node's ancestors.
+
+    For a sampled request (``ctx.seed`` set) a node's first child is instead the head's guess of the target's
+    sample there, made with the sampler's own noise over the head's ``COUPLED_CANDIDATES`` most likely tokens at
+    the request's temperature (``DecodeContext.guess``), with the head's top probability at that temperature as
+    its confidence; the other children are the head's most likely tokens.
     """
     if budget <= 0:
         return Draft.empty(source)
@@ -276,15 +304,20 @@ def draft_with_head(head: DraftHead, lm: LMHead, vocab_ids: torch.Tensor | None,
     dev = h.device
     toks_in = torch.tensor([pending], dtype=torch.long, device=dev)  # [m]
     max_depth = min(cfg.max_depth, budget)
+    coupled = ctx is not None and ctx.seed is not None and ctx.temperature > 0
     with torch.inference_mode():
         for depth in range(1, max_depth + 1):
             f = head(feats_in, toks_in)  # [m, d]
-            probs = torch.softmax(lm(f), dim=-1)  # [m, V]
+            logits = lm(f)  # [m, V]
+            probs = torch.softmax(logits, dim=-1)
             k = min(cfg.width, probs.shape[1])
-            top_p, top_i = probs.topk(k, dim=-1)  # [m, k]
-            if vocab_ids is not None:
-                top_i = vocab_ids[top_i]
-            top_p, top_i = top_p.tolist(), top_i.tolist()
+            if coupled:
+                top_p, top_i = _coupled_children(logits, vocab_ids, k, depth, ctx)
+            else:
+                top_p, top_i = probs.topk(k, dim=-1)  # [m, k]
+                if vocab_ids is not None:
+                    top_i = vocab_ids[top_i]
+                top_p, top_i = top_p.tolist(), top_i.tolist()
             new: list[int] = []
             for r, parent in enumerate(frontier):
                 base = 1.0 if parent < 0 else cand_path[parent]

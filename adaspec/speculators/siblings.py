@@ -3,7 +3,9 @@
 Group sampling (RL rollouts: G samples of one prompt) runs the siblings side by side, and their outputs share
 much of their text (the same reasoning steps, the same code, the same answer format) without being equal. This
 speculator looks up the request's last n-gram in every live sibling's output so far and drafts what followed it
-there, preferring the longest match and, among equally long ones, the continuation most siblings share. Siblings
+there, preferring the longest match and, among equally long ones, the continuation most siblings share (for a
+sampled request, the continuation guessed token by token with the sampler's own noise, weighed by how many
+siblings wrote each token). Siblings
 are the live requests of the same namespace with the same prompt (token for token). Finished requests' outputs
 are the suffix speculator's job: its index holds the namespace's earlier outputs, so a prompt's rollouts of
 earlier policy steps draft for its later ones. Confidence: one acceptance estimate per match length, a
@@ -98,6 +100,8 @@ class SiblingSpeculator(MatchSpeculator):
             conts.append(cont)
         if not conts:
             return None
+        if ctx.seed is not None:  # a sampled request: guess each token with the sampler's noise
+            return best, _coupled(ctx, conts, budget)
         first = Counter(int(x[0]) for x in conts).most_common(1)[0][0]
         cont = max((x for x in conts if int(x[0]) == first), key=len)
         return best, cont
@@ -106,3 +110,21 @@ class SiblingSpeculator(MatchSpeculator):
         """Conditional acceptance estimate for a draft token found with an n-token match."""
         prior = self.config.prior
         return float(self._counts.rate(prior[min(n - self.config.min_ngram, len(prior) - 1)], n))
+
+
+def _coupled(ctx: DecodeContext, conts: list[np.ndarray], budget: int) -> np.ndarray:
+    """A continuation chosen token by token among what the siblings wrote after the same context: at each depth
+    the tokens the still-agreeing siblings wrote next, weighed by how many wrote each (the siblings sample the
+    target's distribution, so their counts estimate it) and picked with the seeded sampler's noise
+    (``DecodeContext.guess``)."""
+    out: list[int] = []
+    live = conts
+    for d in range(budget):
+        live = [c for c in live if len(c) > d]
+        if not live:
+            break
+        tokens, counts = np.unique(np.array([int(c[d]) for c in live], dtype=np.int64), return_counts=True)
+        tok = int(tokens[ctx.guess(tokens, np.log(counts), d + 1)])
+        out.append(tok)
+        live = [c for c in live if int(c[d]) == tok]
+    return np.asarray(out, dtype=np.int64)

@@ -212,7 +212,8 @@ class SuffixSpeculator(SpeculatorBase):
                 self._indexes.move_to_end(ctx.namespace)
             c = self.config
             calib = self._calibration(ctx.namespace) if c.self_calibrate and c.scoring == "mixture" else None
-            draft, nodes = self._propose(ctx.array(), index, calib, budget)
+            noise = ctx.noise if ctx.seed is not None and ctx.vocab > 0 else None
+            draft, nodes = self._propose(ctx.array(), index, calib, budget, noise)
             view.pending = (len(ctx.tokens), nodes) if len(nodes) and calib is not None else None
             return draft
 
@@ -440,7 +441,7 @@ class SuffixSpeculator(SpeculatorBase):
         return local, glob
 
     def _propose(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, calib: ConfidenceCorrection | None,
-                 budget: int) -> tuple[Draft, TreeNodes]:
+                 budget: int, noise=None) -> tuple[Draft, TreeNodes]:
         c = self.config
         depth = min(budget, MAX_DRAFT_DEPTH)
         if c.scoring == "suffixdecoding":
@@ -452,7 +453,8 @@ class SuffixSpeculator(SpeculatorBase):
         active = self._levels <= rows.m.max() + depth - 1  # a prefix of the levels
         s = SortedRows.of(rows.cont)
         nodes = build_tree(s, rows.m[s.order], rows.w[s.order], self._levels[active], self._betas[active], budget,
-                           depth, c.min_prob, c.tree, correction=None if calib is None else calib.factor())
+                           depth, c.min_prob, c.tree, correction=None if calib is None else calib.factor(),
+                           noise=noise)
         if not len(nodes):
             return Draft.empty(self.name), nodes
         return Draft(nodes.tokens, nodes.parents, nodes.probs, self.name, int(rows.m.max())), nodes

@@ -9,7 +9,7 @@ rule (the baseline), best first by path probability, so ``Draft.prefix(k)`` is t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -110,7 +110,8 @@ NO_NODES = TreeNodes(*(np.zeros(0, np.int64),) * 2, np.zeros(0), np.zeros(0), *(
 
 def build_tree(s: SortedRows, m: np.ndarray, w: np.ndarray, levels: np.ndarray, betas: np.ndarray, budget: int,
                max_depth: int, min_prob: float, tree: bool, grow: bool = True, count_ended: bool = False,
-               correction: np.ndarray | None = None) -> TreeNodes:
+               correction: np.ndarray | None = None,
+               noise: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None) -> TreeNodes:
     """The draft over sorted occurrence rows, best first.
 
     Rows (sorted order) have match length ``m`` [R] and weight ``w`` [R]; a row
@@ -127,7 +128,10 @@ def build_tree(s: SortedRows, m: np.ndarray, w: np.ndarray, levels: np.ndarray, 
     then). ``correction`` [J', B] (J' >= J) multiplies the probability of a
     node whose highest evidence level is ``j`` and whose probability falls in
     bin ``b`` (of B equal bins) by ``correction[j, b]``; siblings are
-    renormalised if they then exceed 1.
+    renormalised if they then exceed 1. ``noise`` (a sampled request): ``(tokens, depths) -> `` the seeded
+    sampler's Gumbel noise of each token at each depth (1: after the pending token); each node's *guess* is then
+    its child with the highest ``log p + noise`` (the coupled guess, ``DecodeContext.guess``), which trades
+    places with its most likely child (probabilities included), so that a chain follows the guesses.
 
     The draft is the ``budget`` nodes of highest path probability that reach
     ``min_prob`` (ties: shallower first), which is what best-first expansion
@@ -210,6 +214,8 @@ def build_tree(s: SortedRows, m: np.ndarray, w: np.ndarray, levels: np.ndarray, 
         bins = np.minimum((raw * nb).astype(np.int64), nb - 1)
         p = np.minimum(raw * correction[top, bins], 0.99)
         p = p / np.maximum(np.bincount(pidx, p, G + 1)[pidx], 1.0)
+    if noise is not None:
+        p = _guess_first(p, tok, pidx, starts // R + 1, noise)
     if not tree:  # only the most likely child of each node may be drafted
         o = np.lexsort((-p, pidx))
         best = np.zeros(G, dtype=bool)
@@ -223,3 +229,23 @@ def build_tree(s: SortedRows, m: np.ndarray, w: np.ndarray, levels: np.ndarray, 
     where = np.full(G + 1, -1)
     where[chosen + 1] = np.arange(len(chosen))
     return TreeNodes(tok[chosen], where[pidx[chosen]], p[chosen], raw[chosen], top[chosen], bins[chosen])
+
+
+GUESS_MIN_PROB = 0.01
+"""Children less likely than this are not guessed (they would win the coupled draw rarely, and cost noise)."""
+
+
+def _guess_first(p: np.ndarray, tok: np.ndarray, pidx: np.ndarray, depth: np.ndarray,
+                 noise: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:
+    """``p`` [G] with each parent's guessed child and most likely child trading probabilities (``build_tree``)."""
+    live = np.flatnonzero(p >= GUESS_MIN_PROB)
+    if not len(live):
+        return p
+    score = np.log(p[live]) + noise(tok[live], depth[live])
+    o = live[np.lexsort((-score, pidx[live]))]  # per parent, the guess first
+    guess = o[np.r_[True, pidx[o][1:] != pidx[o][:-1]]]
+    o = live[np.lexsort((-p[live], pidx[live]))]  # per parent, the most likely first
+    likely = o[np.r_[True, pidx[o][1:] != pidx[o][:-1]]]
+    out = p.copy()
+    out[guess], out[likely] = p[likely], p[guess]  # the same parents, in the same order
+    return out

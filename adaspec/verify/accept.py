@@ -31,15 +31,21 @@ Sampling, chain drafts with a draft distribution ``q`` (``draft.dist``): the
 classic rule — accept x with min(1, p(x)/q(x)), else sample from
 normalise(max(0, p - q)).
 
-Seeded sampling (``params.seed`` set) uses the Gumbel-max coupling instead:
-the token at output position t is argmax(log p(x) + G_t(x)), with Gumbel noise
-G_t drawn from a generator seeded by (seed, t). That is an exact sample from
-the target distribution, and it is a function of the seed, the position and
-the prefix only; drafts merely guess it, and a node is accepted iff it equals
-the row's sample (so a draft token x is accepted with probability p(x), as with
-one-hot speculative sampling). Hence the same seed gives the same output with
-any speculator, any learned state, or none: seeded runs are reproducible and
-equal to plain sampling with that seed.
+Seeded sampling (a seed known: ``params.seed``, or the key an engine gives each
+sampled request) uses the Gumbel-max coupling instead: the token at output
+position t is argmax(log p(x) + G_t(x)), with Gumbel noise G_t that depends on
+the seed and t only (:mod:`.noise`). That is an exact sample from the target
+distribution, and it is a function of the seed, the position and the prefix
+only; drafts merely guess it, and a node is accepted iff it equals the row's
+sample. A drafter that guesses with the same noise and a distribution q close
+to p is right far more often than p(x) (:func:`.noise.coupled_choice`); a
+fixed guess x is right with probability p(x), as with one-hot speculative
+sampling. Hence the same seed gives the same output with any speculator, any
+learned state, or none: seeded runs are reproducible and equal to plain
+sampling with that seed. A chain with a draft distribution and no seed of the
+user's goes by the classic rule (it keeps min(1, p/q) of the drafts, more
+than a coupling keeps); either rule is exact, so a request may switch between
+them from step to step.
 
 The zero-sum guard: a residual can only sum to zero through float rounding
 (the last rejection removed all mass, which has probability zero); we then
@@ -53,6 +59,7 @@ from dataclasses import dataclass
 import torch
 
 from ..speculators.base import Draft
+from .noise import gumbel_argmax, noise_key
 from .sampling import SamplingParams, target_probs
 
 
@@ -68,17 +75,19 @@ class Verdict:
 
 
 def verify(logits: torch.Tensor, draft: Draft, params: SamplingParams,
-           generator: torch.Generator | None = None, position: int = 0) -> Verdict:
+           generator: torch.Generator | None = None, position: int = 0, seed: int | None = None) -> Verdict:
     """Dispatch on the sampling mode. ``logits``: [1 + len(draft), vocab]; ``position``: the sequence position of
-    the token row 0 predicts (used by seeded sampling)."""
+    the token row 0 predicts; ``seed``: the seeded sampler's seed when ``params.seed`` is None (an engine's
+    per-request key; module docstring)."""
     if logits.shape[0] != len(draft) + 1:
         raise ValueError(f"expected {len(draft) + 1} logit rows, got {logits.shape[0]}")
     if params.greedy:
         return verify_greedy(logits, draft)
+    classic_dist = draft.dist is not None and draft.is_chain and len(draft) > 0
+    if params.seed is not None or (seed is not None and not classic_dist):
+        return verify_seeded(logits, draft, params, params.seed if params.seed is not None else seed, position)
     probs = target_probs(logits.cpu(), params)  # [1 + n, vocab]; sampled on the CPU with the request's generator
-    if params.seed is not None:
-        return verify_seeded(probs, draft, params.seed, position)
-    if draft.dist is not None and draft.is_chain and len(draft):
+    if classic_dist:
         return verify_chain_with_dist(probs, draft, draft.dist.cpu(), generator)
     return verify_tree_sampled(probs, draft, generator)
 
@@ -88,24 +97,28 @@ def verify_greedy(logits: torch.Tensor, draft: Draft) -> Verdict:
     return _follow(logits.argmax(dim=-1).tolist(), draft)
 
 
-def verify_seeded(probs: torch.Tensor, draft: Draft, seed: int, position: int) -> Verdict:
-    """Gumbel-max coupled sampling (module docstring). ``probs``: [1 + n, vocab] target distribution."""
-    depth = [0] + draft.depths.tolist()  # row 0 predicts ``position``; node i predicts position + depth(i)
-    logp = probs.log()  # tokens outside top-k / top-p have -inf
-    noise: dict[int, torch.Tensor] = {}
-    samples = []
-    for row, d in enumerate(depth):
-        if d not in noise:
-            noise[d] = gumbel_noise(seed, position + d, probs.shape[-1])
-        samples.append(int((logp[row] + noise[d]).argmax()))
-    return _follow(samples, draft)
+def verify_seeded(logits: torch.Tensor, draft: Draft, params: SamplingParams, seed: int, position: int) -> Verdict:
+    """Gumbel-max coupled sampling (module docstring). ``logits``: [1 + n, vocab]; only the rows on the path the
+    samples take are sampled."""
+    rows = logits.cpu()
+    if rows.dtype not in (torch.float32, torch.float64):
+        rows = rows.float()
+    filtered = params.top_p < 1.0 or 0 < params.top_k < rows.shape[-1]
+    drawn: dict[int, int] = {}
 
+    def sample(row: int, depth: int) -> int:
+        if row not in drawn:
+            key = noise_key(seed, position + depth)  # row 0 predicts ``position``, a node at depth d position + d
+            if filtered:  # the log of the top-k / top-p distribution, -inf outside it
+                drawn[row] = gumbel_argmax(target_probs(rows[row: row + 1], params)[0].log(), key)
+            else:
+                drawn[row] = gumbel_argmax(rows[row], key, params.temperature)
+        return drawn[row]
 
-def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """[vocab] float64 Gumbel(0, 1) noise that depends on (seed, position) only."""
-    g = torch.Generator().manual_seed((seed * 0x9E3779B1 + position * 0x85EBCA77 + 0x165667B1) % (1 << 63))
-    u = torch.rand(vocab, generator=g, dtype=torch.float64).clamp_(1e-300, 1.0)
-    return -torch.log(-torch.log(u))
+    accepted = draft.follow(lambda node, depth: sample(node + 1, depth))
+    tokens = draft.tokens.tolist()
+    last = accepted[-1] if accepted else -1
+    return Verdict(accepted, [tokens[a] for a in accepted] + [sample(last + 1, len(accepted))])
 
 
 def _follow(best: list[int], draft: Draft) -> Verdict:

@@ -30,7 +30,8 @@ class SamplingParams:
     """Keep only the k most likely tokens; 0 keeps all."""
     seed: int | None = None
     """Seeded sampling: the same seed gives the same output, with or without speculation (Gumbel-max coupling,
-    verify/accept.py). None: an unseeded generator and classic speculative sampling."""
+    verify/accept.py). None: the engine draws a seed for the request (the same coupling, a different output each
+    time)."""
     stop: tuple[str, ...] = field(default_factory=tuple)
     """Strings that end generation; the returned text stops before the first one."""
     ignore_eos: bool = False
