@@ -23,14 +23,14 @@ import secrets
 from collections import deque
 from dataclasses import dataclass, field, replace
 from numbers import Integral
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 
 from .engine import Engine, PrefilledPrompt, Request, RequestStats
 from .verify import SamplingParams
 
-__all__ = ["Prompt", "Rollouts", "Sample", "prompt_seed", "sample_seed"]
+__all__ = ["Prompt", "Rollouts", "Sample", "merge_lora", "prompt_seed", "sample_seed"]
 
 Prompt = Union[Sequence[int], str, Sequence[dict]]
 """Token ids, a user message (``str``), or a list of chat messages (``{"role", "content"}``); text needs a
@@ -211,3 +211,51 @@ class Rollouts:
                       finish_reason=req.finish_reason or "length", seed=int(req.params.seed),
                       text=req.text if self.engine.tokenizer is not None else None, stop_token=stop,
                       stop_logprob=None if stop is None else float(logprobs[n]), stats=req.stats)
+
+
+_LORA_PREFIX = "base_model.model."  # PEFT's wrapper around a Hugging Face model
+
+
+def merge_lora(base: Mapping[str, torch.Tensor], adapters: Mapping[str, torch.Tensor],
+               scale: float) -> dict[str, torch.Tensor]:
+    """A full state dict for ``Engine.update_weights``: ``base`` with each LoRA pair merged into its weight,
+    ``W + scale * B @ A``.
+
+    ``adapters`` holds PEFT's names (``get_peft_model_state_dict``, or a PEFT model's ``state_dict()``):
+    ``[base_model.model.]<module>.lora_A[.<adapter>].weight`` [r, in] and ``...lora_B...`` [out, r] for the
+    weight ``<module>.weight`` of ``base``; other entries (a PEFT model's base weights) are ignored. ``scale``
+    is ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` for rsLoRA). Merge into the same ``base`` every step, not into
+    the last merge: the product is computed in float64 and rounded once into the base weight's dtype, so a
+    merge is a function of the base and the adapters only. ``ValueError`` listing every unpaired adapter, adapter
+    without a base weight, or shape that does not fit; nothing is merged then.
+    """
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in adapters.items():
+        key = name[len(_LORA_PREFIX):] if name.startswith(_LORA_PREFIX) else name
+        parts = key.split(".")
+        side = next((i for i, p in enumerate(parts) if p in ("lora_A", "lora_B")), None)
+        if side is None or parts[-1] != "weight":
+            continue
+        module = ".".join(parts[:side])
+        pairs.setdefault(module, {})[parts[side][-1]] = t
+    problems = []
+    for module, ab in sorted(pairs.items()):
+        w = base.get(f"{module}.weight")
+        if set(ab) != {"A", "B"}:
+            problems.append(f"{module} has lora_{next(iter(ab))} without its pair")
+        elif w is None:
+            problems.append(f"{module}.weight is not in the base state dict")
+        elif ab["A"].dim() != 2 or ab["B"].dim() != 2 or ab["B"].shape[1] != ab["A"].shape[0] \
+                or (ab["B"].shape[0], ab["A"].shape[1]) != tuple(w.shape):
+            problems.append(f"{module}: lora_B {tuple(ab['B'].shape)} @ lora_A {tuple(ab['A'].shape)} does not "
+                            f"fit the weight {tuple(w.shape)}")
+    if not pairs:
+        problems.append("no LoRA pairs (lora_A / lora_B weights) among the adapters")
+    if problems:
+        raise ValueError("cannot merge the LoRA adapters: " + "; ".join(problems))
+    merged = dict(base)
+    for module, ab in pairs.items():
+        w = base[f"{module}.weight"]
+        delta = ab["B"].detach().double().cpu() @ ab["A"].detach().double().cpu()
+        merged[f"{module}.weight"] = (w.detach().double().cpu() + scale * delta).to(w.dtype)
+    return merged

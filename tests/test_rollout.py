@@ -19,7 +19,7 @@ from adaspec.control.base import FixedController
 from adaspec.engine import PREFILL_CHUNK, Engine
 from adaspec.model.llama import LlamaConfig, LlamaModel
 from adaspec.model.quant import GGUFBlocks
-from adaspec.rollout import Rollouts, prompt_seed
+from adaspec.rollout import Rollouts, merge_lora, prompt_seed
 from adaspec.speculators.ngram import PromptLookupSpeculator
 from adaspec.speculators.suffix import SuffixSpeculator
 from adaspec.system import build_engine
@@ -236,6 +236,43 @@ def test_update_weights_requantises_into_the_models_gguf_blocks():
     assert torch.equal(a.logits, b.logits) and torch.equal(a.hidden, b.hidden)
     greedy = SamplingParams(max_tokens=20)
     assert _engine(model).generate(PROMPTS[2], greedy).tokens == Engine(fresh).generate(PROMPTS[2], greedy).tokens
+
+
+def test_lora_adapters_merge_into_the_base_and_update_the_engine():
+    """PEFT-named LoRA pairs merge into their weights (W + scale * B @ A, the same from one step to the next), and
+    the engine then computes what a model built from the merged weights computes; bad adapters are refused."""
+    model = LlamaModel.random(CFG, seed=1)
+    base = _weights(model, seed=5)
+    g = torch.Generator().manual_seed(9)
+    q, v = "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"
+    v_out = base[f"{v}.weight"].shape[0]  # grouped-query attention: fewer rows than q
+    adapters = {  # as PEFT's get_peft_model_state_dict names them, plus a module the policy does not train
+        f"base_model.model.{q}.lora_A.weight": torch.randn(4, 64, generator=g),
+        f"base_model.model.{q}.lora_B.weight": torch.randn(64, 4, generator=g) * 0.1,
+        f"{v}.lora_A.default.weight": torch.randn(4, 64, generator=g),
+        f"{v}.lora_B.default.weight": torch.randn(v_out, 4, generator=g) * 0.1,
+        "base_model.model.model.norm.weight": torch.ones(64),  # a PEFT model's base weight: not an adapter
+    }
+    merged = merge_lora(base, adapters, scale=2.0)
+    want_q = base[f"{q}.weight"] + 2.0 * adapters[f"base_model.model.{q}.lora_B.weight"] @ \
+        adapters[f"base_model.model.{q}.lora_A.weight"]
+    assert torch.allclose(merged[f"{q}.weight"], want_q, atol=1e-5) and merged[f"{q}.weight"].dtype == torch.float32
+    assert not torch.equal(merged[f"{v}.weight"], base[f"{v}.weight"])
+    assert all(torch.equal(merged[n], t) for n, t in base.items() if n not in (f"{q}.weight", f"{v}.weight"))
+    assert all(torch.equal(merge_lora(base, adapters, 2.0)[n], t) for n, t in merged.items())  # a function of its inputs
+    engine = _engine(model)
+    engine.update_weights(merged)
+    fresh = LlamaModel(CFG, {k: t.clone() for k, t in merged.items()}, precision="fp32")
+    assert torch.equal(_forward_rows(model, PROMPTS[2], [3, 4]).logits, _forward_rows(fresh, PROMPTS[2], [3, 4]).logits)
+    with pytest.raises(ValueError) as e:
+        merge_lora(base, {f"{q}.lora_A.weight": torch.zeros(4, 64), f"{v}.lora_A.weight": torch.zeros(4, 64),
+                          f"{v}.lora_B.weight": torch.zeros(64, 5), "model.layers.7.mlp.up_proj.lora_A.weight":
+                          torch.zeros(4, 64), "model.layers.7.mlp.up_proj.lora_B.weight": torch.zeros(128, 4)}, 1.0)
+    msg = str(e.value)
+    assert f"{q} has lora_A without its pair" in msg and f"{v}: lora_B (64, 5) @ lora_A (4, 64)" in msg
+    assert "model.layers.7.mlp.up_proj.weight is not in the base" in msg
+    with pytest.raises(ValueError, match="no LoRA pairs"):
+        merge_lora(base, {"model.norm.weight": torch.ones(64)}, 1.0)
 
 
 def test_bad_weights_are_refused_with_what_is_wrong_and_change_nothing():
