@@ -349,7 +349,7 @@ def test_grpo_benchmark_runs_real_updates_and_speculation_keeps_the_samples(tmp_
     from adaspec.bench.rollouts import main
 
     out = tmp_path / "r.json"
-    args = ["--steps", "2", "--prompts", "3", "--group", "4", "--max-tokens", "48", "--seed", "4"]
+    args = ["--steps", "2", "--prompts", "3", "--group", "6", "--max-tokens", "64", "--seed", "4"]
     assert main([*args, "--json", str(out)]) == 0
     steps = json.loads(out.read_text())["steps"]
     assert [s["identical_samples"] for s in steps] == [True, True]
