@@ -70,3 +70,22 @@ def test_bad_config_is_refused():
         SiblingSpeculator(SiblingConfig(min_ngram=3, max_ngram=2))
     with pytest.raises(ValueError):
         SiblingSpeculator(SiblingConfig(prior=(1.5,)))
+
+
+def test_a_sampled_request_guesses_among_the_siblings_continuations_with_its_noise():
+    """The token after the match is the argmax of log(count) + the sampler's noise there, for the request's seed:
+    each of the siblings' next tokens is drafted for some seeds, the more common one more often."""
+    sibs = [_ctx(f"s{i}", [5, 6, 7, 40 if i < 3 else 50, 60 + i]) for i in range(4)]  # 40 three times, 50 once
+    seen = {40: 0, 50: 0}
+    for seed in range(200):
+        spec = SiblingSpeculator()
+        me = DecodeContext("me", "g", PROMPT + [9, 6, 7], len(PROMPT), seed=seed, temperature=1.0, vocab=100)
+        for c in (*sibs, me):
+            spec.begin(c)
+        d = spec.propose(me, 2)
+        tokens, counts = np.array([40, 50]), np.array([3, 1])
+        assert d.tokens[0] == tokens[me.guess(tokens, np.log(counts), 1)]
+        seen[int(d.tokens[0])] += 1
+        if d.tokens[0] == 50:
+            assert d.tokens.tolist() == [50, 63]  # then the one sibling that wrote 50
+    assert seen[40] > seen[50] > 20

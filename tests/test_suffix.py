@@ -512,3 +512,21 @@ def test_propose_speed_with_a_million_tokens():
     t = propose_times(sp, outs)
     assert np.median(t) < 1e-3
     assert sp.stats()["bytes"] < 1 << 30
+
+
+def test_a_sampled_requests_guess_trades_places_with_the_most_likely_child():
+    """build_tree with the sampler's noise: at each node the child with the highest log p + noise takes the most
+    likely child's probability, so a chain follows the guesses; without noise the most likely child leads."""
+    from adaspec.speculators.suffix_tree import SortedRows, build_tree
+
+    cont = np.array([[7, 8], [7, 8], [7, 8], [9, 4]], dtype=np.int64)  # after the context: 7 8 three times, 9 4 once
+    s = SortedRows.of(cont)
+    m = np.full(4, 3)
+    args = (s, m[s.order], np.ones(4), np.array([1]), np.array([1.0]), 4, 2, 0.0, False)
+    plain = build_tree(*args)
+    assert plain.tokens.tolist()[:2] == [7, 8]
+    favour_9 = build_tree(*args, noise=lambda tok, depth: np.where(tok == 9, 10.0, 0.0))
+    assert favour_9.tokens.tolist()[:2] == [9, 4]
+    assert favour_9.probs[0] == plain.probs[0]  # the guess carries the most likely child's probability
+    favour_7 = build_tree(*args, noise=lambda tok, depth: np.where(tok == 7, 10.0, 0.0))
+    assert favour_7.tokens.tolist() == plain.tokens.tolist()

@@ -3,13 +3,13 @@
 Group sampling (RL rollouts: G samples of one prompt) runs the siblings side by side, and their outputs share
 much of their text (the same reasoning steps, the same code, the same answer format) without being equal. This
 speculator looks up the request's last n-gram in every live sibling's output so far and drafts what followed it
-there, preferring the longest match and, among equally long ones, the continuation most siblings share (for a
-sampled request, the continuation guessed token by token with the sampler's own noise, weighed by how many
-siblings wrote each token). Siblings
-are the live requests of the same namespace with the same prompt (token for token). Finished requests' outputs
-are the suffix speculator's job: its index holds the namespace's earlier outputs, so a prompt's rollouts of
-earlier policy steps draft for its later ones. Confidence: one acceptance estimate per match length, a
-prior shrunk toward what this speculator's verified drafts showed (:mod:`.confidence`).
+there, preferring the longest match and, among equally long ones, the continuation most siblings share; for a
+sampled request, the continuation is guessed token by token with the sampler's own noise, each token weighed by how
+many siblings wrote it (``DecodeContext.guess``). Siblings are the live requests of the same namespace with the
+same prompt (token for token). Finished requests' outputs are the suffix speculator's job: its index holds the
+namespace's earlier outputs, so a prompt's rollouts of earlier policy steps draft for its later ones. Confidence:
+one acceptance estimate per match length, a prior shrunk toward what this speculator's verified drafts showed
+(:mod:`.confidence`).
 """
 
 from __future__ import annotations

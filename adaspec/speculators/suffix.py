@@ -14,7 +14,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -441,7 +441,8 @@ class SuffixSpeculator(SpeculatorBase):
         return local, glob
 
     def _propose(self, ctxbuf: ContextBuffer, index: SuffixIndex | None, calib: ConfidenceCorrection | None,
-                 budget: int, noise=None) -> tuple[Draft, TreeNodes]:
+                 budget: int, noise: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+                 ) -> tuple[Draft, TreeNodes]:
         c = self.config
         depth = min(budget, MAX_DRAFT_DEPTH)
         if c.scoring == "suffixdecoding":
