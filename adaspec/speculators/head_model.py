@@ -266,7 +266,7 @@ def _coupled_children(logits: torch.Tensor, vocab_ids: torch.Tensor | None, k: i
     cand_p, cand_i = tempered.topk(c, dim=-1)  # [m, c], most likely first
     if vocab_ids is not None:
         cand_i = vocab_ids[cand_i]
-    cand_p, cand_i = cand_p.double().numpy(), cand_i.numpy()
+    cand_p, cand_i = cand_p.double().cpu().numpy(), cand_i.cpu().numpy()
     probs, ids = [], []
     for p, i in zip(cand_p, cand_i):
         g = ctx.guess(i, np.log(np.maximum(p, 1e-300)), depth)
