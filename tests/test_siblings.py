@@ -30,7 +30,7 @@ def test_drafts_what_followed_the_longest_match_in_a_sibling():
     assert len(spec.propose(c, 2)) == 0  # searching a's prompt + output would have drafted [10, 11]
 
 
-def test_only_siblings_of_the_same_prompt_and_namespace_and_only_while_live():
+def test_only_siblings_of_the_same_prompt_and_namespace_live_or_finished():
     spec = SiblingSpeculator()
     a = _ctx("a", [10, 11, 12, 13])
     other_ns = _ctx("x", [10, 11, 12, 99], ns="h")
@@ -40,8 +40,32 @@ def test_only_siblings_of_the_same_prompt_and_namespace_and_only_while_live():
         spec.begin(c)
     assert spec.propose(b, 4).tokens.tolist() == [13]
     spec.end(a, True)
-    assert len(spec.propose(b, 4)) == 0  # a is gone; x and y are other groups
-    assert spec.stats() == {"groups": 3, "live": 3}
+    assert spec.propose(b, 4).tokens.tolist() == [13]  # a finished: its output stays for its prompt
+    spec.end(other_ns, False)  # cancelled: not kept
+    assert spec.stats() == {"groups": 2, "live": 2, "history_prompts": 1, "history_outputs": 1}
+
+
+def test_finished_outputs_are_kept_per_prompt_newest_first_and_bounded():
+    """The next step's samples of a prompt draft from its earlier samples; the oldest outputs and the least
+    recently used prompts are evicted."""
+    spec = SiblingSpeculator(SiblingConfig(history=2, max_prompts=2))
+    for i, tail in enumerate(([20, 21], [30, 31], [40, 41])):  # three finished samples of PROMPT, one after another
+        c = _ctx(f"old{i}", [5, 6, 7, *tail])
+        spec.begin(c)
+        spec.end(c, True)
+    me = _ctx("me", [9, 6, 7])
+    spec.begin(me)
+    firsts = {int(spec.propose(me, 1).tokens[0])}
+    assert firsts <= {30, 40}  # the first sample's output was evicted (history=2)
+    assert spec.stats()["history_outputs"] == 2
+    spec.end(me, False)
+    for p in ([7, 7], [8, 8]):  # two other prompts finish: PROMPT is the least recently used and goes
+        c = DecodeContext(f"p{p[0]}", "g", p + [5, 6, 7, 1], 2)
+        spec.begin(c)
+        spec.end(c, True)
+    again = _ctx("again", [9, 6, 7])
+    spec.begin(again)
+    assert len(spec.propose(again, 2)) == 0 and spec.stats()["history_prompts"] == 2
 
 
 def test_the_continuation_most_siblings_share_wins_a_tie():
@@ -70,6 +94,8 @@ def test_bad_config_is_refused():
         SiblingSpeculator(SiblingConfig(min_ngram=3, max_ngram=2))
     with pytest.raises(ValueError):
         SiblingSpeculator(SiblingConfig(prior=(1.5,)))
+    with pytest.raises(ValueError):
+        SiblingSpeculator(SiblingConfig(max_prompts=0))
 
 
 def test_a_sampled_request_guesses_among_the_siblings_continuations_with_its_noise():
