@@ -272,8 +272,9 @@ class DecodeContext:
         for a greedy request the argmax of ``logq``. Returns an index into ``tokens``."""
         if self.seed is None or self.vocab <= 0:
             return int(np.argmax(logq))
-        depths = np.full(len(tokens), depth, dtype=np.int64)
-        return int(np.argmax(np.asarray(logq, dtype=np.float64) + self.noise(np.asarray(tokens), depths)))
+        from ..verify.noise import coupled_choice
+
+        return coupled_choice(np.asarray(tokens), logq, self.seed, len(self.tokens) + depth - 1, self.vocab)
 
     def noise(self, tokens: np.ndarray, depths: np.ndarray) -> np.ndarray:
         """[n] the seeded sampler's Gumbel noise of each token at its depth (1: the token after the pending one);

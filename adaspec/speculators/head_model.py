@@ -309,12 +309,11 @@ def draft_with_head(head: DraftHead, lm: LMHead, vocab_ids: torch.Tensor | None,
         for depth in range(1, max_depth + 1):
             f = head(feats_in, toks_in)  # [m, d]
             logits = lm(f)  # [m, V]
-            probs = torch.softmax(logits, dim=-1)
-            k = min(cfg.width, probs.shape[1])
+            k = min(cfg.width, logits.shape[1])
             if coupled:
                 top_p, top_i = _coupled_children(logits, vocab_ids, k, depth, ctx)
             else:
-                top_p, top_i = probs.topk(k, dim=-1)  # [m, k]
+                top_p, top_i = torch.softmax(logits, dim=-1).topk(k, dim=-1)  # [m, k]
                 if vocab_ids is not None:
                     top_i = vocab_ids[top_i]
                 top_p, top_i = top_p.tolist(), top_i.tolist()
