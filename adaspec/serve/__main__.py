@@ -165,7 +165,15 @@ def cmd_serve(args: argparse.Namespace, loader: Callable[[ServerConfig], EngineB
         torch.set_num_threads(args.threads)
     log.info("serving on http://%s:%d with %s%s", args.host, args.port, describe(cfg.api_keys),
              ", one shared namespace" if cfg.shared_namespace and cfg.api_keys else "")
-    return run(cfg, args.host, args.port, access_log=args.access_log, log_level=args.log_level, loader=loader)
+    code = run(cfg, args.host, args.port, access_log=args.access_log, log_level=args.log_level, loader=loader)
+    if code > 128:
+        # A forced exit leaves the engine thread running: skip the interpreter's finalisation, where a daemon
+        # thread still writing to a stream aborts the process (SIGABRT) instead of exiting with this status.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def run(cfg: ServerConfig, host: str, port: int, access_log: bool = False, log_level: str = "info",
