@@ -47,6 +47,9 @@ _HIGH_STREAM = 0x5851F42D4C957F2D  # the gaps of the high set
 _LOW_STREAM = 0x14057B7EF767814F  # u of tokens outside it
 _TOP_STREAM = 0x2545F4914F6CDD1D  # u of tokens in it
 _GAP_LOG = math.log1p(-EXCEED)
+_U_GOLDEN, _U_MIX1, _U_MIX2 = (np.full(1, c, dtype=np.uint64) for c in (_GOLDEN, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_S30, _S27, _S31, _S11 = (np.full(1, c, dtype=np.uint64) for c in (30, 27, 31, 11))
+_STREAMS = {s: np.full(1, s, dtype=np.uint64) for s in (_HIGH_STREAM, _LOW_STREAM, _TOP_STREAM)}
 
 
 def _splitmix(x: int) -> int:
@@ -64,20 +67,26 @@ def noise_key(seed: int, position: int) -> int:
 def _hash(key: int | np.ndarray, stream: int, x: np.ndarray) -> np.ndarray:
     """[n] uint64 hashes of the integers ``x`` under ``key`` (one, or one per element): splitmix64's finaliser
     over key + stream + x * golden."""
-    with np.errstate(over="ignore"):
-        k = np.asarray(key, dtype=np.uint64) + np.uint64(stream)
-        z = x.astype(np.uint64) * np.uint64(_GOLDEN) + k
-        z ^= z >> np.uint64(30)
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        z ^= z >> np.uint64(27)
-        z *= np.uint64(0x94D049BB133111EB)
-        z ^= z >> np.uint64(31)
+    # Array arithmetic wraps modulo 2**64 without a warning (only numpy scalars check), so the key is added as an
+    # array too: an errstate block around this costs more than the hash itself.
+    if isinstance(key, np.ndarray):
+        k = key.astype(np.uint64) + _STREAMS[stream]
+    else:
+        k = np.full(1, (int(key) + stream) & _M64, dtype=np.uint64)
+    z = x.astype(np.uint64)
+    z *= _U_GOLDEN
+    z += k
+    z ^= z >> _S30
+    z *= _U_MIX1
+    z ^= z >> _S27
+    z *= _U_MIX2
+    z ^= z >> _S31
     return z
 
 
 def _open_unit(h: np.ndarray) -> np.ndarray:
     """Hashes -> float64 uniforms in the open interval (0, 1) (53 bits, centred in their cell)."""
-    return ((h >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0 ** -53
+    return ((h >> _S11).astype(np.float64) + 0.5) * 2.0 ** -53
 
 
 def _gumbel_low(u: np.ndarray) -> np.ndarray:
