@@ -19,6 +19,7 @@ import torch
 from .control.base import Controller, FixedController, StepFeedback, StepPlan
 from .control.batch import trim_batch
 from .control.costs import CostModel
+from .control.guard import SpeculationGuard
 from .model.base import ForwardOutput, KVCache, TargetModel
 from .model.tokenizer import IncrementalDetokenizer
 from .speculators.base import DecodeContext, Draft, Speculator, StepOutcome
@@ -115,6 +116,10 @@ class PrefilledPrompt:
     prefill_s: float
 
 
+_NO_PLAN = StepPlan({})
+_NO_DRAFT = Draft.empty()
+
+
 @dataclass
 class _Step:
     """One request's part of a batched step, between proposing and settling."""
@@ -147,6 +152,9 @@ class Engine:
         self.controller = controller if controller is not None else FixedController()
         self.clock = clock
         self.eos_ids: set[int] = set(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.guard: SpeculationGuard | None = SpeculationGuard() if self.speculators else None
+        """Measures whether speculating pays in batched steps and stops it where it does not (``control/guard.py``);
+        None: batched steps always ask the controller."""
         self.on_close: list[Callable[[], None]] = []  # e.g. stop a speculator's learner thread
         self.state_files: list[tuple[Persistent, Path]] = []  # (component, its file): what ``snapshot`` saves
         self._closed = False
@@ -303,6 +311,8 @@ class Engine:
         """
         results: dict[int, list[int] | Exception] = {id(r): [] for r in reqs}
         live = [r for r in reqs if not r.finished and not r.prefilling]
+        started = self.clock()
+        speculate = self.guard is None or self.guard.allow(len(live))
         costs = getattr(self.controller, "costs", None)
         steps: list[_Step] = []
         if costs is not None:
@@ -310,7 +320,7 @@ class Engine:
         try:
             for req in live:
                 try:
-                    steps.append(self._propose(req))
+                    steps.append(self._propose(req) if speculate else _Step(req, _NO_PLAN, {}, {}, _NO_DRAFT))
                 except Exception as e:
                     results[id(req)] = e
         finally:
@@ -328,13 +338,17 @@ class Engine:
         shared = len(steps) > 1
         if shared and isinstance(costs, CostModel) and all(isinstance(o, ForwardOutput) for o in outs):
             costs.observe_verify(sum(s.rows for s in steps), forward_s)
+        emitted = 0
         for s, out in zip(steps, outs):
             try:
                 if isinstance(out, Exception):
                     raise out
                 results[id(s.req)] = self._settle(s, out, forward_s, shared)
+                emitted += s.req.stats.step_emitted[-1]
             except Exception as e:
                 results[id(s.req)] = e
+        if self.guard is not None:
+            self.guard.record(len(live), speculate, emitted, self.clock() - started)
         return [results[id(r)] for r in reqs]
 
     def _propose(self, req: Request) -> "_Step":

@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> dict:
         row = {"step": step, "plain_s": t_plain, "adaptive_s": t_full, "speedup": t_plain / t_full,
                "identical_samples": same, "mean_reward": statistics.fmean(r for rs in rewards for r in rs),
                "train_s": train_s, "update_weights_s": update_s, **update,
-               "plain": _stats(g_plain), "adaptive": _stats(g_full)}
+               "plain": _stats(g_plain), "adaptive": _stats(g_full),
+               "guard": full.guard.stats() if full.guard is not None else None}
         steps.append(row)
         a = row["adaptive"]
         print(f"step {step}: plain {t_plain:.1f} s, adaptive {t_full:.1f} s ({row['speedup']:.2f}x), "
