@@ -10,10 +10,11 @@ So the engine measures it. Batched steps are grouped by their number of requests
 in blocks of ``BLOCK`` steps, each block either speculating or not (the speculators go on learning from every step
 either way). The rate of an arm is the tokens its steps emitted over their wall time (planning, proposing, the
 forward and verification: what the batch waits for), exponentially weighted over its last ``HALF_LIFE`` blocks.
-The first blocks alternate; after that a block takes the faster arm, and every ``EXPLORE_EVERY``-th block the other
-one (every ``4 * EXPLORE_EVERY``-th when they differ by more than ``WIDE_GAP``); an explored block that beats the
-faster arm's rate is run again at once, so a workload that comes to pay for speculation turns it back on within a
-few blocks of the next exploration. Blocks alternate in time, so a machine that slows down
+The first blocks alternate; after that a block takes the faster arm, and now and then the other: speculation every
+``EXPLORE_ON``-th block while it measures slower (in a batch it loses a few percent, where it wins it can win half
+again, so a workload that turns, such as requests repeating earlier ones, is worth noticing within a few blocks),
+plain decoding every ``EXPLORE_OFF``-th block while speculation measures faster. An explored block that beats the
+faster arm's rate is run again at once, so the estimates follow a turn within a few blocks. Blocks alternate in time, so a machine that slows down
 slows both arms alike. Single requests are not guarded: there the controller's model holds all the costs.
 Only speed is at stake: a step that does not speculate verifies no draft and emits the target's own token.
 """
@@ -24,14 +25,14 @@ import math
 import threading
 from dataclasses import dataclass
 
-__all__ = ["SpeculationGuard", "BLOCK", "EXPLORE_EVERY", "HALF_LIFE", "WIDE_GAP"]
+__all__ = ["SpeculationGuard", "BLOCK", "EXPLORE_ON", "EXPLORE_OFF", "HALF_LIFE"]
 
 BLOCK = 8
 """Batched steps per decision."""
-EXPLORE_EVERY = 8
-"""Every this many blocks, the arm that measured slower runs one block (a cost of at most 1/8 of the gap)."""
-WIDE_GAP = 0.25
-"""A gap beyond which the slower arm is explored four times less often."""
+EXPLORE_ON = 4
+"""While speculating measures slower, every this many blocks one speculates anyway (its cost: a quarter of the gap)."""
+EXPLORE_OFF = 16
+"""While speculating measures faster, every this many blocks one does not."""
 HALF_LIFE = 16.0
 """Blocks of an arm over which its rate halves its weight."""
 WARMUP_BLOCKS = 2
@@ -109,8 +110,7 @@ class SpeculationGuard:
         if b.again:
             return b.speculate
         faster_on = b.on.rate >= b.off.rate
-        gap = abs(b.on.rate / b.off.rate - 1.0) if b.off.rate > 0 else math.inf
-        every = EXPLORE_EVERY * (4 if gap > WIDE_GAP else 1)
+        every = EXPLORE_OFF if faster_on else EXPLORE_ON
         explore = b.blocks % every == every - 1
         return faster_on != explore
 
