@@ -303,7 +303,10 @@ class Engine:
         Per request: the controller plans, the speculators propose and the controller chooses, pricing a draft at
         what it adds to the whole step; then the drafts get one budget for the batch (``control/batch.py``), one
         forward verifies every request's pending token and kept draft, and each request verifies, commits and
-        learns on its own. The result for request i is the tokens the step added to its output, or the exception
+        learns on its own. With two requests or more the speculation guard (``control/guard.py``) may have the
+        step skip planning and proposing altogether (every request verifies its pending token alone; the
+        speculators still learn), where it measured that speculating in batches of this size does not pay.
+        The result for request i is the tokens the step added to its output, or the exception
         that stopped it (the other requests go on: a forward that fails for the batch is retried request by
         request). A request's tokens never depend on the batch: each row of the forward is computed as in a
         forward of that request alone on the row-exact backends, and acceptance uses the request's own

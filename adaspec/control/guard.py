@@ -6,16 +6,17 @@ learning runs one after the other on the engine's thread, and a calibration erro
 steep cost curve (a CPU, where a batch of 8 rows already keeps the cores busy and each extra row costs ~5-7% of the
 step) those small terms decide, and speculation in a batch can lose a few percent where a single stream gains.
 
-So the engine measures it. Batched steps are grouped by their number of requests (1, 2-3, 4-7, 8-15, ...) and run
-in blocks of ``BLOCK`` steps, each block either speculating or not (the speculators go on learning from every step
+So the engine measures it. Batched steps are grouped by their number of requests (2-3, 4-7, 8-15, ...) and run in
+blocks of ``BLOCK`` steps, each block either speculating or not (the speculators go on learning from every step
 either way). The rate of an arm is the tokens its steps emitted over their wall time (planning, proposing, the
 forward and verification: what the batch waits for), exponentially weighted over its last ``HALF_LIFE`` blocks.
 The first blocks alternate; after that a block takes the faster arm, and now and then the other: speculation every
 ``EXPLORE_ON``-th block while it measures slower (in a batch it loses a few percent, where it wins it can win half
 again, so a workload that turns, such as requests repeating earlier ones, is worth noticing within a few blocks),
 plain decoding every ``EXPLORE_OFF``-th block while speculation measures faster. An explored block that beats the
-faster arm's rate is run again at once, so the estimates follow a turn within a few blocks. Blocks alternate in time, so a machine that slows down
-slows both arms alike. Single requests are not guarded: there the controller's model holds all the costs.
+faster arm's rate is run again at once, so the estimates follow a turn within a few blocks. Blocks alternate in
+time, so a machine that slows down slows both arms alike. Single requests are not guarded: there the controller's
+model holds all the costs.
 Only speed is at stake: a step that does not speculate verifies no draft and emits the target's own token.
 """
 
@@ -90,7 +91,7 @@ class SpeculationGuard:
         with self._lock:
             b = self._buckets.get(rows.bit_length())
             if b is None or b.left <= 0 or speculated != b.speculate:
-                return  # not a step of the current block (a guard reset, or another thread's step)
+                return  # not a step of the current block
             b.tokens += tokens
             b.seconds += seconds
             b.left -= 1
