@@ -102,3 +102,24 @@ def test_the_engine_verifies_no_draft_where_the_guard_says_so_and_the_speculator
     assert off == on  # greedy: the target's own tokens either way
     assert drafted_off == 0 and drafted_on > 0
     assert learned_off == learned_on > 0  # the suffix index learned every output either way
+
+
+def test_server_metrics_report_what_the_guard_measured():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from adaspec.serve.metrics import ServerMetrics
+
+    g = SpeculationGuard()
+    _run(g, 8, 2 * WARMUP_BLOCKS, rate_on=90.0, rate_off=100.0)
+    _run(g, 3, 1, rate_on=50.0, rate_off=100.0)  # one block, speculating only
+    m = ServerMetrics()
+    m.guard.watch(g.stats)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(m.render().decode()) for s in fam.samples}
+    on, rate = "adaspec:spec_guard_speculating", "adaspec:spec_guard_tokens_per_second"
+    assert samples[(on, (("batch_requests", "8-15"),))] == 0.0  # the next block decodes plainly
+    assert samples[(on, (("batch_requests", "2-3"),))] == 1.0
+    assert samples[(rate, (("arm", "speculating"), ("batch_requests", "8-15")))] == pytest.approx(90.0)
+    assert samples[(rate, (("arm", "plain"), ("batch_requests", "8-15")))] == pytest.approx(100.0)
+    assert samples[(rate, (("arm", "speculating"), ("batch_requests", "2-3")))] == pytest.approx(50.0)
+    assert (rate, (("arm", "plain"), ("batch_requests", "2-3"))) not in samples  # never measured

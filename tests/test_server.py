@@ -478,6 +478,22 @@ def test_metrics_parse_and_count_speculation(fake_server):
     _check_metrics_count_speculation(fake_server, KEY_A, "fake-model", "count with me")
 
 
+def test_metrics_show_the_speculation_guard(tmp_path):
+    """Concurrent requests share batched steps, and /metrics says whether batches of that size speculate."""
+    import httpx
+    from concurrent.futures import ThreadPoolExecutor
+
+    with serving(["--mode", "suffix", "--max-active", "4"], "fake", tmp_path) as srv:
+        def ask(prompt: str) -> int:
+            return httpx.post(srv.url + "/v1/completions", timeout=60, json={
+                "model": "fake-model", "prompt": prompt, "max_tokens": 60, "temperature": 0}).status_code
+
+        with ThreadPoolExecutor(3) as ex:
+            assert list(ex.map(ask, ["guard one", "guard two", "guard three"])) == [200] * 3
+        seen = {labels for (name, labels) in metrics(srv.url) if name == "adaspec:spec_guard_speculating"}
+    assert seen & {(("batch_requests", "2-3"),)}, seen
+
+
 def _fake_stats(srv: ServerProcess, prompt: str, max_tokens: int = 120) -> dict:
     import httpx
 

@@ -197,6 +197,9 @@ class ServerState:
         sched_cfg = SchedulerConfig(self.cfg.max_active, self.cfg.max_queue,
                                     kv_pool_positions(bundle.engine.model, self.cfg.kv_memory_gib))
         self.scheduler = Scheduler(bundle.engine, self.metrics, sched_cfg, bundle.state_sizes)
+        guard = getattr(bundle.engine, "guard", None)
+        if guard is not None:
+            self.metrics.guard.watch(guard.stats)
         if bundle.state_sizes is not None:
             self.scheduler.call(self.scheduler.publish_state_sizes)
         if self.status == "loading":

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -54,6 +54,31 @@ class _LearnedStateCollector:
         yield g
 
 
+class _GuardCollector:
+    """What the engine's speculation guard measured, per batch size (read at scrape time)."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], Mapping[str, Mapping]] | None = None
+
+    def watch(self, source: Callable[[], Mapping[str, Mapping]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        on = GaugeMetricFamily(PREFIX + "spec_guard_speculating",
+                               "1 while batched steps of this many requests speculate, 0 while the guard has them "
+                               "decode plainly", labels=["batch_requests"])
+        rate = GaugeMetricFamily(PREFIX + "spec_guard_tokens_per_second",
+                                 "Tokens per second the guard measured for batched steps of this many requests, "
+                                 "speculating or not", labels=["batch_requests", "arm"])
+        for batch, st in sorted((self._source() if self._source is not None else {}).items()):
+            on.add_metric([batch], 1.0 if st["speculating"] else 0.0)
+            for arm, key in (("speculating", "rate_speculating"), ("plain", "rate_plain")):
+                if st[key] is not None:
+                    rate.add_metric([batch, arm], st[key])
+        yield on
+        yield rate
+
+
 class ServerMetrics:
     """All server metrics; methods are thread-safe (prometheus_client's primitives are).
 
@@ -70,9 +95,10 @@ class ServerMetrics:
     chosen speculator (``none`` = no speculation), the lookahead (draft nodes
     verified per step, 0 included), request outcomes by finish reason, prompt and
     generation tokens, running and waiting requests, rejected requests by reason,
-    latency histograms (TTFT, inter-token latency, end-to-end, queue time) and,
-    where the speculators report it, learned-state size per speculator and
-    namespace. The standard ``process_*`` metrics (resident memory, CPU seconds) come
+    latency histograms (TTFT, inter-token latency, end-to-end, queue time),
+    what the speculation guard measured per batch size (whether batched steps
+    speculate, and their tokens per second with and without) and, where the
+    speculators report it, learned-state size per speculator and namespace. The standard ``process_*`` metrics (resident memory, CPU seconds) come
     with it.
 
     Inter-token latency is observed once per engine step that emitted tokens: the
@@ -120,6 +146,8 @@ class ServerMetrics:
                                  registry=r)
         self.learned_state = _LearnedStateCollector()
         r.register(self.learned_state)
+        self.guard = _GuardCollector()
+        r.register(self.guard)
         ProcessCollector(registry=r)  # process_resident_memory_bytes, process_cpu_seconds_total, ...
         for reason in ("stop", "length", "cancelled", "error"):
             self.request_success.labels(reason)
