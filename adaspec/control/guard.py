@@ -59,7 +59,6 @@ class _Bucket:
     left: int = 0  # steps left in the current block
     tokens: int = 0  # of the current block
     seconds: float = 0.0
-    blocks: int = 0
     again: bool = False  # the block just ended ran the slower arm and beat the faster one's rate: run it again
 
 
@@ -101,7 +100,6 @@ class SpeculationGuard:
                 arm.tokens = arm.tokens * decay + b.tokens
                 arm.seconds = arm.seconds * decay + b.seconds
                 arm.blocks += 1
-                b.blocks += 1
                 beat = b.seconds > 0 and b.tokens / b.seconds > other.rate  # False while other.rate is nan
                 b.again = beat and arm.rate < other.rate
 
@@ -112,7 +110,7 @@ class SpeculationGuard:
             return b.speculate
         faster_on = b.on.rate >= b.off.rate
         every = EXPLORE_OFF if faster_on else EXPLORE_ON
-        explore = b.blocks % every == every - 1
+        explore = (b.on.blocks + b.off.blocks) % every == every - 1
         return faster_on != explore
 
     def stats(self) -> dict:

@@ -98,8 +98,8 @@ class ServerMetrics:
     latency histograms (TTFT, inter-token latency, end-to-end, queue time),
     what the speculation guard measured per batch size (whether batched steps
     speculate, and their tokens per second with and without) and, where the
-    speculators report it, learned-state size per speculator and namespace. The standard ``process_*`` metrics (resident memory, CPU seconds) come
-    with it.
+    speculators report it, learned-state size per speculator and namespace. The
+    standard ``process_*`` metrics (resident memory, CPU seconds) come with it.
 
     Inter-token latency is observed once per engine step that emitted tokens: the
     time since the previous emission of the same request. Tokens accepted in the

@@ -264,13 +264,19 @@ class DecodeContext:
     def generated(self) -> list[int]:
         return self.tokens[self.prompt_len:]
 
+    @property
+    def coupled(self) -> bool:
+        """Whether drafts for this request guess with the seeded sampler's noise: a sampled request whose seed and
+        vocabulary are known (``guess``, ``noise``)."""
+        return self.seed is not None and self.vocab > 0 and self.temperature > 0
+
     def guess(self, tokens: np.ndarray, logq: np.ndarray, depth: int = 1) -> int:
         """Which of the candidate ``tokens`` to draft at ``depth`` (1: the token after the pending one), given a
         drafter's log-probabilities ``logq`` of them at the request's temperature (up to a constant): for a
         sampled request the argmax of ``logq`` plus the Gumbel noise the seeded sampler will use at that position,
         which is accepted far more often than a fixed guess where ``q`` is close to the target (verify/noise.py);
         for a greedy request the argmax of ``logq``. Returns an index into ``tokens``."""
-        if self.seed is None or self.vocab <= 0:
+        if not self.coupled:
             return int(np.argmax(logq))
         from ..verify.noise import coupled_choice
 
@@ -278,7 +284,7 @@ class DecodeContext:
 
     def noise(self, tokens: np.ndarray, depths: np.ndarray) -> np.ndarray:
         """[n] the seeded sampler's Gumbel noise of each token at its depth (1: the token after the pending one);
-        a sampled request only (``seed`` set)."""
+        a coupled request only (``coupled``)."""
         from ..verify.noise import gumbel_keys, noise_key
 
         levels, which = np.unique(depths, return_inverse=True)

@@ -287,7 +287,7 @@ def draft_with_head(head: DraftHead, lm: LMHead, vocab_ids: torch.Tensor | None,
     kept. A child's path probability never exceeds its parent's, and ties go to
     the shallower node, so the kept set contains every kept node's ancestors.
 
-    For a sampled request (``ctx.seed`` set) a node's first child is instead the head's guess of the target's
+    For a sampled request (``ctx.coupled``) a node's first child is instead the head's guess of the target's
     sample there, made with the sampler's own noise over the head's ``COUPLED_CANDIDATES`` most likely tokens at
     the request's temperature (``DecodeContext.guess``), with the head's top probability at that temperature as
     its confidence; the other children are the head's most likely tokens.
@@ -304,7 +304,7 @@ def draft_with_head(head: DraftHead, lm: LMHead, vocab_ids: torch.Tensor | None,
     dev = h.device
     toks_in = torch.tensor([pending], dtype=torch.long, device=dev)  # [m]
     max_depth = min(cfg.max_depth, budget)
-    coupled = ctx is not None and ctx.seed is not None and ctx.temperature > 0
+    coupled = ctx is not None and ctx.coupled
     with torch.inference_mode():
         for depth in range(1, max_depth + 1):
             f = head(feats_in, toks_in)  # [m, d]

@@ -126,7 +126,7 @@ class SiblingSpeculator(MatchSpeculator):
             cont = buf[e + 1: e + 1 + budget]
             stop = np.flatnonzero(cont < 0)
             conts.append((cont[: stop[0]] if len(stop) else cont).astype(np.int64))
-        if ctx.seed is not None:  # a sampled request: guess each token with the sampler's noise
+        if ctx.coupled:  # a sampled request: guess each token with the sampler's noise
             return best, _coupled(ctx, conts, budget)
         first = Counter(int(x[0]) for x in conts).most_common(1)[0][0]
         cont = max((x for x in conts if int(x[0]) == first), key=len)

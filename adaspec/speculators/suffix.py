@@ -212,7 +212,7 @@ class SuffixSpeculator(SpeculatorBase):
                 self._indexes.move_to_end(ctx.namespace)
             c = self.config
             calib = self._calibration(ctx.namespace) if c.self_calibrate and c.scoring == "mixture" else None
-            noise = ctx.noise if ctx.seed is not None and ctx.vocab > 0 else None
+            noise = ctx.noise if ctx.coupled else None
             draft, nodes = self._propose(ctx.array(), index, calib, budget, noise)
             view.pending = (len(ctx.tokens), nodes) if len(nodes) and calib is not None else None
             return draft

@@ -43,19 +43,20 @@ MARGIN = 8.0
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # splitmix64's multipliers
 _HIGH_STREAM = 0x5851F42D4C957F2D  # the gaps of the high set
 _LOW_STREAM = 0x14057B7EF767814F  # u of tokens outside it
 _TOP_STREAM = 0x2545F4914F6CDD1D  # u of tokens in it
 _GAP_LOG = math.log1p(-EXCEED)
-_U_GOLDEN, _U_MIX1, _U_MIX2 = (np.full(1, c, dtype=np.uint64) for c in (_GOLDEN, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_U_GOLDEN, _U_MIX1, _U_MIX2 = (np.full(1, c, dtype=np.uint64) for c in (_GOLDEN, _MIX1, _MIX2))
 _S30, _S27, _S31, _S11 = (np.full(1, c, dtype=np.uint64) for c in (30, 27, 31, 11))
 _STREAMS = {s: np.full(1, s, dtype=np.uint64) for s in (_HIGH_STREAM, _LOW_STREAM, _TOP_STREAM)}
 
 
 def _splitmix(x: int) -> int:
     x = (x + _GOLDEN) & _M64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    x = ((x ^ (x >> 30)) * _MIX1) & _M64
+    x = ((x ^ (x >> 27)) * _MIX2) & _M64
     return x ^ (x >> 31)
 
 
